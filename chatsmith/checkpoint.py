@@ -1,0 +1,181 @@
+"""The one checkpoint format: a Hugging Face style directory.
+
+    config.json              HF config (Llama or GPT-2 keys) + a "chatsmith" block
+    model.safetensors        weights in HF names
+    tokenizer.json, tokenizer_config.json
+    generation_config.json
+    trainer_state.json       step, schedule, data position, config  (training checkpoints)
+    optimizer.safetensors    optimizer moments + RNG states           (training checkpoints)
+
+Never pickle. Directories are written atomically: into a temporary sibling, every file fsynced,
+then renamed into place, so a kill at any instant leaves either the old or the new checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from chatsmith.config import ModelConfig
+from chatsmith.errors import UserError
+from chatsmith.model.gpt import GPT
+from chatsmith.model.hf import from_hf_state_dict, to_hf_state_dict
+
+MODEL_FILES = ("config.json", "model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def write_model_files(d: Path, model: GPT, tokenizer_dir: Path | None = None, extra_config: dict | None = None):
+    """Model, config, generation config and tokenizer files into directory d (not atomic by itself)."""
+    cfg = model.cfg
+    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
+             for k, v in to_hf_state_dict(model).items()}
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    hf = cfg.to_hf()
+    hf["chatsmith"] = {"model": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, **(extra_config or {})}
+    _write_json(d / "config.json", hf)
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+           "pad_token_id": cfg.pad_token_id, "do_sample": True, "temperature": 0.8, "top_p": 0.95,
+           "max_new_tokens": 256}
+    _write_json(d / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.exists() and src.resolve() != (d / name).resolve():
+                shutil.copyfile(src, d / name)
+
+
+def save_checkpoint(path: str | os.PathLike, model: GPT, tokenizer_dir=None, trainer_state: dict | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> Path:
+    """Atomically write a complete checkpoint directory at `path` (replacing any old one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        write_model_files(tmp, model, tokenizer_dir, extra_config)
+        if tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(tmp / "optimizer.safetensors"))
+        if trainer_state is not None:
+            _write_json(tmp / "trainer_state.json", trainer_state)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if path.exists():  # rename over an old checkpoint: move it aside first, then drop it
+            old = path.parent / f".old-{path.name}-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def publish(src: Path, out: Path, names=None):
+    """Copy a finished checkpoint's files into `out` (the user-facing model dir), one atomic
+    replace per file, config.json last so a half-published dir never looks loadable."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted((p for p in src.iterdir() if p.is_file() and (names is None or p.name in names)),
+                   key=lambda p: p.name == "config.json")
+    for f in files:
+        tmp = out / f".tmp-{f.name}"
+        shutil.copyfile(f, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out / f.name)
+    _fsync_dir(out)
+
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Training checkpoints under out/checkpoints, oldest first."""
+    d = Path(out) / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(out: Path, keep: int):
+    for p in list_checkpoints(out)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def read_config(path: str | os.PathLike) -> ModelConfig:
+    d = Path(path)
+    if not d.is_dir():
+        raise UserError(f"model directory {d} does not exist")
+    f = d / "config.json"
+    if not f.exists():
+        raise UserError(f"{d} is not a model directory: config.json is missing")
+    try:
+        raw = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f} is not valid JSON ({e}); the checkpoint is corrupt") from None
+    own = (raw.get("chatsmith") or {}).get("model")
+    try:
+        return ModelConfig(**own) if own else ModelConfig.from_hf(raw)
+    except (TypeError, KeyError) as e:
+        raise UserError(f"{f} lacks or has unexpected fields ({e}); the checkpoint is corrupt") from None
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise UserError(f"{path.parent} is incomplete: {path.name} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({e}); the file is truncated or corrupt") from None
+
+
+def load_model(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> GPT:
+    """A GPT from a checkpoint directory, with every file checked and named on failure."""
+    d = Path(path)
+    cfg = read_config(d)
+    sd = from_hf_state_dict(cfg, load_tensors(d / "model.safetensors"))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{d / 'model.safetensors'} does not match config.json: "
+                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise UserError(f"{d / 'model.safetensors'}: tensor {k} has shape {tuple(sd[k].shape)}, "
+                            f"config.json implies {tuple(v.shape)}")
+    model = GPT(cfg)  # real init: buffers (rotary tables) are built here
+    model.load_state_dict(sd, strict=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.to(device=device, dtype=dtype).eval()

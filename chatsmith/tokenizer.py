@@ -1,0 +1,178 @@
+"""Byte-level BPE (Hugging Face `tokenizers`, Rust) with reserved chat tokens.
+
+Byte-level means every UTF-8 byte has a token, so any text round-trips exactly (Chinese, emoji,
+code, runs of whitespace); no normaliser runs, for the same reason. Digits are split one per token
+so numbers tokenise consistently (helps arithmetic). Saved as `tokenizer.json` +
+`tokenizer_config.json`, which `transformers.PreTrainedTokenizerFast` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from chatsmith.errors import UserError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+CHAT_TOKENS = [
+    "<|system_start|>", "<|system_end|>",
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+]
+RESERVED = [f"<|reserved_{i}|>" for i in range(7)]  # room for tools etc. without a vocab change
+SPECIAL_TOKENS = [BOS, EOS, PAD, *CHAT_TOKENS, *RESERVED]
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer, path: Path | None = None):
+        self.tok = tok
+        self.path = path
+        missing = [t for t in (BOS, EOS, PAD) if tok.token_to_id(t) is None]
+        if missing:
+            raise UserError(f"tokenizer at {path} lacks special tokens {missing}")
+        self.bos_id = tok.token_to_id(BOS)
+        self.eos_id = tok.token_to_id(EOS)
+        self.pad_id = tok.token_to_id(PAD)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if bos else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def token_bytes(self) -> list[int]:
+        """UTF-8 byte length of every token id (0 for special tokens): the denominator of bits-per-byte."""
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        special = set(SPECIAL_TOKENS)
+        out = [0] * self.vocab_size
+        for token, i in self.tok.get_vocab().items():
+            if token not in special:
+                out[i] = sum(1 for ch in token if ch in byte_of)
+        return out
+
+    # --- files --------------------------------------------------------------------------
+    def save(self, out_dir: str | os.PathLike, model_max_length: int | None = None, extra: dict | None = None):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(out / "tokenizer.json"))
+        cfg = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": model_max_length or 1_000_000,
+            "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)],
+        }
+        old = out / "tokenizer_config.json"
+        if old.exists():  # keep fields later stages added (e.g. the chat template)
+            try:
+                cfg = {**json.loads(old.read_text()), **cfg}
+            except json.JSONDecodeError:
+                pass
+        cfg.update(extra or {})
+        (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        p = Path(path)
+        f = p / "tokenizer.json" if p.is_dir() else p
+        if not f.exists():
+            raise UserError(f"no tokenizer at {path}: expected {f} (train one with `chatsmith tokenizer train`)")
+        try:
+            tok = HFTokenizer.from_file(str(f))
+        except Exception as e:  # the Rust loader raises a plain Exception on bad JSON
+            raise UserError(f"{f} is not a valid tokenizer.json: {e}") from None
+        return cls(tok, p)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level alphabet (GPT-2's): byte b is written as one printable unicode char."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    n_min = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < n_min:
+        raise UserError(f"--vocab-size {vocab_size} is too small: the 256 byte tokens and "
+                        f"{len(SPECIAL_TOKENS)} special tokens alone need {n_min}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=sys.stderr.isatty(),
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(tok)
+
+
+def iter_texts(paths: list[str | os.PathLike], limit_chars: int | None = None) -> Iterator[str]:
+    """Document texts from corpus JSONL files (`text` field) or plain text files, streamed."""
+    from chatsmith.data.corpus import iter_input_documents
+
+    seen = 0
+    for _source, text in iter_input_documents([str(p) for p in paths]):
+        yield text
+        seen += len(text)
+        if limit_chars and seen >= limit_chars:
+            return
+
+
+def bytes_per_token(tok: Tokenizer, texts: Iterable[str]) -> float:
+    n_bytes = n_tokens = 0
+    batch: list[str] = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == 256:
+            n_bytes += sum(len(s.encode()) for s in batch)
+            n_tokens += sum(map(len, tok.encode_batch(batch)))
+            batch = []
+    if batch:
+        n_bytes += sum(len(s.encode()) for s in batch)
+        n_tokens += sum(map(len, tok.encode_batch(batch)))
+    return n_bytes / max(n_tokens, 1)
+
+
+def train_command(inputs: list[str], vocab_size: int, out: str, val: list[str] | None = None,
+                  max_chars: int | None = None, min_frequency: int = 2) -> dict:
+    t0 = time.time()
+    print(f"training byte-level BPE, vocab {vocab_size}, on {', '.join(inputs)}", file=sys.stderr)
+    tok = train_tokenizer(iter_texts(inputs, max_chars), vocab_size, min_frequency)
+    tok.save(out)
+    stats = {"vocab_size": tok.vocab_size, "seconds": round(time.time() - t0, 1)}
+    if val:
+        stats["val_bytes_per_token"] = round(bytes_per_token(tok, iter_texts(val)), 4)
+    Path(out, "tokenizer_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats

@@ -1,0 +1,146 @@
+"""Pretraining: next-token prediction on token shards.
+
+Input is either `--data DIR` (token shards from an earlier run) or `--input PATH…` (a corpus
+directory from `chatsmith data build`, or raw .txt/.md/.jsonl files, which are cleaned, split and
+sharded first). Without `--tokenizer` a byte-level BPE tokenizer is trained on the train split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chatsmith.config import TrainConfig, preset
+from chatsmith.data.shards import TokenShards, write_shards
+from chatsmith.errors import UserError
+from chatsmith.model.gpt import GPT
+from chatsmith.tokenizer import Tokenizer, bytes_per_token, iter_texts, train_tokenizer
+from chatsmith.train.trainer import Trainer
+
+
+class PretrainStage:
+    name = "pretrain"
+
+    def __init__(self, data_dir: Path, cfg: TrainConfig, seq_len: int, token_bytes: list[int]):
+        self.train = TokenShards(data_dir, "train")
+        self.val = TokenShards(data_dir, "val")
+        self.cfg, self.seq_len = cfg, seq_len
+        self.token_bytes = torch.tensor(token_bytes, dtype=torch.float64)
+
+    def batch(self, step: int, micro: int, rank: int):
+        # one independent stream per (step, micro-batch, rank): the global batch does not depend
+        # on how it is split across processes or accumulation steps
+        x, y = self.train.batch(self.cfg.batch_size, self.seq_len, self.cfg.seed,
+                                step * self.cfg.grad_accum + micro, rank)
+        return {"x": x, "y": y}
+
+    def loss(self, model, batch):
+        _, loss = model(batch["x"], batch["y"])
+        return loss, {}
+
+    def tokens(self, batch) -> int:
+        return batch["x"].numel()
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        """Validation loss (nats/token) and bits-per-byte = sum(nats) / (ln 2 * sum(bytes)), the
+        tokenizer-independent measure: a model with a different vocabulary is compared fairly."""
+        device = next(model.parameters()).device
+        nats = n_tok = n_bytes = 0.0
+        for x, y in self.val.sequential(self.seq_len, self.cfg.eval_batches, self.cfg.batch_size):
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            nats += ce.sum().item()
+            n_tok += y.numel()
+            n_bytes += self.token_bytes[y.flatten().cpu()].sum().item()
+        return {"val_loss": nats / max(n_tok, 1), "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
+
+
+def prepare_data(inputs: list[str] | None, data: str | None, tokenizer: str | None, out: Path,
+                 vocab_size: int) -> tuple[Path, Path]:
+    """-> (token shard dir, tokenizer dir), building whatever is missing under `out`."""
+    if data:
+        d = Path(data)
+        tok_dir = Path(tokenizer) if tokenizer else d / "tokenizer"
+        if not (tok_dir / "tokenizer.json").exists():
+            raise UserError(f"--data {d}: no tokenizer at {tok_dir}; pass --tokenizer DIR")
+        meta = d / "meta.json"
+        if not meta.exists():
+            raise UserError(f"--data {d} holds no token shards (meta.json missing)")
+        if json.loads(meta.read_text())["vocab_size"] != Tokenizer.load(tok_dir).vocab_size:
+            raise UserError(f"--data {d} was tokenised with another tokenizer than {tok_dir}")
+        return d, tok_dir
+    if not inputs:
+        raise UserError("pretrain needs --input PATH… (corpus files or a `data build` directory) or --data DIR")
+    corpus = _corpus_splits(inputs, out)
+    tok_dir = Path(tokenizer) if tokenizer else out / "tokenizer"
+    if not tokenizer:
+        if (tok_dir / "tokenizer.json").exists():
+            print(f"using the tokenizer already at {tok_dir}", file=sys.stderr)
+        else:
+            print(f"training a {vocab_size}-token BPE tokenizer on {corpus['train'][0]}", file=sys.stderr)
+            tok = train_tokenizer(iter_texts(corpus["train"]), vocab_size)
+            tok.save(tok_dir)
+            bpt = bytes_per_token(tok, iter_texts(corpus["val"]))
+            print(f"tokenizer: {tok.vocab_size} tokens, {bpt:.3f} bytes/token on val", file=sys.stderr)
+    tok = Tokenizer.load(tok_dir)
+    shard_dir = out / "data"
+    meta = shard_dir / "meta.json"
+    if meta.exists() and json.loads(meta.read_text()).get("inputs") == corpus:
+        print(f"using the token shards already at {shard_dir}", file=sys.stderr)
+    else:
+        m = write_shards(corpus, tok, shard_dir)
+        m["inputs"] = corpus
+        meta.write_text(json.dumps(m, indent=2) + "\n")
+    return shard_dir, tok_dir
+
+
+def _corpus_splits(inputs: list[str], out: Path) -> dict[str, list[str]]:
+    """A `data build` directory is used as split; raw files are cleaned and split into out/corpus."""
+    if len(inputs) == 1 and (Path(inputs[0]) / "train.jsonl").exists():
+        d = Path(inputs[0])
+        if not (d / "val.jsonl").exists():
+            raise UserError(f"{d} has train.jsonl but no val.jsonl")
+        return {"train": [str(d / "train.jsonl")], "val": [str(d / "val.jsonl")]}
+    from chatsmith.data.corpus import build_corpus
+
+    cdir = out / "corpus"
+    build_corpus(cdir, inputs=inputs, sources=[])
+    return {"train": [str(cdir / "train.jsonl")], "val": [str(cdir / "val.jsonl")]}
+
+
+def build_model(preset_name: str, tok: Tokenizer, seed: int, **overrides) -> GPT:
+    # pad the vocabulary to a multiple of 64: matmul-friendly, and HF loads it unchanged
+    vocab = (tok.vocab_size + 63) // 64 * 64
+    mcfg = preset(preset_name, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                  pad_token_id=tok.pad_id, **overrides)
+    torch.manual_seed(seed)
+    return GPT(mcfg)
+
+
+def run(cfg: TrainConfig, inputs=None, data=None, tokenizer=None, vocab_size: int = 8192,
+        model_overrides: dict | None = None) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shard_dir, tok_dir = prepare_data(inputs, data, tokenizer, out, vocab_size)
+    tok = Tokenizer.load(tok_dir)
+    model = build_model(cfg.preset, tok, cfg.seed, **(model_overrides or {}))
+    seq_len = cfg.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} is beyond the {cfg.preset} model's context of "
+                        f"{model.cfg.max_seq_len} tokens; lower it or raise --max-seq-len")
+    n = model.num_params()
+    print(f"model: preset {cfg.preset}, {n / 1e6:.2f}M parameters "
+          f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), {model.cfg.arch} shape, "
+          f"vocab {model.cfg.vocab_size}, context {model.cfg.max_seq_len}", file=sys.stderr)
+    stage = PretrainStage(shard_dir, cfg, seq_len, tok.token_bytes() + [0] * (model.cfg.vocab_size - tok.vocab_size))
+    trainer = Trainer(model, stage, cfg, tokenizer_dir=tok_dir, extra_config={"stage": "pretrain"})
+    summary = trainer.fit()
+    summary["params"] = n
+    return summary

@@ -1,0 +1,351 @@
+"""The one training loop, shared by every stage.
+
+A stage is a small object with
+    batch(step, micro, rank) -> dict of tensors     (deterministic in its arguments)
+    loss(model, batch)       -> (loss tensor, {name: float})
+    evaluate(model)          -> {name: float}        (optional)
+    tokens(batch)            -> int                   (tokens in the batch, for tokens/s)
+and the trainer supplies everything else: AdamW, warmup + cosine/WSD schedule, gradient
+accumulation and clipping, bf16 autocast, optional torch.compile, DDP under torchrun, a progress
+line, metrics.jsonl, atomic checkpoints every N steps (last K kept), exact resume and a time budget.
+
+Exact resume rests on three facts: batches are a pure function of (seed, step, rank); the optimizer
+moments, step and RNG states are checkpointed; and the schedule length is fixed once (fitted to the
+time budget in the first steps, then stored). A resumed run therefore repeats the uninterrupted
+run's arithmetic bit for bit on the same machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from chatsmith.checkpoint import list_checkpoints, load_tensors, prune_checkpoints, publish, save_checkpoint
+from chatsmith.config import TrainConfig
+from chatsmith.errors import UserError
+
+FIT_AFTER = 5  # steps timed before the schedule is fitted to --max-minutes
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for, but this PyTorch has no MPS backend")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device):
+    """None = plain fp32; else the dtype autocast runs matmuls in (weights stay fp32)."""
+    if cfg.dtype == "bf16":
+        return torch.bfloat16
+    if cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """Linear warmup, then cosine to min_lr (Loshchilov & Hutter 2017), or warmup-stable-decay
+    (Hu et al. 2024: constant, then a linear decay over the last `decay_fraction` of steps)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    lo = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, int(max_steps * (1 - cfg.decay_fraction)))
+        if step < decay_start:
+            return cfg.lr
+        frac = (step - decay_start) / max(1, max_steps - decay_start)
+        return cfg.lr - (cfg.lr - lo) * min(frac, 1.0)
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
+
+
+def fmt_time(s: float) -> str:
+    s = int(max(s, 0))
+    h, m = divmod(s, 3600)
+    m, s = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Trainer:
+    def __init__(self, model, stage, cfg: TrainConfig, tokenizer_dir=None, extra_config: dict | None = None):
+        self.cfg, self.stage = cfg, stage
+        self.out = Path(cfg.out)
+        self.tokenizer_dir = tokenizer_dir
+        self.extra_config = extra_config or {}
+        # torchrun sets these; a plain `python` run is world size 1
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.device = resolve_device(cfg.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.master = self.rank == 0
+        self.amp = autocast_dtype(cfg, self.device)
+        self.model = model.to(self.device)
+        self.optimizer = self._make_optimizer()
+        self.step = 0
+        self.max_steps = cfg.max_steps
+        self.tokens_seen = 0
+        self.elapsed_before = 0.0  # training seconds spent by earlier (resumed-from) runs
+        self.last_eval: dict = {}
+
+    # --- setup ------------------------------------------------------------------------------
+    def _make_optimizer(self):
+        # Weight decay on matrices only: decaying norms' gains and biases just fights the data.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        seen, decay, no_decay = set(), [], []
+        for p in params:
+            if id(p) in seen:  # tied embedding appears once
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=fused)
+
+    def log(self, *a, **k):
+        if self.master:
+            print(*a, **k, file=sys.stderr, flush=True)
+
+    def _metric(self, row: dict):
+        if self.master:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # --- checkpoint state -------------------------------------------------------------------
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        t: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            t["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for i, st in self.optimizer.state_dict()["state"].items():
+            for k, v in st.items():
+                t[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        return t
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "max_steps": self.max_steps, "tokens_seen": self.tokens_seen,
+                "elapsed_seconds": round(self.elapsed_before + self._run_seconds(), 3),
+                "world_size": self.world, "stage": getattr(self.stage, "name", "train"),
+                "last_eval": self.last_eval, "train_config": asdict(self.cfg)}
+
+    def save(self):
+        """Everyone reaches here; only rank 0 writes."""
+        if self.master:
+            path = self.out / "checkpoints" / f"step-{self.step:08d}"
+            save_checkpoint(path, self.unwrapped, self.tokenizer_dir, self._trainer_state(),
+                            self._state_tensors(), self.extra_config)
+            prune_checkpoints(self.out, self.cfg.keep_last)
+        if self.world > 1:
+            dist.barrier()
+
+    def _try_resume(self) -> bool:
+        """Load the newest readable checkpoint under out/checkpoints; corrupt ones are skipped."""
+        for ckpt in reversed(list_checkpoints(self.out)):
+            try:
+                state = json.loads((ckpt / "trainer_state.json").read_text())
+                weights = load_tensors(ckpt / "model.safetensors")
+                tensors = load_tensors(ckpt / "optimizer.safetensors")
+            except (OSError, json.JSONDecodeError, UserError) as e:
+                self.log(f"warning: checkpoint {ckpt} is unreadable ({e}); trying an older one")
+                continue
+            from chatsmith.model.hf import from_hf_state_dict
+            self.unwrapped.load_state_dict(from_hf_state_dict(self.unwrapped.cfg, weights), strict=True)
+            opt_sd = self.optimizer.state_dict()
+            for i in opt_sd["state"].keys() | {int(k.split(".")[1]) for k in tensors if k.startswith("optim.")}:
+                keys = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
+                opt_sd["state"][i] = {k: v.to(self.device) if k != "step" else v for k, v in keys.items()}
+            self.optimizer.load_state_dict(opt_sd)
+            torch.set_rng_state(tensors["rng.torch"])
+            if "rng.cuda" in tensors and self.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+            self.step = state["step"]
+            self.max_steps = state["max_steps"] if self.cfg.max_steps is None else self.cfg.max_steps
+            self.tokens_seen = state["tokens_seen"]
+            self.elapsed_before = state["elapsed_seconds"]
+            self.last_eval = state.get("last_eval", {})
+            self._truncate_metrics(self.step)
+            self.log(f"resumed from {ckpt} at step {self.step}")
+            return True
+        return False
+
+    def _truncate_metrics(self, step: int):
+        """Drop log rows the killed run wrote after its last checkpoint: they are about to be redone."""
+        f = self.out / "metrics.jsonl"
+        if not (self.master and f.exists()):
+            return
+        keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, f)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def _run_seconds(self) -> float:
+        return time.time() - self.t_start
+
+    def _autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    def evaluate(self) -> dict:
+        fn = getattr(self.stage, "evaluate", None)
+        if fn is None:
+            return {}
+        self.unwrapped.eval()
+        with torch.no_grad(), self._autocast():
+            res = fn(self.unwrapped)
+        self.model.train()
+        if self.world > 1:  # every rank evaluated the same windows; nothing to reduce
+            pass
+        self.last_eval = res
+        return res
+
+    def fit(self):
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.unwrapped = self.model
+        self.t_start = time.time()
+        if cfg.resume:
+            if not self._try_resume():
+                self.log(f"--resume: no checkpoint under {self.out / 'checkpoints'}; starting fresh")
+        elif list_checkpoints(self.out):
+            raise UserError(f"{self.out} already holds checkpoints: pass --resume to continue that run, "
+                            f"or choose another --out")
+        if not cfg.resume and self.master:
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        if self.step == 0:  # dropout RNG; a resumed run restored its RNG state instead
+            torch.manual_seed(cfg.seed + self.rank)
+        start_step = self.step
+        model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            model = torch.compile(model)
+        self.model = model
+        model.train()
+        n_params = sum(p.numel() for p in self.unwrapped.parameters())
+        self.log(f"training {getattr(self.stage, 'name', 'model')}: {n_params / 1e6:.2f}M parameters on "
+                 f"{self.device}{' x' + str(self.world) if self.world > 1 else ''}, "
+                 f"{'bf16 autocast' if self.amp else 'fp32'}{', compiled' if cfg.compile else ''}")
+        if self.max_steps is None and cfg.max_minutes is None:
+            self.max_steps = 1000
+        budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+        self.t_start = time.time()
+        t_fit = None
+        tok_window, t_window = 0, time.time()
+        interrupted = stopped_by_budget = False
+        try:
+            while self.max_steps is None or self.step < self.max_steps:
+                lr = lr_at(self.step, cfg, self.max_steps or 10**9)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                loss_sum, stats_sum, n_tok = 0.0, {}, 0
+                for micro in range(cfg.grad_accum):
+                    batch = self.stage.batch(self.step, micro, self.rank)
+                    batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                    sync = micro == cfg.grad_accum - 1 or self.world == 1
+                    ctx = contextlib.nullcontext() if sync else model.no_sync()
+                    with ctx, self._autocast():
+                        loss, stats = self.stage.loss(model, batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss became {loss.item()} at step {self.step}: lower --lr "
+                                                 f"or check the data; the last checkpoint is intact")
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item() / cfg.grad_accum
+                    for k, v in stats.items():
+                        stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
+                    n_tok += self.stage.tokens(batch)
+                gnorm = torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                n_tok *= self.world
+                self.tokens_seen += n_tok
+                tok_window += n_tok
+                if self.world > 1:  # report the global mean loss
+                    t = torch.tensor([loss_sum], device=self.device)
+                    dist.all_reduce(t)
+                    loss_sum = t.item() / self.world
+                # fit the schedule to the time budget once the step time is known
+                if budget and self.max_steps is None:
+                    if self.step == 1:
+                        t_fit = time.time()  # step 1 carries one-off costs (compile, allocator)
+                    elif self.step == FIT_AFTER + 1:
+                        per_step = (time.time() - t_fit) / FIT_AFTER
+                        per_step *= 1 + 0.35 * cfg.eval_batches / cfg.eval_every  # room for evals
+                        left = budget - self._run_seconds() - 2 * per_step
+                        self.max_steps = self.step + max(1, int(left / per_step))
+                        if self.world > 1:  # every rank must agree on the schedule
+                            t = torch.tensor([self.max_steps], device=self.device)
+                            dist.broadcast(t, 0)
+                            self.max_steps = int(t.item())
+                        self.log(f"time budget {cfg.max_minutes:g} min: {per_step:.2f}s/step -> "
+                                 f"{self.max_steps} steps")
+                row = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": float(gnorm),
+                       "tokens": self.tokens_seen, **stats_sum}
+                if self.step % cfg.log_every == 0 or self.step == self.max_steps:
+                    now = time.time()
+                    tps = tok_window / max(now - t_window, 1e-9)
+                    tok_window, t_window = 0, now
+                    el = self._run_seconds()
+                    row.update(tok_per_s=round(tps, 1), elapsed=round(self.elapsed_before + el, 2))
+                    self._metric(row)
+                    eta = ""
+                    if self.max_steps:
+                        done_here = self.step - start_step
+                        eta = f" | ETA {fmt_time(el / max(done_here, 1) * (self.max_steps - self.step))}"
+                    self.log(f"step {self.step}/{self.max_steps or '?'} | loss {loss_sum:.4f} | lr {lr:.2e} | "
+                             f"{tps / 1e3:.2f}k tok/s | {fmt_time(self.elapsed_before + el)}{eta}")
+                last = self.step == self.max_steps
+                if self.step % cfg.eval_every == 0 or last:
+                    res = self.evaluate()
+                    if res:
+                        self._metric({"step": self.step, **res})
+                        self.log("eval step {} | {}".format(self.step, " | ".join(
+                            f"{k} {v:.4f}" for k, v in res.items())))
+                if budget and self._run_seconds() > budget and not last:
+                    stopped_by_budget = True
+                    self.log(f"time budget of {cfg.max_minutes:g} min reached at step {self.step}")
+                    break
+                if self.step % cfg.save_every == 0 and not last:
+                    self.save()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.log(f"\ninterrupted at step {self.step}: saving a checkpoint (resume with --resume)")
+        if stopped_by_budget:
+            self.last_eval = self.evaluate() or self.last_eval
+        self.save()
+        if self.master:
+            ckpt = list_checkpoints(self.out)[-1]
+            publish(ckpt, self.out, names=[p.name for p in ckpt.iterdir() if p.name != "optimizer.safetensors"])
+        summary = {"steps": self.step, "max_steps": self.max_steps, "tokens": self.tokens_seen,
+                   "seconds": round(self.elapsed_before + self._run_seconds(), 1),
+                   "interrupted": interrupted, **self.last_eval}
+        if self.master:
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if interrupted:
+            raise KeyboardInterrupt
+        return summary

