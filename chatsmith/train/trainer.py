@@ -200,6 +200,18 @@ class Trainer:
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, f)
 
+    def _fit_schedule(self, per_step: float, budget: float):
+        per_step *= 1 + 0.35 * self.cfg.eval_batches / self.cfg.eval_every  # room for evals
+        left = budget - self.elapsed_before - self._run_seconds() - 2 * per_step
+        new = self.step + max(1, int(left / per_step))
+        if self.world > 1:  # every rank must agree on the schedule
+            t = torch.tensor([new], device=self.device)
+            dist.broadcast(t, 0)
+            new = int(t.item())
+        if self.max_steps is None or abs(new - self.max_steps) > 0.02 * self.max_steps:
+            self.log(f"time budget {self.cfg.max_minutes:g} min: {per_step:.3f}s/step -> {new} steps")
+            self.max_steps = new
+
     # --- the loop ---------------------------------------------------------------------------
     def _run_seconds(self) -> float:
         return time.time() - self.t_start
@@ -252,9 +264,11 @@ class Trainer:
                  f"{'bf16 autocast' if self.amp else 'fp32'}{', compiled' if cfg.compile else ''}")
         if self.max_steps is None and cfg.max_minutes is None:
             self.max_steps = 1000
+        # with --max-minutes and no --max-steps the schedule length is fitted to the budget
+        self._auto_steps = cfg.max_minutes is not None and cfg.max_steps is None
         budget = cfg.max_minutes * 60 if cfg.max_minutes else None
         self.t_start = time.time()
-        t_fit = None
+        t_fit, fit_step = None, 0
         tok_window, t_window = 0, time.time()
         interrupted = stopped_by_budget = False
         try:
@@ -289,21 +303,14 @@ class Trainer:
                     t = torch.tensor([loss_sum], device=self.device)
                     dist.all_reduce(t)
                     loss_sum = t.item() / self.world
-                # fit the schedule to the time budget once the step time is known
-                if budget and self.max_steps is None:
-                    if self.step == 1:
-                        t_fit = time.time()  # step 1 carries one-off costs (compile, allocator)
-                    elif self.step == FIT_AFTER + 1:
-                        per_step = (time.time() - t_fit) / FIT_AFTER
-                        per_step *= 1 + 0.35 * cfg.eval_batches / cfg.eval_every  # room for evals
-                        left = budget - self._run_seconds() - 2 * per_step
-                        self.max_steps = self.step + max(1, int(left / per_step))
-                        if self.world > 1:  # every rank must agree on the schedule
-                            t = torch.tensor([self.max_steps], device=self.device)
-                            dist.broadcast(t, 0)
-                            self.max_steps = int(t.item())
-                        self.log(f"time budget {cfg.max_minutes:g} min: {per_step:.2f}s/step -> "
-                                 f"{self.max_steps} steps")
+                # fit the schedule to the time budget once the step time is known, and refit at
+                # each eval while in the first 80% (timings drift: other processes, thermal)
+                if budget and self.step == start_step + 1:
+                    t_fit, fit_step = time.time(), self.step  # first step carries one-off costs
+                elif budget and self._auto_steps and (self.step == fit_step + FIT_AFTER or (
+                        self.max_steps is not None and self.step % cfg.eval_every == 0
+                        and self.step < 0.8 * self.max_steps)):
+                    self._fit_schedule((time.time() - t_fit) / (self.step - fit_step), budget)
                 row = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": float(gnorm),
                        "tokens": self.tokens_seen, **stats_sum}
                 if self.step % cfg.log_every == 0 or self.step == self.max_steps:
@@ -326,7 +333,7 @@ class Trainer:
                         self._metric({"step": self.step, **res})
                         self.log("eval step {} | {}".format(self.step, " | ".join(
                             f"{k} {v:.4f}" for k, v in res.items())))
-                if budget and self._run_seconds() > budget and not last:
+                if budget and self.elapsed_before + self._run_seconds() > budget and not last:
                     stopped_by_budget = True
                     self.log(f"time budget of {cfg.max_minutes:g} min reached at step {self.step}")
                     break

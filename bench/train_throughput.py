@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""Training throughput: chatsmith's GPT vs transformers' LlamaForCausalLM, same shapes, same data.
+
+Both models start from the same weights (chatsmith's, copied into the HF model: the state-dict
+names match) and train with the same plain loop -- forward with targets, backward, fused AdamW
+step -- on the same random tokens, in up to four configurations:
+
+    fp32           eager, fp32
+    bf16           eager, bf16 autocast (weights stay fp32, as in chatsmith's trainer)
+    fp32-compiled  torch.compile(model), fp32
+    bf16-compiled  torch.compile(model), bf16 autocast
+
+Timed steps alternate between the two models, so slow drift of the machine hits both alike.
+Reported: tokens/s per model and configuration, the ratio of chatsmith's best configuration to the
+reference's best, and MFU = (6*N + 12*L*d*T) * tokens/s against matmul peaks measured in the same
+run with large square matmuls (N = parameters that take part in matmuls, lm_head included, the
+embedding lookup not; 12*L*d*T is the attention score/value FLOPs per token, PaLM's convention,
+counted as if not causal).
+
+    python bench/train_throughput.py                       # tiny preset, 16x256, all four configs
+    python bench/train_throughput.py --configs fp32,fp32-compiled --steps 10 --json out.json
+    python bench/train_throughput.py --profile fp32        # op table for a couple of eager steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chatsmith.config import PRESETS, preset  # noqa: E402
+from chatsmith.model.gpt import GPT  # noqa: E402
+
+CONFIGS = {  # name -> (autocast dtype or None, compiled)
+    "fp32": (None, False),
+    "bf16": (torch.bfloat16, False),
+    "fp32-compiled": (None, True),
+    "bf16-compiled": (torch.bfloat16, True),
+}
+MODELS = ("chatsmith", "reference")
+LOSS_TOL = {None: 1e-4, torch.bfloat16: 3e-2}  # |first-step loss difference| allowed
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the preset's context length")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model and config (>= 1)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per model and config")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--models", default=",".join(MODELS), help="comma list of chatsmith, reference")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmuls timing the peaks")
+    p.add_argument("--no-peaks", action="store_true", help="skip the matmul peaks (no MFU)")
+    p.add_argument("--explain", action="store_true",
+                   help="report torch._dynamo.explain graph/graph-break counts for each model")
+    p.add_argument("--profile", default=None, metavar="CONFIG",
+                   help="after the benchmark, profile 2 steps of each model in CONFIG and print op tables")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results here as JSON")
+    a = p.parse_args(argv)
+    a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
+    a.models = [m.strip() for m in a.models.split(",") if m.strip()]
+    for c in a.configs + ([a.profile] if a.profile else []):
+        if c not in CONFIGS:
+            p.error(f"unknown config {c!r}; choose from {', '.join(CONFIGS)}")
+    for m in a.models:
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    if a.warmup < 1 or a.steps < 1:
+        p.error("--warmup and --steps must be at least 1")
+    return a
+
+
+# --- models -----------------------------------------------------------------------------------
+def build_reference(cfg, state_dict):
+    """transformers' LlamaForCausalLM from chatsmith's config, holding chatsmith's weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k != "torch_dtype"})
+    hf_cfg._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(hf_cfg)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"state dicts differ: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight, "HF model did not tie lm_head"
+    return model
+
+
+def build(name, cfg, state_dict):
+    if name == "chatsmith":
+        model = GPT(cfg)
+        model.load_state_dict(state_dict)
+    else:
+        model = build_reference(cfg, state_dict)
+    return model.train()
+
+
+def loss_fn(name):
+    """(model, x, y) -> mean next-token cross-entropy, each model on its own native loss path."""
+    if name == "chatsmith":
+        return lambda model, x, y: model(x, y)[1]
+    # HF shifts `labels` itself; shift_labels hands it our already-shifted targets instead
+    return lambda model, x, y: model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul (every nn.Linear weight; a tied lm_head counts once)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+class Runner:
+    """One model in one configuration: its own weights (a fresh copy), optimizer and step function."""
+
+    def __init__(self, name, cfg, state_dict, amp, compiled, lr):
+        self.name, self.amp = name, amp
+        self.model = build(name, cfg, state_dict)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.1, fused=True)
+        self.fwd = torch.compile(self.model) if compiled else self.model
+        self.loss = loss_fn(name)
+        self.times: list[float] = []
+        self.first_loss = None
+        self.first_step_s = None
+
+    def step(self, x, y) -> float:
+        t0 = time.perf_counter()
+        ctx = torch.autocast("cpu", dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+        with ctx:
+            loss = self.loss(self.fwd, x, y)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        v = loss.item()
+        dt = time.perf_counter() - t0
+        if self.first_loss is None:
+            self.first_loss, self.first_step_s = v, dt
+        return dt
+
+
+# --- peaks --------------------------------------------------------------------------------------
+def matmul_peak(n: int, dtype, reps: int) -> float:
+    """Best-of-reps FLOP/s of an (n x n) @ (n x n) matmul."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+# --- main ---------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    threads = a.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    import transformers
+
+    cfg = preset(a.preset, vocab_size=a.vocab_size)
+    T = a.seq_len or cfg.max_seq_len
+    if T > cfg.max_seq_len:
+        raise SystemExit(f"--seq-len {T} exceeds the preset's context of {cfg.max_seq_len}")
+    B = a.batch_size
+    torch.manual_seed(a.seed)
+    init = {k: v.clone() for k, v in GPT(cfg).state_dict().items()}
+    n_params = sum(p.numel() for p in GPT(cfg).parameters())
+    n_mm = matmul_params(GPT(cfg))
+    attn_per_tok = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+    flops_per_tok = 6 * n_mm + attn_per_tok
+    n_steps = a.warmup + a.steps
+    g = torch.Generator().manual_seed(a.seed)
+    data = torch.randint(0, cfg.vocab_size, (n_steps, B, T + 1), generator=g)
+
+    print(f"torch {torch.__version__} | transformers {transformers.__version__} | {cpu_name()} | "
+          f"torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})")
+    print(f"model: preset {a.preset}, {cfg.arch}, d={cfg.d_model}, layers={cfg.n_layer}, heads={cfg.n_head}"
+          f"/{cfg.n_kv_head}, d_ff={cfg.d_ff}, vocab={cfg.vocab_size}, tied={cfg.tie_embeddings}: "
+          f"{n_params / 1e6:.2f}M params, {n_mm / 1e6:.2f}M in matmuls")
+    print(f"batch {B}x{T} = {B * T} tokens/step | {a.warmup} warmup + {a.steps} timed steps | "
+          f"{flops_per_tok / 1e6:.1f} MFLOP/token (6N {6 * n_mm / 1e6:.1f} + attention {attn_per_tok / 1e6:.1f})")
+
+    peaks = {}
+    if not a.no_peaks:
+        t0 = time.perf_counter()
+        peaks["fp32"] = matmul_peak(a.peak_size, torch.float32, 4)
+        peaks["bf16"] = matmul_peak(a.peak_size, torch.bfloat16, 2)
+        print(f"matmul peaks ({a.peak_size}^2, {time.perf_counter() - t0:.1f}s): "
+              f"fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s | bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
+
+    if a.explain:
+        explain(cfg, init, a.models, data[0, :, :-1].contiguous(), data[0, :, 1:].contiguous())
+
+    results, failures = [], []
+    print(f"\n{'config':<14} {'model':<10} {'tok/s':>8} {'step s':>7} {'±':>6} {'1st step s':>10} "
+          f"{'GFLOP/s':>8} {'MFU':>6} {'1st loss':>9}")
+    for cname in a.configs:
+        amp, compiled = CONFIGS[cname]
+        torch._dynamo.reset()
+        runners = [Runner(m, cfg, init, amp, compiled, a.lr) for m in a.models]
+        for i in range(n_steps):
+            x, y = data[i, :, :-1].contiguous(), data[i, :, 1:].contiguous()
+            for r in runners if i % 2 == 0 else runners[::-1]:  # alternate who goes first
+                dt = r.step(x, y)
+                if i >= a.warmup:
+                    r.times.append(dt)
+        peak = peaks.get("bf16" if amp is not None else "fp32")
+        for r in runners:
+            tok_s = B * T * len(r.times) / sum(r.times)
+            flops = flops_per_tok * tok_s
+            row = {"config": cname, "model": r.name, "tok_per_s": tok_s,
+                   "step_s_mean": statistics.mean(r.times),
+                   "step_s_stdev": statistics.stdev(r.times) if len(r.times) > 1 else 0.0,
+                   "step_s": r.times, "first_step_s": r.first_step_s, "first_loss": r.first_loss,
+                   "flops_per_s": flops, "mfu": flops / peak if peak else None,
+                   "mfu_vs_fp32_peak": flops / peaks["fp32"] if peaks else None,
+                   "mfu_vs_bf16_peak": flops / peaks["bf16"] if peaks else None}
+            results.append(row)
+            mfu = f"{100 * row['mfu']:5.1f}%" if peak else "    -"
+            print(f"{cname:<14} {r.name:<10} {tok_s:8.0f} {row['step_s_mean']:7.3f} {row['step_s_stdev']:6.3f} "
+                  f"{r.first_step_s:10.2f} {flops / 1e9:8.1f} {mfu} {r.first_loss:9.5f}")
+        if len(runners) == 2:
+            d = abs(runners[0].first_loss - runners[1].first_loss)
+            ok = d <= LOSS_TOL[amp]
+            print(f"{'':<14} first-step loss |diff| {d:.2e} (tolerance {LOSS_TOL[amp]:g}): "
+                  f"{'ok' if ok else 'MISMATCH'}; chatsmith/reference "
+                  f"{results[-2]['tok_per_s'] / results[-1]['tok_per_s']:.2f}x")
+            if not ok:
+                failures.append(f"{cname}: first-step losses differ by {d:.3g}")
+        del runners
+
+    summary = {}
+    best = {}
+    for m in a.models:
+        rows = [r for r in results if r["model"] == m]
+        if rows:
+            best[m] = max(rows, key=lambda r: r["tok_per_s"])
+    print()
+    for m, r in best.items():
+        mfu = (f" | MFU {100 * r['mfu_vs_fp32_peak']:.1f}% of fp32 peak, "
+               f"{100 * r['mfu_vs_bf16_peak']:.1f}% of bf16 peak") if peaks else ""
+        print(f"best {m:<10} {r['config']:<14} {r['tok_per_s']:8.0f} tok/s{mfu}")
+    if len(best) == 2:
+        ratio = best["chatsmith"]["tok_per_s"] / best["reference"]["tok_per_s"]
+        summary["best_ratio"] = ratio
+        print(f"chatsmith best / reference best: {ratio:.2f}x")
+
+    if a.json:
+        out = {"torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu_name(),
+               "threads": torch.get_num_threads(), "preset": a.preset, "model_config": cfg.__dict__,
+               "batch_size": B, "seq_len": T, "warmup": a.warmup, "steps": a.steps,
+               "params": n_params, "matmul_params": n_mm, "flops_per_token": flops_per_tok,
+               "peak_flops": peaks, "results": results,
+               "best": {m: {"config": r["config"], "tok_per_s": r["tok_per_s"]} for m, r in best.items()},
+               **summary, "failures": failures}
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {a.json}")
+
+    if a.profile:
+        profile(cfg, init, a.models, a.profile, data, a.lr)
+
+    if failures:
+        raise SystemExit("sanity check failed: " + "; ".join(failures))
+
+
+def explain(cfg, init, models, x, y):
+    """Dynamo graph count and graph breaks of one training forward (with loss) per model."""
+    for m in models:
+        model = build(m, cfg, init)
+        f = loss_fn(m)
+        torch._dynamo.reset()
+        e = torch._dynamo.explain(lambda x, y: f(model, x, y))(x, y)
+        reasons = "; ".join(sorted({str(b.reason).splitlines()[0][:120] for b in e.break_reasons}))
+        print(f"dynamo explain {m}: {e.graph_count} graph(s), {e.graph_break_count} graph break(s)"
+              + (f": {reasons}" if reasons else ""))
+    torch._dynamo.reset()
+
+
+def profile(cfg, init, models, cname, data, lr):
+    from torch.profiler import ProfilerActivity, profile as tprofile
+
+    amp, compiled = CONFIGS[cname]
+    torch._dynamo.reset()
+    for m in models:
+        r = Runner(m, cfg, init, amp, compiled, lr)
+        r.step(data[0, :, :-1].contiguous(), data[0, :, 1:].contiguous())  # warm (and compile)
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in (1, 2):
+                r.step(data[i, :, :-1].contiguous(), data[i, :, 1:].contiguous())
+        print(f"\nprofile: {m}, {cname}, 2 steps")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Shared fixtures: a small synthetic corpus, a tiny tokenizer and a micro base model, built once
+per test session through the public CLI."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatsmith.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = ("the king queen said to of and a in that is was he she it for on with as his her by at "
+         "from this be have not are but all they one two three four five six seven eight nine ten "
+         "love war peace time world house river light night day sea land heart mind name good "
+         "great little old new first last long").split()
+
+
+def synthetic_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        sents = []
+        for _ in range(rng.randint(3, 12)):
+            w = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+            sents.append(" ".join(w).capitalize() + rng.choice([".", ".", "!", "?"]))
+        if i % 7 == 0:
+            sents.append("春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。")
+        if i % 5 == 0:
+            sents.append(f"In {1800 + i} there were {rng.randint(2, 999)} ships.")
+        docs.append(" ".join(sents))
+    return docs
+
+
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def cli_subprocess(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "chatsmith", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=kw.pop("cwd", REPO), **kw)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    raw = d / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_docs(400)))
+    assert cli("data", "build", "--input", raw, "--out", d / "built", "--val-fraction", "0.05") == 0
+    return d / "built"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    assert cli("tokenizer", "train", "--input", corpus_dir, "--vocab-size", 512, "--out", out) == 0
+    return out
+
+
+PRETRAIN_FLAGS = ["--preset", "micro", "--batch-size", 8, "--seq-len", 32, "--eval-every", 10,
+                  "--eval-batches", 2, "--log-every", 1, "--warmup-steps", 5, "--lr", "3e-3"]
+
+
+@pytest.fixture(scope="session")
+def base_model(corpus_dir, tokenizer_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "model"
+    assert cli("pretrain", "--input", corpus_dir, "--tokenizer", tokenizer_dir, "--out", out,
+               "--max-steps", 60, "--save-every", 20, *PRETRAIN_FLAGS) == 0
+    return out
