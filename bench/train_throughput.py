@@ -315,7 +315,8 @@ def profile(cfg, init, models, cname, data, lr):
         r.step(data[0, :, :-1].contiguous(), data[0, :, 1:].contiguous())  # warm (and compile)
         with tprofile(activities=[ProfilerActivity.CPU]) as prof:
             for i in (1, 2):
-                r.step(data[i, :, :-1].contiguous(), data[i, :, 1:].contiguous())
+                j = i % len(data)
+                r.step(data[j, :, :-1].contiguous(), data[j, :, 1:].contiguous())
         print(f"\nprofile: {m}, {cname}, 2 steps")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
