@@ -64,9 +64,11 @@ def build_parser() -> Parser:
     data = sub.add_parser("data", help="build corpora", formatter_class=fmt)
     dsub = data.add_subparsers(dest="data_verb", metavar="ACTION", parser_class=Parser)
     dsub.required = True
-    b = dsub.add_parser("build", help="the built-in corpus, or your own files, as cleaned train/val JSONL",
+    b = dsub.add_parser("build", help="the built-in corpus and dialogues, or your own text as a cleaned corpus",
                         formatter_class=fmt)
-    b.add_argument("--out", default="data/corpus", help="output directory")
+    b.add_argument("--out", default="data", help="output directory: built-in data goes to OUT/corpus "
+                   "(pretraining text) and OUT/chat (dialogues); with --input the corpus goes to OUT itself")
+    b.add_argument("--what", choices=["all", "corpus", "chat"], default="all", help="which built-in data to build")
     b.add_argument("--input", nargs="+", help="your own .txt/.md/.jsonl files or folders instead of the built-in sources")
     b.add_argument("--sources-dir", default=os.environ.get("CHATSMITH_SOURCES", ".sources"),
                    help="where scripts/setup.sh put the raw source packages")
@@ -97,6 +99,34 @@ def build_parser() -> Parser:
     pt.set_defaults(preset="tiny")
     pt.epilog = f"presets: {', '.join(PRESETS)}"
 
+    # sft
+    ft = sub.add_parser("sft", help="supervised fine-tuning on dialogues (loss on assistant tokens)",
+                        formatter_class=fmt)
+    ft.add_argument("--data", nargs="+", required=True,
+                    help="dialogue files (.jsonl/.json/.yaml), each optionally FILE:WEIGHT")
+    ft.add_argument("--init", required=True, help="the model directory to start from (a base model)")
+    ft.add_argument("--heldout", nargs="+", help="held-out dialogues for the before/after metrics")
+    ft.add_argument("--format", choices=["messages", "sharegpt", "alpaca", "prompt_completion", "dialogue",
+                                         "chatterbot"], help="force a format (default: detected per record)")
+    ft.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    ft.add_argument("--epochs", type=float, default=None, help="passes over the data when neither "
+                    "--max-steps nor --max-minutes is given (default 1)")
+    ft.add_argument("--eval-samples", type=int, default=20, help="held-out prompts generated per task family")
+    ft.add_argument("--eval-max-new-tokens", type=int, default=48)
+    add_dataclass_flags(ft, TrainConfig, skip=("preset",))
+    ft.set_defaults(out="runs/sft", lr=5e-4, warmup_steps=20, min_lr_ratio=0.0, eval_every=100, save_every=200)
+
+    # chat
+    ch = sub.add_parser("chat", help="talk to a chat model in the terminal", formatter_class=fmt)
+    ch.add_argument("model", help="model directory (an SFT/aligned model)")
+    ch.add_argument("--system", default=None, help="system prompt")
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-p", type=float, default=0.95)
+    ch.add_argument("--top-k", type=int, default=0)
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--device", default="auto")
+
     # generate
     g = sub.add_parser("generate", help="sample from a model", formatter_class=fmt)
     g.add_argument("model", help="model directory")
@@ -125,9 +155,20 @@ def cmd_data_build(a):
 
     if not 0 <= a.val_fraction < 1:
         raise UserError("--val-fraction must be in [0, 1)")
-    meta = build_corpus(a.out, inputs=a.input, sources_dir=a.sources_dir, val_fraction=a.val_fraction,
-                        seed=a.seed, max_doc_chars=a.max_doc_chars)
-    print(json.dumps(meta, indent=2, ensure_ascii=False))
+    from chatsmith.data.dialogues import build_dialogues
+
+    if a.input:
+        build_corpus(a.out, inputs=a.input, sources_dir=a.sources_dir, val_fraction=a.val_fraction,
+                     seed=a.seed, max_doc_chars=a.max_doc_chars)
+        print(f"corpus written to {a.out}")
+        return
+    if a.what in ("all", "corpus"):
+        build_corpus(Path(a.out) / "corpus", sources_dir=a.sources_dir, val_fraction=a.val_fraction,
+                     seed=a.seed, max_doc_chars=a.max_doc_chars)
+        print(f"corpus written to {Path(a.out) / 'corpus'}")
+    if a.what in ("all", "chat"):
+        build_dialogues(Path(a.out) / "chat", sources_dir=a.sources_dir, seed=a.seed)
+        print(f"dialogues written to {Path(a.out) / 'chat'}")
 
 
 def _expand_corpus_dirs(paths: list[str], split: str = "train") -> list[str]:
@@ -158,6 +199,22 @@ def cmd_pretrain(a):
     summary = pretrain.run(cfg, inputs=a.input, data=a.data, tokenizer=a.tokenizer,
                            vocab_size=a.vocab_size, model_overrides=overrides)
     print(json.dumps(summary, indent=2))
+
+
+def cmd_sft(a):
+    from chatsmith.config import TrainConfig
+    from chatsmith.train import sft
+
+    cfg = dataclass_from_args(TrainConfig, a)
+    summary = sft.run(cfg, a.data, a.init, heldout=a.heldout, fmt=a.format, skip_bad=a.skip_bad,
+                      epochs=a.epochs, eval_samples=a.eval_samples, eval_max_new_tokens=a.eval_max_new_tokens)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+
+
+def cmd_chat(a):
+    from chatsmith.chat import run
+
+    run(a)
 
 
 def cmd_generate(a):
@@ -203,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             "tokenizer": lambda: cmd_tokenizer_train(a),
             "pretrain": lambda: cmd_pretrain(a),
             "generate": lambda: cmd_generate(a),
+            "sft": lambda: cmd_sft(a),
+            "chat": lambda: cmd_chat(a),
             "speedrun": lambda: cmd_speedrun(a),
         }[a.verb]
         handler()

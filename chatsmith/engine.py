@@ -181,6 +181,10 @@ class Engine:
             pass
         return self.last
 
+    def generate_many(self, prompts: list[list[int]], p: SamplingParams) -> list[Completion]:
+        """One completion per prompt (the first when num_return_sequences > 1)."""
+        return [self.generate(ids, p)[0] for ids in prompts]
+
     @torch.no_grad()
     def _beam(self, prompt_ids: list[int], p: SamplingParams) -> list[Completion]:
         """Beam search: keep the B best partial sequences by summed log-probability; a sequence

