@@ -139,7 +139,7 @@ def build_parser() -> Parser:
     # speedrun
     s = sub.add_parser("speedrun", help="the whole chain on the built-in corpus under a time budget",
                        formatter_class=fmt)
-    s.add_argument("--minutes", type=float, default=10.0, help="total time budget")
+    s.add_argument("--minutes", type=float, default=10.0, help="total time budget in minutes")
     s.add_argument("--out", default="runs/speedrun")
     s.add_argument("--preset", default="tiny")
     s.add_argument("--vocab-size", type=int, default=8192)

@@ -128,12 +128,16 @@ class Engine:
             for c in self._beam(prompt_ids, p):
                 yield 0, c.text
             return
-        n = p.num_return_sequences
-        budget = self._check(prompt_ids, p)
+        yield from self._sample([prompt_ids] * p.num_return_sequences, p)
+
+    def _sample(self, prompts: list[list[int]], p: SamplingParams) -> Iterator[tuple[int, str]]:
+        """Decode a batch of equally long prompts together, one forward pass per step."""
+        n = len(prompts)
+        budget = min(self._check(ids, p) for ids in prompts)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(p.seed if p.seed is not None else torch.seed())
-        cache = self.model.new_cache(n, len(prompt_ids) + budget)
-        x = torch.tensor([prompt_ids] * n, device=self.device)
+        cache = self.model.new_cache(n, len(prompts[0]) + budget)
+        x = torch.tensor(prompts, device=self.device)
         logits = self.model(x, cache=cache)[:, -1]
         out = [[] for _ in range(n)]
         texts, emitted = [""] * n, [0] * n
@@ -181,9 +185,21 @@ class Engine:
             pass
         return self.last
 
-    def generate_many(self, prompts: list[list[int]], p: SamplingParams) -> list[Completion]:
-        """One completion per prompt (the first when num_return_sequences > 1)."""
-        return [self.generate(ids, p)[0] for ids in prompts]
+    def generate_many(self, prompts: list[list[int]], p: SamplingParams, max_batch: int = 32) -> list[Completion]:
+        """One completion per prompt. Prompts of equal length are decoded together in batches."""
+        p.validate()
+        by_len: dict[int, list[int]] = {}
+        for i, ids in enumerate(prompts):
+            by_len.setdefault(len(ids), []).append(i)
+        res: list[Completion | None] = [None] * len(prompts)
+        for idx in by_len.values():
+            for k in range(0, len(idx), max_batch):
+                chunk = idx[k:k + max_batch]
+                for _ in self._sample([prompts[i] for i in chunk], p):
+                    pass
+                for i, c in zip(chunk, self.last):
+                    res[i] = c
+        return res
 
     @torch.no_grad()
     def _beam(self, prompt_ids: list[int], p: SamplingParams) -> list[Completion]:

@@ -1,8 +1,9 @@
 """`chatsmith speedrun`: the whole chain on the built-in corpus under one time budget.
 
-    corpus  -> RUN/corpus     (chatsmith data build)
-    BPE     -> RUN/tokenizer  (chatsmith tokenizer train)
-    base    -> RUN/base       (chatsmith pretrain, fitted to what is left of the budget)
+    data    -> RUN/data/corpus, RUN/data/chat   (chatsmith data build)
+    BPE     -> RUN/tokenizer                    (chatsmith tokenizer train)
+    base    -> RUN/base                         (chatsmith pretrain: PRETRAIN_SHARE of what is left)
+    chat    -> RUN/sft                          (chatsmith sft on the built-in dialogues)
     samples -> RUN/samples.txt, RUN/speedrun.json
 
 Each stage that already finished is skipped, so `--resume` continues an interrupted run.
@@ -20,7 +21,10 @@ from chatsmith.errors import UserError
 
 SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach", "The committee said that",
                   "床前明月光"]
-RESERVE_S = 45  # left at the end for the samples and the summary
+RESERVE_S = 30  # left at the end for the samples and the summary
+PRETRAIN_SHARE = 0.6  # of the training time; the rest goes to SFT and its held-out evaluation
+SFT_EVAL_S = 45  # held-out generation before and after SFT (measured ~20-40 s for tiny on 2 cores)
+CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
 
 
 def banner(text: str):
@@ -40,17 +44,22 @@ def run(a) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     stages: dict[str, dict] = {}
 
-    corpus = run_dir / "corpus"
-    banner("1/4 corpus")
+    from chatsmith.data.dialogues import build_dialogues
+
+    corpus, chat = run_dir / "data" / "corpus", run_dir / "data" / "chat"
+    banner("1/5 data")
     t = time.time()
     if not (corpus / "corpus_meta.json").exists():
         if not available_sources(a.sources_dir):
             raise UserError(f"no built-in sources under {a.sources_dir}: run `bash scripts/setup.sh` first")
         build_corpus(corpus, sources_dir=a.sources_dir)
+    if not (chat / "dialogues_meta.json").exists():
+        build_dialogues(chat, sources_dir=a.sources_dir)
     meta = json.loads((corpus / "corpus_meta.json").read_text())
-    stages["corpus"] = {"seconds": round(time.time() - t, 1), "meta": meta}
+    stages["data"] = {"seconds": round(time.time() - t, 1), "corpus": meta,
+                      "dialogues": json.loads((chat / "dialogues_meta.json").read_text())["families"]}
 
-    banner("2/4 tokenizer")
+    banner("2/5 tokenizer")
     t = time.time()
     tok_dir = run_dir / "tokenizer"
     if not (tok_dir / "tokenizer_stats.json").exists():
@@ -60,16 +69,17 @@ def run(a) -> dict:
           file=sys.stderr)
     stages["tokenizer"] = {"seconds": round(time.time() - t, 1), **stats}
 
-    banner("3/4 pretrain")
-    from chatsmith.train import pretrain
+    banner("3/5 pretrain")
+    from chatsmith.train import pretrain, sft
 
-    left = budget - (time.time() - t0) - RESERVE_S
-    if left < 30:
-        raise UserError(f"--minutes {a.minutes:g} leaves {left:.0f}s for pretraining; give at least "
-                        f"{(budget - left + 30) / 60:.1f} minutes")
+    left = budget - (time.time() - t0) - RESERVE_S - SFT_EVAL_S
+    if left < 60:
+        raise UserError(f"--minutes {a.minutes:g} leaves {left:.0f}s for training; give at least "
+                        f"{(budget - left + 60) / 60:.1f} minutes")
     base = run_dir / "base"
     # the budget covers tokenising the corpus too: shards take a few seconds, estimated at 15
-    cfg = TrainConfig(out=str(base), preset=a.preset, max_minutes=(left - 15) / 60, batch_size=16,
+    pre_s = left * PRETRAIN_SHARE
+    cfg = TrainConfig(out=str(base), preset=a.preset, max_minutes=(pre_s - 15) / 60, batch_size=16,
                       lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=10, save_every=100,
                       log_every=10, device=a.device, dtype=a.dtype,
                       resume=a.resume and (base / "checkpoints").exists())
@@ -77,7 +87,18 @@ def run(a) -> dict:
     summary = pretrain.run(cfg, inputs=[str(corpus)], tokenizer=str(tok_dir))
     stages["pretrain"] = {"seconds": round(time.time() - t, 1), **summary}
 
-    banner("4/4 samples")
+    banner("4/5 sft")
+    sft_dir = run_dir / "sft"
+    left = budget - (time.time() - t0) - RESERVE_S - SFT_EVAL_S
+    cfg = TrainConfig(out=str(sft_dir), max_minutes=max(left, 20) / 60, batch_size=16, lr=1e-3, warmup_steps=20,
+                      min_lr_ratio=0.0, eval_every=100, eval_batches=10, save_every=100, log_every=10,
+                      device=a.device, dtype=a.dtype, resume=a.resume and (sft_dir / "checkpoints").exists())
+    t = time.time()
+    sft_summary = sft.run(cfg, [str(chat / "train.jsonl")], str(base), heldout=[str(chat / "heldout.jsonl")],
+                          eval_samples=16, eval_max_new_tokens=40)
+    stages["sft"] = {"seconds": round(time.time() - t, 1), **sft_summary}
+
+    banner("5/5 samples")
     from chatsmith.checkpoint import load_model
     from chatsmith.engine import Engine, SamplingParams
     from chatsmith.tokenizer import Tokenizer
@@ -89,13 +110,25 @@ def run(a) -> dict:
                             SamplingParams(max_new_tokens=60, temperature=0.8, top_p=0.95, seed=i))[0]
         samples.append({"prompt": prompt, "completion": c.text})
         print(f"\n> {prompt}{c.text}")
-    (run_dir / "samples.txt").write_text("".join(f"> {s['prompt']}{s['completion']}\n\n" for s in samples))
+    chat_engine = Engine(load_model(sft_dir), Tokenizer.load(sft_dir))
+    conversation = []
+    print()
+    for i, q in enumerate(CHAT_PROMPTS):
+        ids, _ = chat_engine.tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)
+        c = chat_engine.generate(ids, SamplingParams(max_new_tokens=80, temperature=0))[0]
+        conversation.append({"user": q, "assistant": c.text})
+        print(f"you> {q}\nbot> {c.text}")
+    (run_dir / "samples.txt").write_text(
+        "".join(f"> {s['prompt']}{s['completion']}\n\n" for s in samples)
+        + "".join(f"you> {c['user']}\nbot> {c['assistant']}\n" for c in conversation))
 
     result = {"minutes_budget": a.minutes, "seconds": round(time.time() - t0, 1), "stages": stages,
-              "val_bpb": summary.get("val_bpb"), "samples": samples}
+              "val_bpb": summary.get("val_bpb"), "sft_eval": sft_summary.get("eval"), "samples": samples,
+              "conversation": conversation}
     (run_dir / "speedrun.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print(f"\nspeedrun finished in {result['seconds'] / 60:.1f} min: val bits-per-byte "
           f"{summary.get('val_bpb', float('nan')):.3f} after {summary['steps']} steps "
           f"({summary['tokens'] / 1e6:.1f}M tokens)")
     print(f"base model: {base}\nsample it:  chatsmith generate {base} --prompt \"Once upon a time\"")
+    print(f"chat model: {sft_dir}\nchat with it: chatsmith chat {sft_dir}")
     return result
