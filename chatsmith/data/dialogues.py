@@ -47,8 +47,8 @@ import zipfile
 from pathlib import Path
 from typing import Iterable
 
+from chatsmith.data.sources import _ANSI, resolve_overstrike, split_fortunes
 from chatsmith.errors import UserError
-from chatsmith.data.sources import resolve_overstrike
 from chatsmith.data.tasks import generate_tasks, normalise
 
 QUIZ_DIR = Path("/usr/share/games/bsdgames/quiz")
@@ -728,22 +728,6 @@ def read_identity() -> list[dict]:
 # =========================================================================== poems
 
 _POEM_FILES = (("tang300", "唐诗", "唐", "Tang"), ("song100", "宋诗", "宋", "Song"))
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def split_fortune_entries(text: str) -> list[str]:
-    """strfile entries: separated by lines that are exactly '%'."""
-    entries, cur = [], []
-    for line in text.split("\n"):
-        if line.rstrip("\r") == "%":
-            entries.append("\n".join(cur))
-            cur = []
-        else:
-            cur.append(line)
-    entries.append("\n".join(cur))
-    return [e for e in entries if e.strip()]
-
-
 def parse_poem(entry: str) -> tuple[str, str, str] | None:
     """(title, author, body) of a fortunes-zh poem entry: a title line with 《...》 (and
     maybe a "题目:" prefix), an author line "作者：NAME" (maybe with dates), then the poem.
@@ -784,7 +768,7 @@ def read_poems(fortunes_dir: Path, seed: int, per_poem: int = 2) -> tuple[list[d
             warn(f"{path} not found (apt-get install fortunes-zh); no {kind}")
             continue
         poems = []
-        for entry in split_fortune_entries(_read_text(path)):
+        for entry in split_fortunes(_read_text(path)):
             p = parse_poem(entry)
             if p is None:
                 stats["unparsed"] += 1
