@@ -165,7 +165,7 @@ def test_parse_poem():
     song = "题目:《春居杂兴》二首\n作者:王禹偁（９５４－１００１）\n\n   其一\n\n两株桃杏映篱斜。\n"
     assert dlg.parse_poem(song) == ("春居杂兴", "王禹偁", "其一\n\n两株桃杏映篱斜。")
     assert dlg.parse_poem("just a fortune\n") is None
-    assert dlg.split_fortune_entries("a\n%\nb\nc\n%\n") == ["a", "b\nc"]
+    assert dlg.split_fortunes("a\n%\nb\nc\n%\n") == ["a", "b\nc"]
 
 
 def test_split_links_shared_prompts_and_keys():
