@@ -58,8 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=None, help="default: the preset's context length")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per model and config (>= 1)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per model and config")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps per model and config (>= 1; default 1 eager, 2 compiled)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per model and config")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of chatsmith, reference")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
@@ -71,6 +72,9 @@ def parse_args(argv=None):
                    help="report torch._dynamo.explain graph/graph-break counts for each model")
     p.add_argument("--profile", default=None, metavar="CONFIG",
                    help="after the benchmark, profile 2 steps of each model in CONFIG and print op tables")
+    p.add_argument("--malloc-keep", action="store_true",
+                   help="re-run under glibc settings that keep freed memory (MALLOC_MMAP_MAX_=0, "
+                        "MALLOC_TRIM_THRESHOLD_=huge): no page faults on the big per-step tensors")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here as JSON")
     a = p.parse_args(argv)
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
@@ -81,7 +85,7 @@ def parse_args(argv=None):
     for m in a.models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
-    if a.warmup < 1 or a.steps < 1:
+    if (a.warmup is not None and a.warmup < 1) or a.steps < 1:
         p.error("--warmup and --steps must be at least 1")
     return a
 
@@ -135,10 +139,13 @@ class Runner:
         self.fwd = torch.compile(self.model) if compiled else self.model
         self.loss = loss_fn(name)
         self.times: list[float] = []
+        self.foreign: list[float] = []  # other processes' CPU share during each timed step
+        self.last_foreign = None
         self.first_loss = None
         self.first_step_s = None
 
     def step(self, x, y) -> float:
+        s0 = _cpu_snapshot()
         t0 = time.perf_counter()
         ctx = torch.autocast("cpu", dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
         with ctx:
@@ -148,9 +155,29 @@ class Runner:
         self.opt.zero_grad(set_to_none=True)
         v = loss.item()
         dt = time.perf_counter() - t0
+        self.last_foreign = foreign_load(s0, _cpu_snapshot(), dt)
         if self.first_loss is None:
             self.first_loss, self.first_step_s = v, dt
         return dt
+
+
+# --- machine -----------------------------------------------------------------------------------
+def _cpu_snapshot():
+    """(busy CPU seconds of the whole machine, CPU seconds of this process), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    t = os.times()
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+
+def foreign_load(s0, s1, wall: float) -> float | None:
+    """Share of the machine's CPUs that other processes kept busy between two snapshots."""
+    if s0 is None or s1 is None or wall <= 0:
+        return None
+    return max(0.0, (s1[0] - s0[0]) - (s1[1] - s0[1])) / (wall * (os.cpu_count() or 1))
 
 
 # --- peaks --------------------------------------------------------------------------------------
@@ -179,8 +206,14 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
 def main(argv=None):
     a = parse_args(argv)
+    if a.malloc_keep and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        # glibc reads these at start-up only, so start again with them set
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
     threads = a.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     import transformers
@@ -196,16 +229,27 @@ def main(argv=None):
     n_mm = matmul_params(GPT(cfg))
     attn_per_tok = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
     flops_per_tok = 6 * n_mm + attn_per_tok
-    n_steps = a.warmup + a.steps
-    g = torch.Generator().manual_seed(a.seed)
-    data = torch.randint(0, cfg.vocab_size, (n_steps, B, T + 1), generator=g)
+    def warmup_for(cname):
+        return a.warmup if a.warmup is not None else (2 if CONFIGS[cname][1] else 1)
 
+    n_data = max(warmup_for(c) for c in a.configs) + a.steps
+    g = torch.Generator().manual_seed(a.seed)
+    data = torch.randint(0, cfg.vocab_size, (n_data, B, T + 1), generator=g)
+
+    s0, t0 = _cpu_snapshot(), time.perf_counter()
+    time.sleep(0.5)
+    bg = foreign_load(s0, _cpu_snapshot(), time.perf_counter() - t0)
     print(f"torch {torch.__version__} | transformers {transformers.__version__} | {cpu_name()} | "
-          f"torch threads {torch.get_num_threads()} (interop {torch.get_num_interop_threads()})")
+          f"{os.cpu_count()} CPUs | torch threads {torch.get_num_threads()} "
+          f"(interop {torch.get_num_interop_threads()})")
+    print(f"background CPU use before start: {'-' if bg is None else f'{100 * bg:.0f}%'} | malloc: "
+          + (" ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV if k in os.environ) or "glibc defaults"))
     print(f"model: preset {a.preset}, {cfg.arch}, d={cfg.d_model}, layers={cfg.n_layer}, heads={cfg.n_head}"
           f"/{cfg.n_kv_head}, d_ff={cfg.d_ff}, vocab={cfg.vocab_size}, tied={cfg.tie_embeddings}: "
           f"{n_params / 1e6:.2f}M params, {n_mm / 1e6:.2f}M in matmuls")
-    print(f"batch {B}x{T} = {B * T} tokens/step | {a.warmup} warmup + {a.steps} timed steps | "
+    warm = a.warmup if a.warmup is not None else "1 (eager) / 2 (compiled)"
+    print(f"batch {B}x{T} = {B * T} tokens/step | {warm} warmup + {a.steps} timed steps, timed steps "
+          f"alternate between the models; tok/s from the median step | "
           f"{flops_per_tok / 1e6:.1f} MFLOP/token (6N {6 * n_mm / 1e6:.1f} + attention {attn_per_tok / 1e6:.1f})")
 
     peaks = {}
@@ -219,34 +263,42 @@ def main(argv=None):
     if a.explain:
         explain(cfg, init, a.models, data[0, :, :-1].contiguous(), data[0, :, 1:].contiguous())
 
-    results, failures = [], []
+    results, failures, noisy = [], [], []
     print(f"\n{'config':<14} {'model':<10} {'tok/s':>8} {'step s':>7} {'±':>6} {'1st step s':>10} "
-          f"{'GFLOP/s':>8} {'MFU':>6} {'1st loss':>9}")
+          f"{'GFLOP/s':>8} {'MFU':>6} {'1st loss':>9} {'busy':>5}")
     for cname in a.configs:
         amp, compiled = CONFIGS[cname]
         torch._dynamo.reset()
         runners = [Runner(m, cfg, init, amp, compiled, a.lr) for m in a.models]
-        for i in range(n_steps):
+        n_warm = warmup_for(cname)
+        for i in range(n_warm + a.steps):
             x, y = data[i, :, :-1].contiguous(), data[i, :, 1:].contiguous()
             for r in runners if i % 2 == 0 else runners[::-1]:  # alternate who goes first
                 dt = r.step(x, y)
-                if i >= a.warmup:
+                if i >= n_warm:
                     r.times.append(dt)
+                    if r.last_foreign is not None:
+                        r.foreign.append(r.last_foreign)
         peak = peaks.get("bf16" if amp is not None else "fp32")
         for r in runners:
-            tok_s = B * T * len(r.times) / sum(r.times)
+            tok_s = B * T / statistics.median(r.times)
             flops = flops_per_tok * tok_s
             row = {"config": cname, "model": r.name, "tok_per_s": tok_s,
-                   "step_s_mean": statistics.mean(r.times),
+                   "tok_per_s_mean": B * T * len(r.times) / sum(r.times),
+                   "step_s_median": statistics.median(r.times), "step_s_mean": statistics.mean(r.times),
                    "step_s_stdev": statistics.stdev(r.times) if len(r.times) > 1 else 0.0,
                    "step_s": r.times, "first_step_s": r.first_step_s, "first_loss": r.first_loss,
                    "flops_per_s": flops, "mfu": flops / peak if peak else None,
                    "mfu_vs_fp32_peak": flops / peaks["fp32"] if peaks else None,
-                   "mfu_vs_bf16_peak": flops / peaks["bf16"] if peaks else None}
+                   "mfu_vs_bf16_peak": flops / peaks["bf16"] if peaks else None,
+                   "background_cpu_max": max(r.foreign) if r.foreign else None}
             results.append(row)
             mfu = f"{100 * row['mfu']:5.1f}%" if peak else "    -"
-            print(f"{cname:<14} {r.name:<10} {tok_s:8.0f} {row['step_s_mean']:7.3f} {row['step_s_stdev']:6.3f} "
-                  f"{r.first_step_s:10.2f} {flops / 1e9:8.1f} {mfu} {r.first_loss:9.5f}")
+            print(f"{cname:<14} {r.name:<10} {tok_s:8.0f} {row['step_s_median']:7.3f} {row['step_s_stdev']:6.3f} "
+                  f"{r.first_step_s:10.2f} {flops / 1e9:8.1f} {mfu} {r.first_loss:9.5f} "
+                  f"{'%4.0f%%' % (100 * max(r.foreign)) if r.foreign else '    -'}")
+            if r.foreign and max(r.foreign) > 0.1:
+                noisy.append(f"{cname}/{r.name}")
         if len(runners) == 2:
             d = abs(runners[0].first_loss - runners[1].first_loss)
             ok = d <= LOSS_TOL[amp]
@@ -257,6 +309,9 @@ def main(argv=None):
                 failures.append(f"{cname}: first-step losses differ by {d:.3g}")
         del runners
 
+    if noisy:
+        print(f"warning: other processes used over 10% of the CPUs during {', '.join(noisy)} "
+              f"(column 'busy'): those timings are pessimistic; rerun on a quiet machine")
     summary = {}
     best = {}
     for m in a.models:
@@ -275,8 +330,9 @@ def main(argv=None):
 
     if a.json:
         out = {"torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu_name(),
-               "threads": torch.get_num_threads(), "preset": a.preset, "model_config": cfg.__dict__,
-               "batch_size": B, "seq_len": T, "warmup": a.warmup, "steps": a.steps,
+               "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+               "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ}, "preset": a.preset, "model_config": cfg.__dict__,
+               "batch_size": B, "seq_len": T, "warmup": {c: warmup_for(c) for c in a.configs}, "steps": a.steps,
                "params": n_params, "matmul_params": n_mm, "flops_per_token": flops_per_tok,
                "peak_flops": peaks, "results": results,
                "best": {m: {"config": r["config"], "tok_per_s": r["tok_per_s"]} for m, r in best.items()},

@@ -136,6 +136,24 @@ def build_parser() -> Parser:
     g.add_argument("--device", default="auto")
     g.add_argument("--no-stream", action="store_true", help="print only when finished")
 
+    # ngram
+    ng = sub.add_parser("ngram", help="n-gram baseline (interpolated modified Kneser-Ney)", formatter_class=fmt)
+    nsub = ng.add_subparsers(dest="ngram_verb", metavar="ACTION", parser_class=Parser)
+    nsub.required = True
+    nt = nsub.add_parser("train", help="count and smooth an n-gram model over a tokenizer's tokens",
+                         formatter_class=fmt)
+    nt.add_argument("--input", nargs="+", required=True,
+                    help="corpus .jsonl/.txt/.md files or folders, or a `data build` dir (its train.jsonl)")
+    nt.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    nt.add_argument("--order", type=int, default=3)
+    nt.add_argument("--discount", type=float, default=None, help="one fixed discount in (0,1] (plain "
+                    "interpolated KN) instead of modified KN's estimated D1/D2/D3+")
+    nt.add_argument("--out", required=True)
+    ne = nsub.add_parser("eval", help="loss, perplexity and bits-per-byte of an n-gram model", formatter_class=fmt)
+    ne.add_argument("model", help="n-gram model directory")
+    ne.add_argument("--input", nargs="+", required=True,
+                    help="corpus files or folders, or a `data build` dir (its val.jsonl)")
+
     # speedrun
     s = sub.add_parser("speedrun", help="the whole chain on the built-in corpus under a time budget",
                        formatter_class=fmt)
@@ -246,6 +264,15 @@ def cmd_generate(a):
     sys.stdout.write("\n")
 
 
+def cmd_ngram(a):
+    from chatsmith.eval.ngram import eval_command, train_command
+
+    if a.ngram_verb == "train":
+        print(json.dumps(train_command(a.input, a.tokenizer, a.order, a.out, discount=a.discount), indent=2))
+    else:
+        print(json.dumps(eval_command(a.model, a.input), indent=2))
+
+
 def cmd_speedrun(a):
     from chatsmith.speedrun import run
 
@@ -263,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             "sft": lambda: cmd_sft(a),
             "chat": lambda: cmd_chat(a),
             "speedrun": lambda: cmd_speedrun(a),
+            "ngram": lambda: cmd_ngram(a),
         }[a.verb]
         handler()
         return 0

@@ -12,6 +12,7 @@ Each stage that already finished is skipped, so `--resume` continues an interrup
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,12 +24,45 @@ SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach"
                   "床前明月光"]
 RESERVE_S = 30  # left at the end for the samples and the summary
 PRETRAIN_SHARE = 0.6  # of the training time; the rest goes to SFT and its held-out evaluation
+BASELINE_S = 30  # 3-gram counting from the shards + scoring the whole val split twice
 SFT_EVAL_S = 45  # held-out generation before and after SFT (measured ~20-40 s for tiny on 2 cores)
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
 
 
 def banner(text: str):
     print(f"\n=== {text} ===", file=sys.stderr, flush=True)
+
+
+def shard_documents(path: Path, bos_id: int, dtype: str):
+    """Documents back out of a token shard: it is <|bos|> + tokens, document after document."""
+    import numpy as np
+
+    data = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    starts = np.flatnonzero(data == bos_id).tolist() + [len(data)]
+    for a, b in zip(starts[:-1], starts[1:]):
+        yield data[a + 1:b].tolist()
+
+
+def compare_with_ngram(base: Path, corpus: Path, order: int = 3) -> dict:
+    """Val bits-per-byte of the base model next to a Kneser-Ney n-gram over the same tokenizer."""
+    from chatsmith.checkpoint import load_model
+    from chatsmith.eval.lm import score_documents
+    from chatsmith.eval.ngram import NGramLM
+    from chatsmith.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(base)
+    meta = json.loads((base / "data" / "meta.json").read_text())
+    ngram = NGramLM.train(shard_documents(base / "data" / "train.bin", tok.bos_id, meta["dtype"]), order,
+                          tok.vocab_size, tok.bos_id)
+    texts = [json.loads(line)["text"] for line in open(corpus / "val.jsonl", encoding="utf-8")]
+    nats, n_tok = ngram.score_docs([tok.encode(t) for t in texts])
+    n_bytes = sum(len(t.encode()) for t in texts)
+    neural = score_documents(load_model(base), tok, texts)
+    res = {"neural_val_bpb": neural["bits_per_byte"], f"ngram{order}_val_bpb": nats / (math.log(2) * n_bytes),
+           "val_tokens": n_tok, "val_bytes": n_bytes}
+    print(f"val bits-per-byte on all {len(texts)} val documents: neural {res['neural_val_bpb']:.3f}, "
+          f"{order}-gram Kneser-Ney {res[f'ngram{order}_val_bpb']:.3f}", file=sys.stderr)
+    return res
 
 
 def run(a) -> dict:
@@ -72,7 +106,7 @@ def run(a) -> dict:
     banner("3/5 pretrain")
     from chatsmith.train import pretrain, sft
 
-    left = budget - (time.time() - t0) - RESERVE_S - SFT_EVAL_S
+    left = budget - (time.time() - t0) - RESERVE_S - SFT_EVAL_S - BASELINE_S
     if left < 60:
         raise UserError(f"--minutes {a.minutes:g} leaves {left:.0f}s for training; give at least "
                         f"{(budget - left + 60) / 60:.1f} minutes")
@@ -86,6 +120,11 @@ def run(a) -> dict:
     t = time.time()
     summary = pretrain.run(cfg, inputs=[str(corpus)], tokenizer=str(tok_dir))
     stages["pretrain"] = {"seconds": round(time.time() - t, 1), **summary}
+
+    # the classical baseline on the same tokens, and both scored on the whole val split
+    t = time.time()
+    stages["baseline"] = compare_with_ngram(base, corpus, order=3)
+    stages["baseline"]["seconds"] = round(time.time() - t, 1)
 
     banner("4/5 sft")
     sft_dir = run_dir / "sft"
@@ -123,12 +162,18 @@ def run(a) -> dict:
         + "".join(f"you> {c['user']}\nbot> {c['assistant']}\n" for c in conversation))
 
     result = {"minutes_budget": a.minutes, "seconds": round(time.time() - t0, 1), "stages": stages,
-              "val_bpb": summary.get("val_bpb"), "sft_eval": sft_summary.get("eval"), "samples": samples,
+              "val_bpb": stages["baseline"]["neural_val_bpb"], "baseline": stages["baseline"], "sft_eval": sft_summary.get("eval"), "samples": samples,
               "conversation": conversation}
     (run_dir / "speedrun.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    b = stages["baseline"]
     print(f"\nspeedrun finished in {result['seconds'] / 60:.1f} min: val bits-per-byte "
-          f"{summary.get('val_bpb', float('nan')):.3f} after {summary['steps']} steps "
-          f"({summary['tokens'] / 1e6:.1f}M tokens)")
+          f"{b['neural_val_bpb']:.3f} (3-gram Kneser-Ney baseline: {b['ngram3_val_bpb']:.3f}) after "
+          f"{summary['steps']} pretraining steps ({summary['tokens'] / 1e6:.1f}M tokens)")
+    ev = sft_summary.get("eval") or {}
+    if ev.get("sft"):
+        em = ", ".join(f"{k} {v:.0%}" for k, v in ev["sft"]["exact_match"].items())
+        print(f"chat model, held-out: assistant loss {ev['base']['assistant_loss']:.2f} -> "
+              f"{ev['sft']['assistant_loss']:.2f}, replies ended {ev['sft']['ended_share']:.0%}, exact match: {em}")
     print(f"base model: {base}\nsample it:  chatsmith generate {base} --prompt \"Once upon a time\"")
     print(f"chat model: {sft_dir}\nchat with it: chatsmith chat {sft_dir}")
     return result
