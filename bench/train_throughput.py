@@ -10,16 +10,25 @@ step -- on the same random tokens, in up to four configurations:
     fp32-compiled  torch.compile(model), fp32
     bf16-compiled  torch.compile(model), bf16 autocast
 
-Timed steps alternate between the two models, so slow drift of the machine hits both alike.
-Reported: tokens/s per model and configuration, the ratio of chatsmith's best configuration to the
-reference's best, and MFU = (6*N + 12*L*d*T) * tokens/s against matmul peaks measured in the same
-run with large square matmuls (N = parameters that take part in matmuls, lm_head included, the
-embedding lookup not; 12*L*d*T is the attention score/value FLOPs per token, PaLM's convention,
-counted as if not causal).
+The reference runs as transformers recommends for training: SDPA attention, use_cache=False,
+its own loss (`labels=`, with `shift_labels=` carrying the same already-shifted targets chatsmith
+gets). Before timing, the two models' first-step losses must agree (1e-4 fp32, 3e-2 bf16).
+
+Timed steps alternate between the two models, so drift of the machine hits both alike, and tok/s
+comes from the median step. The 'busy' column is the largest share of the CPUs that *other*
+processes used during a timed step: above ~10% the numbers are pessimistic and a warning is
+printed. Reported: tokens/s per model and configuration, the ratio of chatsmith's best
+configuration to the reference's best, and MFU = (6*N + 12*L*d*T) * tokens/s against matmul peaks
+measured in the same run with square matmuls (N = parameters that take part in matmuls, lm_head
+included, the embedding lookup not; 12*L*d*T is the attention score/value FLOPs per token, PaLM's
+convention, counted as if not causal). Each configuration's MFU is against the peak of its matmul
+dtype; on a CPU without native bf16 the bf16 "peak" is an emulated rate that bf16 runs sit at.
 
     python bench/train_throughput.py                       # tiny preset, 16x256, all four configs
     python bench/train_throughput.py --configs fp32,fp32-compiled --steps 10 --json out.json
     python bench/train_throughput.py --profile fp32        # op table for a couple of eager steps
+    python bench/train_throughput.py --malloc-keep         # glibc keeps freed memory (see --help)
+    python bench/train_throughput.py --device cuda --configs fp32,bf16-compiled
 """
 
 from __future__ import annotations
@@ -35,7 +44,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,10 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=4, help="timed steps per model and config")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of chatsmith, reference")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, mps")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmuls timing the peaks")
+    p.add_argument("--peak-sizes", default="1024,2048",
+                   help="comma list of n: the peaks are the best n x n matmul rate over these sizes")
     p.add_argument("--no-peaks", action="store_true", help="skip the matmul peaks (no MFU)")
     p.add_argument("--explain", action="store_true",
                    help="report torch._dynamo.explain graph/graph-break counts for each model")
@@ -107,13 +117,13 @@ def build_reference(cfg, state_dict):
     return model
 
 
-def build(name, cfg, state_dict):
+def build(name, cfg, state_dict, device="cpu"):
     if name == "chatsmith":
         model = GPT(cfg)
         model.load_state_dict(state_dict)
     else:
         model = build_reference(cfg, state_dict)
-    return model.train()
+    return model.to(device).train()
 
 
 def loss_fn(name):
@@ -132,9 +142,9 @@ def matmul_params(model) -> int:
 class Runner:
     """One model in one configuration: its own weights (a fresh copy), optimizer and step function."""
 
-    def __init__(self, name, cfg, state_dict, amp, compiled, lr):
-        self.name, self.amp = name, amp
-        self.model = build(name, cfg, state_dict)
+    def __init__(self, name, cfg, state_dict, amp, compiled, lr, device):
+        self.name, self.amp, self.device = name, amp, torch.device(device)
+        self.model = build(name, cfg, state_dict, device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.1, fused=True)
         self.fwd = torch.compile(self.model) if compiled else self.model
         self.loss = loss_fn(name)
@@ -147,13 +157,15 @@ class Runner:
     def step(self, x, y) -> float:
         s0 = _cpu_snapshot()
         t0 = time.perf_counter()
-        ctx = torch.autocast("cpu", dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+        ctx = (torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None
+               else contextlib.nullcontext())
         with ctx:
             loss = self.loss(self.fwd, x, y)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         v = loss.item()
+        _sync(self.device)
         dt = time.perf_counter() - t0
         self.last_foreign = foreign_load(s0, _cpu_snapshot(), dt)
         if self.first_loss is None:
@@ -181,16 +193,26 @@ def foreign_load(s0, s1, wall: float) -> float | None:
 
 
 # --- peaks --------------------------------------------------------------------------------------
-def matmul_peak(n: int, dtype, reps: int) -> float:
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def matmul_peak(n: int, dtype, reps: int, device) -> float:
     """Best-of-reps FLOP/s of an (n x n) @ (n x n) matmul."""
+    device = torch.device(device)
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=g).to(dtype)
-    b = torch.randn(n, n, generator=g).to(dtype)
+    a = torch.randn(n, n, generator=g).to(device, dtype)
+    b = torch.randn(n, n, generator=g).to(device, dtype)
     torch.mm(a, b)
+    _sync(device)
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
@@ -223,23 +245,31 @@ def main(argv=None):
     if T > cfg.max_seq_len:
         raise SystemExit(f"--seq-len {T} exceeds the preset's context of {cfg.max_seq_len}")
     B = a.batch_size
+    if cfg.arch != "llama" and "reference" in a.models:
+        raise SystemExit(f"the reference is LlamaForCausalLM; preset {a.preset} is {cfg.arch}-shaped "
+                         f"(run it with --models chatsmith)")
     torch.manual_seed(a.seed)
-    init = {k: v.clone() for k, v in GPT(cfg).state_dict().items()}
-    n_params = sum(p.numel() for p in GPT(cfg).parameters())
-    n_mm = matmul_params(GPT(cfg))
+    base = GPT(cfg)
+    init = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    n_params = sum(p.numel() for p in base.parameters())
+    n_mm = matmul_params(base)
+    del base
     attn_per_tok = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
     flops_per_tok = 6 * n_mm + attn_per_tok
+
     def warmup_for(cname):
         return a.warmup if a.warmup is not None else (2 if CONFIGS[cname][1] else 1)
 
     n_data = max(warmup_for(c) for c in a.configs) + a.steps
     g = torch.Generator().manual_seed(a.seed)
-    data = torch.randint(0, cfg.vocab_size, (n_data, B, T + 1), generator=g)
+    data = torch.randint(0, cfg.vocab_size, (n_data, B, T + 1), generator=g).to(a.device)
 
     s0, t0 = _cpu_snapshot(), time.perf_counter()
     time.sleep(0.5)
     bg = foreign_load(s0, _cpu_snapshot(), time.perf_counter() - t0)
-    print(f"torch {torch.__version__} | transformers {transformers.__version__} | {cpu_name()} | "
+    dev_name = cpu_name() if torch.device(a.device).type == "cpu" else (
+        torch.cuda.get_device_name(a.device) if torch.device(a.device).type == "cuda" else a.device)
+    print(f"torch {torch.__version__} | transformers {transformers.__version__} | {dev_name} | "
           f"{os.cpu_count()} CPUs | torch threads {torch.get_num_threads()} "
           f"(interop {torch.get_num_interop_threads()})")
     print(f"background CPU use before start: {'-' if bg is None else f'{100 * bg:.0f}%'} | malloc: "
@@ -248,28 +278,30 @@ def main(argv=None):
           f"/{cfg.n_kv_head}, d_ff={cfg.d_ff}, vocab={cfg.vocab_size}, tied={cfg.tie_embeddings}: "
           f"{n_params / 1e6:.2f}M params, {n_mm / 1e6:.2f}M in matmuls")
     warm = a.warmup if a.warmup is not None else "1 (eager) / 2 (compiled)"
-    print(f"batch {B}x{T} = {B * T} tokens/step | {warm} warmup + {a.steps} timed steps, timed steps "
-          f"alternate between the models; tok/s from the median step | "
-          f"{flops_per_tok / 1e6:.1f} MFLOP/token (6N {6 * n_mm / 1e6:.1f} + attention {attn_per_tok / 1e6:.1f})")
+    print(f"batch {B}x{T} = {B * T} tokens/step | {flops_per_tok / 1e6:.1f} MFLOP/token "
+          f"(6N {6 * n_mm / 1e6:.1f} + attention {attn_per_tok / 1e6:.1f}) | {warm} warmup + {a.steps} "
+          f"timed steps per model and config,\ntimed steps alternate between the models; tok/s from the "
+          f"median step; '1st step' includes compilation; 'busy': other processes' peak CPU share")
 
     peaks = {}
     if not a.no_peaks:
         t0 = time.perf_counter()
-        peaks["fp32"] = matmul_peak(a.peak_size, torch.float32, 4)
-        peaks["bf16"] = matmul_peak(a.peak_size, torch.bfloat16, 2)
-        print(f"matmul peaks ({a.peak_size}^2, {time.perf_counter() - t0:.1f}s): "
+        sizes = [int(n) for n in a.peak_sizes.split(",") if n.strip()]
+        peaks["fp32"] = max(matmul_peak(n, torch.float32, 4, a.device) for n in sizes)
+        peaks["bf16"] = max(matmul_peak(n, torch.bfloat16, 3, a.device) for n in sizes)
+        print(f"matmul peaks (best of n x n, n in {sizes}; {time.perf_counter() - t0:.1f}s): "
               f"fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s | bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
 
     if a.explain:
-        explain(cfg, init, a.models, data[0, :, :-1].contiguous(), data[0, :, 1:].contiguous())
+        explain(cfg, init, a.models, data[0, :, :-1].contiguous(), data[0, :, 1:].contiguous(), a.device)
 
     results, failures, noisy = [], [], []
-    print(f"\n{'config':<14} {'model':<10} {'tok/s':>8} {'step s':>7} {'±':>6} {'1st step s':>10} "
+    print(f"\n{'config':<14} {'model':<10} {'tok/s':>8} {'step s':>7} {'±':>6} {'1st step':>9} "
           f"{'GFLOP/s':>8} {'MFU':>6} {'1st loss':>9} {'busy':>5}")
     for cname in a.configs:
         amp, compiled = CONFIGS[cname]
         torch._dynamo.reset()
-        runners = [Runner(m, cfg, init, amp, compiled, a.lr) for m in a.models]
+        runners = [Runner(m, cfg, init, amp, compiled, a.lr, a.device) for m in a.models]
         n_warm = warmup_for(cname)
         for i in range(n_warm + a.steps):
             x, y = data[i, :, :-1].contiguous(), data[i, :, 1:].contiguous()
@@ -294,17 +326,19 @@ def main(argv=None):
                    "background_cpu_max": max(r.foreign) if r.foreign else None}
             results.append(row)
             mfu = f"{100 * row['mfu']:5.1f}%" if peak else "    -"
-            print(f"{cname:<14} {r.name:<10} {tok_s:8.0f} {row['step_s_median']:7.3f} {row['step_s_stdev']:6.3f} "
-                  f"{r.first_step_s:10.2f} {flops / 1e9:8.1f} {mfu} {r.first_loss:9.5f} "
+            print(f"{cname:<14} {r.name:<10} {tok_s:8.0f} {row['step_s_median']:7.3f} "
+                  f"{row['step_s_stdev']:6.3f} {r.first_step_s:8.2f}s {flops / 1e9:8.1f} {mfu} "
+                  f"{r.first_loss:9.5f} "
                   f"{'%4.0f%%' % (100 * max(r.foreign)) if r.foreign else '    -'}")
             if r.foreign and max(r.foreign) > 0.1:
                 noisy.append(f"{cname}/{r.name}")
         if len(runners) == 2:
             d = abs(runners[0].first_loss - runners[1].first_loss)
             ok = d <= LOSS_TOL[amp]
+            tps = {row["model"]: row["tok_per_s"] for row in results[-2:]}
             print(f"{'':<14} first-step loss |diff| {d:.2e} (tolerance {LOSS_TOL[amp]:g}): "
                   f"{'ok' if ok else 'MISMATCH'}; chatsmith/reference "
-                  f"{results[-2]['tok_per_s'] / results[-1]['tok_per_s']:.2f}x")
+                  f"{tps['chatsmith'] / tps['reference']:.2f}x")
             if not ok:
                 failures.append(f"{cname}: first-step losses differ by {d:.3g}")
         del runners
@@ -330,9 +364,11 @@ def main(argv=None):
 
     if a.json:
         out = {"torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu_name(),
-               "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-               "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ}, "preset": a.preset, "model_config": cfg.__dict__,
-               "batch_size": B, "seq_len": T, "warmup": {c: warmup_for(c) for c in a.configs}, "steps": a.steps,
+               "device": a.device, "device_name": dev_name, "threads": torch.get_num_threads(),
+               "cpus": os.cpu_count(),
+               "malloc_env": {k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
+               "preset": a.preset, "model_config": cfg.__dict__, "batch_size": B, "seq_len": T,
+               "warmup": {c: warmup_for(c) for c in a.configs}, "steps": a.steps,
                "params": n_params, "matmul_params": n_mm, "flops_per_token": flops_per_tok,
                "peak_flops": peaks, "results": results,
                "best": {m: {"config": r["config"], "tok_per_s": r["tok_per_s"]} for m, r in best.items()},
@@ -342,16 +378,16 @@ def main(argv=None):
         print(f"wrote {a.json}")
 
     if a.profile:
-        profile(cfg, init, a.models, a.profile, data, a.lr)
+        profile(cfg, init, a.models, a.profile, data, a.lr, a.device)
 
     if failures:
         raise SystemExit("sanity check failed: " + "; ".join(failures))
 
 
-def explain(cfg, init, models, x, y):
+def explain(cfg, init, models, x, y, device):
     """Dynamo graph count and graph breaks of one training forward (with loss) per model."""
     for m in models:
-        model = build(m, cfg, init)
+        model = build(m, cfg, init, device)
         f = loss_fn(m)
         torch._dynamo.reset()
         e = torch._dynamo.explain(lambda x, y: f(model, x, y))(x, y)
@@ -361,13 +397,13 @@ def explain(cfg, init, models, x, y):
     torch._dynamo.reset()
 
 
-def profile(cfg, init, models, cname, data, lr):
+def profile(cfg, init, models, cname, data, lr, device):
     from torch.profiler import ProfilerActivity, profile as tprofile
 
     amp, compiled = CONFIGS[cname]
     torch._dynamo.reset()
     for m in models:
-        r = Runner(m, cfg, init, amp, compiled, lr)
+        r = Runner(m, cfg, init, amp, compiled, lr, device)
         r.step(data[0, :, :-1].contiguous(), data[0, :, 1:].contiguous())  # warm (and compile)
         with tprofile(activities=[ProfilerActivity.CPU]) as prof:
             for i in (1, 2):
