@@ -127,6 +127,17 @@ def build_parser() -> Parser:
     ch.add_argument("--seed", type=int, default=None)
     ch.add_argument("--device", default="auto")
 
+    # serve
+    sv = sub.add_parser("serve", help="OpenAI-compatible API server", formatter_class=fmt)
+    sv.add_argument("model", help="model directory")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=os.environ.get("CHATSMITH_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $CHATSMITH_API_KEY, else no key)")
+    sv.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
+    sv.add_argument("--device", default="cpu")
+
     # generate
     g = sub.add_parser("generate", help="sample from a model", formatter_class=fmt)
     g.add_argument("model", help="model directory")
@@ -157,7 +168,7 @@ def build_parser() -> Parser:
     # speedrun
     s = sub.add_parser("speedrun", help="the whole chain on the built-in corpus under a time budget",
                        formatter_class=fmt)
-    s.add_argument("--minutes", type=float, default=10.0, help="total time budget in minutes")
+    s.add_argument("--minutes", type=float, default=15.0, help="total time budget in minutes")
     s.add_argument("--out", default="runs/speedrun")
     s.add_argument("--preset", default="tiny")
     s.add_argument("--vocab-size", type=int, default=8192)
@@ -273,6 +284,13 @@ def cmd_ngram(a):
         print(json.dumps(eval_command(a.model, a.input), indent=2))
 
 
+def cmd_serve(a):
+    from chatsmith.serve.app import serve
+    from chatsmith.train.trainer import resolve_device
+
+    serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device))
+
+
 def cmd_speedrun(a):
     from chatsmith.speedrun import run
 
@@ -291,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             "chat": lambda: cmd_chat(a),
             "speedrun": lambda: cmd_speedrun(a),
             "ngram": lambda: cmd_ngram(a),
+            "serve": lambda: cmd_serve(a),
         }[a.verb]
         handler()
         return 0

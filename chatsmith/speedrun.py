@@ -113,7 +113,7 @@ def run(a) -> dict:
     base = run_dir / "base"
     # the budget covers tokenising the corpus too: shards take a few seconds, estimated at 15
     pre_s = left * PRETRAIN_SHARE
-    cfg = TrainConfig(out=str(base), preset=a.preset, max_minutes=(pre_s - 15) / 60, batch_size=16,
+    cfg = TrainConfig(out=str(base), preset=a.preset, max_minutes=(pre_s - 15) / 60, batch_size=8,
                       lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=10, save_every=100,
                       log_every=10, device=a.device, dtype=a.dtype,
                       resume=a.resume and (base / "checkpoints").exists())
