@@ -147,6 +147,28 @@ def build_parser() -> Parser:
     g.add_argument("--device", default="auto")
     g.add_argument("--no-stream", action="store_true", help="print only when finished")
 
+    # eval
+    ev = sub.add_parser("eval", help="evaluate a model on tasks: LM metrics, exact match, BLEU/chrF, multiple choice",
+                        formatter_class=fmt)
+    ev.add_argument("model", help="model directory")
+    ev.add_argument("--tasks", nargs="+", required=True, metavar="NAME",
+                    help="lm:PATH, arithmetic, word_problem, quiz, or PATH.jsonl task files")
+    ev.add_argument("--mode", choices=["zero-shot", "k-shot", "cot"], default="zero-shot", help="prompting strategy")
+    ev.add_argument("--k", type=int, default=3, help="examples per prompt in k-shot mode")
+    ev.add_argument("--limit", type=int, default=None, help="first N items (documents for lm:) per task")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--seed", type=int, default=0, help="seeds the k-shot example draws")
+    ev.add_argument("--out", default=None, help="folder for metrics.json (default: MODEL/eval)")
+    ev.add_argument("--pool", default=None, help="example pool for k-shot on task files (default: NAME.pool.jsonl)")
+    ev.add_argument("--heldout", default=None, help="held-out dialogues for the built-in tasks (default: "
+                    "data/chat/heldout.jsonl; k-shot draws from train.jsonl beside it)")
+    ev.add_argument("--templates", default=None, help="folder of edited prompt templates (copy chatsmith/eval/prompts)")
+    grp = ev.add_mutually_exclusive_group()
+    grp.add_argument("--no-chat", dest="chat", action="store_false", default=None,
+                     help="plain 'Question: ... Answer:' prompts even for a chat model")
+    grp.add_argument("--chat", dest="chat", action="store_true", help="force the chat template")
+    ev.add_argument("--device", default="auto")
+
     # ngram
     ng = sub.add_parser("ngram", help="n-gram baseline (interpolated modified Kneser-Ney)", formatter_class=fmt)
     nsub = ng.add_subparsers(dest="ngram_verb", metavar="ACTION", parser_class=Parser)
@@ -275,6 +297,13 @@ def cmd_generate(a):
     sys.stdout.write("\n")
 
 
+def cmd_eval(a):
+    from chatsmith.eval.tasks import run_eval
+
+    run_eval(a.model, a.tasks, out=a.out, mode=a.mode, k=a.k, limit=a.limit, max_new_tokens=a.max_new_tokens,
+             seed=a.seed, templates_dir=a.templates, pool=a.pool, heldout=a.heldout, chat=a.chat, device=a.device)
+
+
 def cmd_ngram(a):
     from chatsmith.eval.ngram import eval_command, train_command
 
@@ -309,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             "chat": lambda: cmd_chat(a),
             "speedrun": lambda: cmd_speedrun(a),
             "ngram": lambda: cmd_ngram(a),
+            "eval": lambda: cmd_eval(a),
             "serve": lambda: cmd_serve(a),
         }[a.verb]
         handler()

@@ -1,0 +1,333 @@
+"""`chatsmith.eval.tasks`: task files, prompting modes, scoring, metrics.json.
+
+Generations are forced (Engine.generate_many patched) where a test checks scoring, so the numbers
+do not depend on what a 60-step micro model happens to say; one test runs real generation."""
+
+import json
+import math
+import shutil
+
+import pytest
+import sacrebleu
+import torch
+import torch.nn as nn
+
+from chatsmith.checkpoint import load_model
+from chatsmith.engine import Completion, Engine
+from chatsmith.errors import UserError
+from chatsmith.eval import tasks as T
+from chatsmith.eval.lm import score_documents
+from chatsmith.tokenizer import Tokenizer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(base_model, tmp_path_factory):
+    """A private copy of the micro base model (run_eval writes MODEL_DIR/eval by default)."""
+    d = tmp_path_factory.mktemp("evalmodel") / "model"
+    shutil.copytree(base_model, d, ignore=shutil.ignore_patterns("checkpoints", "data"))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return Tokenizer.load(model_dir)
+
+
+@pytest.fixture
+def forced(monkeypatch, tok):
+    """Patch generation: `forced.reply(prompt_text) -> str` decides each reply; the prompts and
+    sampling params seen are recorded."""
+    class Forced:
+        prompts, params = [], []
+
+        @staticmethod
+        def reply(text):
+            return ""
+
+    def fake(self, prompts, p, max_batch=32):
+        Forced.params.append(p)
+        out = []
+        for ids in prompts:
+            Forced.prompts.append(ids)
+            text = Forced.reply(tok.decode(ids))
+            out.append(Completion(tok.encode(text), text, "stop"))
+        return out
+
+    monkeypatch.setattr(Engine, "generate_many", fake)
+    return Forced
+
+
+# --------------------------------------------------------------------------- scoring pieces
+
+def test_reference_scores_are_sacrebleus():
+    hyps = ["the cat sat on the mat", "a dog barked loudly", "hello world", ""]
+    refs = [["the cat sat on the mat"], ["the dog barked", "a dog was barking loudly"],
+            ["hello there world"], ["nothing"]]
+    got = T.score_references(hyps, refs)
+    streams = [[r[0] for r in refs], [r[1] if len(r) > 1 else None for r in refs]]
+    assert got["bleu"] == sacrebleu.corpus_bleu(hyps, streams).score
+    assert got["chrf"] == sacrebleu.corpus_chrf(hyps, streams).score
+    one = T.score_references(hyps[:1] + hyps[2:3], [refs[0], refs[2]])
+    assert one["bleu"] == sacrebleu.corpus_bleu([hyps[0], hyps[2]], [[refs[0][0], refs[2][0]]]).score
+
+
+class BigramStub(nn.Module):
+    """A model whose next-token logits are a fixed function of the current token."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = nn.Parameter(torch.tensor(table, dtype=torch.float32))
+        self.cfg = type("Cfg", (), {"max_seq_len": 8})()
+
+    def forward(self, x):
+        return self.table[x]
+
+
+def test_choice_log_likelihood_by_hand():
+    table = [[0.0, 1.0, 2.0, 0.5], [3.0, 0.0, 0.0, 1.0], [0.0, 2.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]
+    model = BigramStub(table)
+    lp = [[v - math.log(sum(math.exp(u) for u in row)) for v in row] for row in table]
+    ctx = [3, 0]
+    pairs = [(ctx, [2]), (ctx, [1, 0]), (ctx, [3, 3, 3])]
+    got, truncated = T.continuation_logprobs(model, pairs, pad_id=0, batch_size=2)
+    want = [lp[0][2], lp[0][1] + lp[1][0], lp[0][3] + lp[3][3] + lp[3][3]]
+    assert truncated == 0
+    assert got == pytest.approx(want, abs=1e-6)
+    # the highest log-likelihood wins; the per-byte variant can prefer a longer choice
+    item = T.Item("t:1", [{"role": "user", "content": "q"}], "choice", choices=["x", "yy", "zzzzzz"], label=2)
+    picked = T.pick_choices([item], [got])
+    assert picked["picks"][0][0] == max(range(3), key=lambda j: got[j])
+    sums = [-2.0, -1.5, -3.0]
+    picked = T.pick_choices([item], [sums])
+    assert picked["picks"] == [(1, 2)] and picked["accuracy"] == 0 and picked["accuracy_norm"] == 1
+    # a context longer than the window is cut from the left, the choice kept whole
+    long_ctx = [1, 2, 3, 0, 1, 2, 3, 0, 1, 2]
+    (lp_long,), truncated = T.continuation_logprobs(model, [(long_ctx, [1, 0])])
+    assert truncated == 1 and lp_long == pytest.approx(lp[2][1] + lp[1][0], abs=1e-6)
+
+
+def test_cot_answer_is_read_from_the_last_line():
+    assert T.extract_cot_answer("37 + 48 = 85.\nThe answer is 85.\n") == "85"
+    assert T.extract_cot_answer("Paris is in France.\n\nThe answer is Paris.  \n\n") == "Paris"
+    assert T.extract_cot_answer("The answer is 4.\nActually, 5") == "Actually, 5"
+    assert T.extract_cot_answer("Final answer: 3.5") == "3.5"
+    assert T.extract_cot_answer("   \n") == ""
+
+
+def test_k_shot_draws_are_deterministic_and_never_evaluated_items():
+    def item(i):
+        return T.Item(f"f:{i}", [{"role": "user", "content": f"question number {i}?"}], "exact_match",
+                      answers=[str(i)])
+
+    evaluated = [item(i) for i in range(5)]
+    pool = [item(i) for i in range(30)]  # the pool holds the evaluated questions too
+    keys = {it.key for it in evaluated}
+    draws = [T.draw_examples(it, pool, 3, seed=7, exclude=keys) for it in evaluated]
+    for d in draws:
+        assert len(d) == 3 and not {e.key for e in d} & keys
+    assert draws == [T.draw_examples(it, pool, 3, seed=7, exclude=keys) for it in evaluated]
+    assert draws != [T.draw_examples(it, pool, 3, seed=8, exclude=keys) for it in evaluated]
+    # an item's draw does not depend on the other evaluated items (--limit)
+    assert T.draw_examples(evaluated[0], pool, 3, 7, keys) == draws[0]
+    assert T.draw_examples(evaluated[0], pool[:6], 3, 7, keys) == [pool[5]]
+
+
+# --------------------------------------------------------------------------- task files
+
+@pytest.mark.parametrize("line,msg", [
+    ('{"prompt": "q"}', 'exactly one kind of target'),
+    ('{"answer": "a"}', '"prompt"'),
+    ('{"prompt": 3, "answer": "a"}', '"prompt" must be a non-empty string'),
+    ('{"prompt": "q", "answers": "a"}', '"answers" must be a list'),
+    ('{"prompt": "q", "choices": ["a", "b"]}', '"label"'),
+    ('{"prompt": "q", "choices": ["a", "b"], "label": 2}', 'there are 2 choices'),
+    ('{"prompt": "q", "choices": ["a"], "label": 0}', 'at least two'),
+    ('{"prompt": "q", "reference": [1]}', '"reference" must be a string'),
+    ('{"prompt": "q", "answer": "a", "reference": "r"}', 'exactly one kind'),
+    ('{"messages": [{"role": "assistant", "content": "x"}], "answer": "a"}', "user's question"),
+    ('{"prompt": "q", "answer": "a"', 'not valid JSON'),
+    ('["q", "a"]', 'not a JSON object'),
+    ('{"prompt": "q", "choices": ["a", "b"], "label": 0}', 'put each kind of task in its own file'),
+])
+def test_bad_task_files_name_file_and_line(tmp_path, line, msg):
+    f = write_jsonl(tmp_path / "t.jsonl", ['{"prompt": "ok", "answer": "fine"}', "", line])
+    with pytest.raises(UserError) as e:
+        T.run_eval(tmp_path / "no-model", [str(f)], out=tmp_path, quiet=True)
+    assert f"{f}:3:" in str(e.value) and msg in str(e.value)
+
+
+def test_empty_task_file_unknown_task_and_missing_pool(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(UserError, match="empty"):
+        T.run_eval(tmp_path, [str(empty)], quiet=True)
+    with pytest.raises(UserError) as e:
+        T.run_eval(tmp_path, ["nonsense"], quiet=True)
+    for form in ("lm:PATH", "arithmetic", "word_problem", "quiz", "PATH.jsonl"):
+        assert form in str(e.value)
+    f = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "q", "answer": "a"}])
+    with pytest.raises(UserError, match="qa.pool.jsonl"):
+        T.run_eval(tmp_path, [str(f)], mode="k-shot", quiet=True)
+    with pytest.raises(UserError, match="mode"):
+        T.run_eval(tmp_path, [str(f)], mode="five-shot", quiet=True)
+
+
+def test_templates_parse_and_override(tmp_path):
+    for mode in T.MODES:
+        t = T.load_template(mode)
+        assert "{question}" in t.chat and "{question}" in t.plain
+    assert T.load_template("k-shot").uses_examples and not T.load_template("cot").uses_examples
+    t = T.parse_template("# a comment\nQ: {question}\nA:\n")
+    assert t.chat == t.plain == "Q: {question}\nA:"
+    with pytest.raises(UserError, match="unknown placeholder"):
+        T.parse_template("[plain]\n{questoin}\n")
+    with pytest.raises(UserError, match="no such template"):
+        T.load_template("cot", tmp_path)
+
+
+# --------------------------------------------------------------------------- run_eval
+
+def test_exact_match_with_alternatives_and_metrics_json(model_dir, forced):
+    rows = [{"prompt": "Which river flows through Cairo?", "answers": ["Nile", "the Nile river"]},
+            {"prompt": "What is 37 + 48?", "answer": 85, "family": "arithmetic"},
+            {"prompt": "Capital of Peru?", "answer": "Lima"},
+            {"prompt": "Brace {question} test?", "answer": "yes"}]
+    f = write_jsonl(model_dir / "qa.jsonl", rows)
+    replies = {"Cairo": " The Nile river.", "37 + 48": " 37 + 48 = 85. The answer is 85.",
+               "Peru": " Quito", "Brace": " yes"}
+    forced.reply = lambda text: next(v for k, v in replies.items() if k in text)
+    m = T.run_eval(model_dir, [str(f)], quiet=True)
+    r = m["tasks"][str(f)]
+    assert r["kind"] == "exact_match" and r["n"] == 4 and r["correct"] == 3 and r["accuracy"] == 0.75
+    assert [s["correct"] for s in r["samples"]] == [True, True, False]
+    assert forced.params[-1].stop == ["\n"] and forced.params[-1].temperature == 0
+    # a base model gets the plain template; braces in a question are not placeholders
+    assert forced.prompts[0] == [*Tokenizer.load(model_dir).encode(
+        "Question: Which river flows through Cairo?\nAnswer:", bos=True)]
+    assert r["samples"][0]["prompt"] == "Question: Which river flows through Cairo?\nAnswer:"
+    assert forced.prompts[3] == Tokenizer.load(model_dir).encode("Question: Brace {question} test?\nAnswer:", bos=True)
+    saved = json.loads((model_dir / "eval" / "metrics.json").read_text())
+    assert saved["mode"] == "zero-shot" and saved["seed"] == 0 and saved["k"] == 0 and saved["chat"] is False
+    assert saved["template"]["path"].endswith("zero-shot.txt") and saved["tasks"][str(f)]["n"] == 4
+    assert m["limit"] is None
+    assert T.run_eval(model_dir, [str(f)], limit=2, out=model_dir / "e2", quiet=True)["tasks"][str(f)]["n"] == 2
+
+
+def test_reference_task_reports_sacrebleu_on_the_generations(model_dir, forced, tmp_path):
+    rows = [{"prompt": "Translate: le chat", "reference": "the cat"},
+            {"prompt": "Translate: le chien noir", "reference": ["the black dog", "a black dog"]},
+            {"prompt": "Translate: bonjour", "reference": "hello"}]
+    f = write_jsonl(tmp_path / "mt.jsonl", rows)
+    out = {"chat": " the cat", "chien": " black dog the", "bonjour": " good day"}
+    forced.reply = lambda text: next(v for k, v in out.items() if k in text)
+    r = T.run_eval(model_dir, [str(f)], out=tmp_path, quiet=True)["tasks"][str(f)]
+    hyps = ["the cat", "black dog the", "good day"]
+    streams = [["the cat", "the black dog", "hello"], [None, "a black dog", None]]
+    assert r["bleu"] == sacrebleu.corpus_bleu(hyps, streams).score
+    assert r["chrf"] == sacrebleu.corpus_chrf(hyps, streams).score
+
+
+def test_cot_mode_reads_the_last_line(model_dir, forced, tmp_path):
+    f = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "What is 2 + 2?", "answer": "4"},
+                                           {"prompt": "What is 3 + 3?", "answer": "6"}])
+    forced.reply = lambda text: (" 2 + 2 = 4.\nThe answer is 4." if "2 + 2" in text
+                                 else " The answer is 6.\nHmm, no: 7")
+    # the stock instruction does not fit the micro model's 64-token context: counted, scored wrong
+    r = T.run_eval(model_dir, [str(f)], mode="cot", out=tmp_path, quiet=True)["tasks"][str(f)]
+    assert r["too_long"] == 2 and r["correct"] == 0 and "Think step by step" in r["samples"][0]["prompt"]
+    # an edited copy of the templates folder
+    tdir = tmp_path / "prompts"
+    shutil.copytree(T.PROMPTS_DIR, tdir)
+    (tdir / "cot.txt").write_text("# short\n[plain]\n{question} Think.\n")
+    m = T.run_eval(model_dir, [str(f)], mode="cot", out=tmp_path, quiet=True, templates_dir=tdir)
+    r = m["tasks"][str(f)]
+    assert [s["extracted"] for s in r["samples"]] == ["4", "Hmm, no: 7"] and r["correct"] == 1
+    assert r["samples"][0]["prompt"] == "What is 2 + 2? Think." and forced.params[-1].stop == ["\n\n"]
+    assert m["mode"] == "cot" and m["template"]["path"] == str(tdir / "cot.txt")
+
+
+def test_k_shot_user_pool_and_builtin_train_pool(model_dir, forced, tmp_path):
+    qs = [f"Spell item {w}?" for w in ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf")]
+    rows = [{"prompt": q, "answer": q.split()[2][:-1]} for q in qs]
+    f = write_jsonl(tmp_path / "spell.jsonl", rows[:3])
+    pool = write_jsonl(tmp_path / "pool.jsonl", rows)  # holds the evaluated items too
+    forced.reply = lambda text: " x"
+    runs = [T.run_eval(model_dir, [str(f)], mode="k-shot", k=2, pool=str(pool), seed=s, out=tmp_path,
+                       quiet=True, max_new_tokens=2)["tasks"][str(f)] for s in (1, 1)]
+    assert runs[0]["samples"] == runs[1]["samples"]
+    evaluated = {q for q in qs[:3]}
+    for s in runs[0]["samples"]:
+        # the item's own question appears once, last; no other evaluated question appears
+        own = s["prompt"].split("Question: ")[-1].split("?")[0] + "?"
+        assert own in evaluated and s["prompt"].count(own) == 1
+        assert not any(q in s["prompt"] for q in evaluated - {own})
+        assert s["prompt"].count("Question: ") >= 1
+    assert runs[0]["pool"] == str(pool)
+    # the micro model's 64-token context fits fewer than 2 examples: they are dropped, counted
+    assert runs[0]["fewer_shots"] >= 1 and runs[0]["too_long"] == 0
+
+    def dialogue(q, a, fam="arithmetic"):
+        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {a}."}],
+                "family": fam, "answers": [str(a)]}
+
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    write_jsonl(chat / "heldout.jsonl", [dialogue("1+1?", 2), dialogue("Capital?", "Paris", "quiz"),
+                                         dialogue("2+2?", 4)])
+    write_jsonl(chat / "train.jsonl", [dialogue("3+3?", 6), dialogue("Cap?", "Rome", "quiz")])
+    forced.reply = lambda text: " 2" if "1+1?\nAnswer:" in text else " 5"
+    m = T.run_eval(model_dir, ["arithmetic", "quiz"], heldout=str(chat / "heldout.jsonl"), mode="k-shot", k=3,
+                   out=tmp_path, quiet=True, max_new_tokens=2)
+    r = m["tasks"]["arithmetic"]
+    assert r["n"] == 2 and r["correct"] == 1 and r["pool"] == str(chat / "train.jsonl")
+    assert all("3+3?" in s["prompt"] and "Cap?" not in s["prompt"] for s in r["samples"])
+    assert m["k"] == 3 and m["tasks"]["quiz"]["n"] == 1
+
+
+def test_multiple_choice_matches_a_direct_computation(model_dir, tok, tmp_path):
+    rows = [{"prompt": "The king said", "choices": ["to the queen", "ships", "seven"], "label": 0},
+            {"prompt": "In the river there were", "choices": ["three", "love war"], "label": 1}]
+    f = write_jsonl(tmp_path / "mc.jsonl", rows)
+    r = T.run_eval(model_dir, [str(f)], out=tmp_path, quiet=True)["tasks"][str(f)]
+    model = load_model(model_dir)
+    for row, s in zip(rows, r["samples"]):
+        ctx = tok.encode(f"Question: {row['prompt']}\nAnswer:", bos=True)
+        want = []
+        for ch in row["choices"]:
+            ids = ctx + tok.encode(" " + ch)
+            with torch.no_grad():
+                lp = model(torch.tensor([ids[:-1]])).float().log_softmax(-1)[0]
+            want.append(sum(lp[i - 1, ids[i]].item() for i in range(len(ctx), len(ids))))
+        assert s["logprobs"] == pytest.approx(want, abs=1e-4)
+        assert s["picked"] == max(range(len(want)), key=lambda j: want[j])
+    assert 0 <= r["accuracy"] <= 1 and "accuracy_norm" in r
+
+
+def test_lm_task_equals_score_documents(model_dir, tok, tmp_path):
+    docs = ["The king said to the queen.", "Love and war and peace.\nSeven ships on the sea."]
+    f = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs])
+    r = T.run_eval(model_dir, [f"lm:{f}"], out=tmp_path, quiet=True)["tasks"][f"lm:{f}"]
+    want = score_documents(load_model(model_dir), tok, docs)
+    for key in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes"):
+        assert r[key] == want[key]
+    assert r["n"] == 2
+
+
+def test_chat_template_prompts_and_real_generation(model_dir, tok, forced, tmp_path, monkeypatch):
+    assert T.model_has_chat_template(model_dir) is False  # a pretrain-stage checkpoint
+    f = write_jsonl(tmp_path / "q.jsonl", [{"messages": [{"role": "system", "content": "Be terse."},
+                                                         {"role": "user", "content": "Name a sea."}],
+                                            "answer": "red"}])
+    T.run_eval(model_dir, [str(f)], chat=True, out=tmp_path, quiet=True)
+    want, _ = tok.render_chat([{"role": "system", "content": "Be terse."},
+                               {"role": "user", "content": "Name a sea."}], add_generation_prompt=True)
+    assert forced.prompts[-1] == want and forced.params[-1].stop == []
+    monkeypatch.undo()  # real generation from here on
+    m = T.run_eval(model_dir, [str(f), str(f)], out=tmp_path, quiet=True, max_new_tokens=4)
+    r = m["tasks"][str(f)]
+    assert r["n"] == 1 and isinstance(r["samples"][0]["reply"], str) and len(m["tasks"]) == 1
