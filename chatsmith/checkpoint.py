@@ -13,6 +13,7 @@ then renamed into place, so a kill at any instant leaves either the old or the n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -67,24 +68,20 @@ def write_model_files(d: Path, model: GPT, tokenizer_dir: Path | None = None, ex
                 shutil.copyfile(src, d / name)
 
 
-def save_checkpoint(path: str | os.PathLike, model: GPT, tokenizer_dir=None, trainer_state: dict | None = None,
-                    tensors: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> Path:
-    """Atomically write a complete checkpoint directory at `path` (replacing any old one)."""
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yields a temporary sibling directory to fill; on success every file in it is fsynced and it
+    is renamed to `path` (an old `path` is moved aside first and removed); on failure it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
-        write_model_files(tmp, model, tokenizer_dir, extra_config)
-        if tensors:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                      str(tmp / "optimizer.safetensors"))
-        if trainer_state is not None:
-            _write_json(tmp / "trainer_state.json", trainer_state)
+        yield tmp
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if path.exists():  # rename over an old checkpoint: move it aside first, then drop it
+        if path.exists():
             old = path.parent / f".old-{path.name}-{os.getpid()}"
             os.replace(path, old)
             os.replace(tmp, path)
@@ -95,7 +92,19 @@ def save_checkpoint(path: str | os.PathLike, model: GPT, tokenizer_dir=None, tra
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+
+
+def save_checkpoint(path: str | os.PathLike, model: GPT, tokenizer_dir=None, trainer_state: dict | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None, extra_config: dict | None = None) -> Path:
+    """Atomically write a complete checkpoint directory at `path` (replacing any old one)."""
+    with atomic_dir(path) as tmp:
+        write_model_files(tmp, model, tokenizer_dir, extra_config)
+        if tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(tmp / "optimizer.safetensors"))
+        if trainer_state is not None:
+            _write_json(tmp / "trainer_state.json", trainer_state)
+    return Path(path)
 
 
 def publish(src: Path, out: Path, names=None):

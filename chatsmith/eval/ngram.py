@@ -47,7 +47,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -349,9 +348,9 @@ class NGramLM:
             if any(out.iterdir()) and not (out / META_FILE).exists():
                 raise UserError(f"{out} exists and is not an n-gram model directory; refusing to "
                                 f"replace it (choose another --out or remove it)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-        try:
+        from chatsmith.checkpoint import atomic_dir
+
+        with atomic_dir(out) as tmp:
             with open(tmp / ARRAYS_FILE, "wb") as f:
                 np.savez(f, **self._arrays())
             meta = {
@@ -366,21 +365,6 @@ class NGramLM:
                     src = Path(tokenizer_dir) / name
                     if src.exists():
                         shutil.copyfile(src, tmp / name)
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            if out.exists():
-                old = out.parent / f".old-{out.name}-{os.getpid()}"
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-            _fsync_dir(out.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     @classmethod
@@ -415,14 +399,6 @@ class NGramLM:
                 raise UserError(f"{af} is damaged: the order-{k} arrays do not fit together")
         return cls(N, V, int(meta["bos_id"]), meta["discounts"], keys, counts, denom, gamma,
                    meta.get("discount"), meta.get("train"))
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_order(order) -> None:
