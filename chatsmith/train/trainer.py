@@ -201,7 +201,7 @@ class Trainer:
         os.replace(tmp, f)
 
     def _fit_schedule(self, per_step: float, budget: float):
-        per_step *= 1 + 0.35 * self.cfg.eval_batches / self.cfg.eval_every  # room for evals
+        per_step *= 1 + 0.35 * self.cfg.eval_batches / self.cfg.eval_every  # room for evals still to come
         left = budget - self.elapsed_before - self._run_seconds() - 2 * per_step
         new = self.step + max(1, int(left / per_step))
         if self.world > 1:  # every rank must agree on the schedule
@@ -303,13 +303,14 @@ class Trainer:
                     t = torch.tensor([loss_sum], device=self.device)
                     dist.all_reduce(t)
                     loss_sum = t.item() / self.world
-                # fit the schedule to the time budget once the step time is known, and refit at
-                # each eval while in the first 80% (timings drift: other processes, thermal)
+                # fit the schedule to the time budget once the step time is known, then refit at
+                # every log step until the last 5% (timings drift: other processes, evals), so the
+                # schedule ends inside the budget instead of being cut off before it decays
                 if budget and self.step == start_step + 1:
                     t_fit, fit_step = time.time(), self.step  # first step carries one-off costs
                 elif budget and self._auto_steps and (self.step == fit_step + FIT_AFTER or (
-                        self.max_steps is not None and self.step % cfg.eval_every == 0
-                        and self.step < 0.8 * self.max_steps)):
+                        self.max_steps is not None and self.step > fit_step + FIT_AFTER
+                        and self.step % cfg.log_every == 0 and self.step < 0.95 * self.max_steps)):
                     self._fit_schedule((time.time() - t_fit) / (self.step - fit_step), budget)
                 row = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": float(gnorm),
                        "tokens": self.tokens_seen, **stats_sum}
