@@ -142,7 +142,7 @@ PRESETS: dict[str, dict] = {
     "micro": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64),
     # the CPU default: ~6.5M parameters with an 8k vocabulary
     "tiny": dict(n_layer=6, n_head=4, d_model=256, max_seq_len=256),
-    # a bigger CPU / small GPU model: ~33M parameters with an 8k vocabulary
+    # a bigger CPU / small GPU model: ~28M parameters with an 8k vocabulary
     "small": dict(n_layer=8, n_head=8, n_kv_head=4, d_model=512, max_seq_len=512),
     # the GPT-2 (124M) shape, so real GPT-2 checkpoints can be imported and fine-tuned
     "gpt2-124m": dict(arch="gpt2", n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
