@@ -268,16 +268,24 @@ def collect_input_files(inputs: Iterable[str | os.PathLike]) -> list[tuple[Path,
     return files
 
 
-def _iter_jsonl_texts(path: Path) -> Iterator[str]:
+def iter_jsonl(path: Path, what: str = "JSONL file") -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) for every non-blank line of a UTF-8 JSONL file, streamed;
+    a UserError naming file:line for a line that is not JSON (or not UTF-8)."""
     for lineno, line in _read_lines(path):
+        if lineno == 1 and line.startswith("\ufeff"):  # a byte-order mark is not part of the data
+            line = line[1:]
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). "
-                            f"Each line of a .jsonl corpus file must be one JSON object such "
-                            f"as {{\"text\": \"...\"}}.") from None
+                            f"Each line of a {what} must be one JSON object.") from None
+        yield lineno, obj
+
+
+def _iter_jsonl_texts(path: Path) -> Iterator[str]:
+    for lineno, obj in iter_jsonl(path, "JSONL corpus file (such as {\"text\": \"...\"})"):
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             what = ("has no \"text\" field" if isinstance(obj, dict) and "text" not in obj
                     else "has a \"text\" field that is not a string" if isinstance(obj, dict)

@@ -120,26 +120,9 @@ def _type_name(v) -> str:
 
 def _read_jsonl(path: Path, what: str):
     """(line number, object) for every non-blank line; UserError naming file:line otherwise."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{path}:{line}: the {what} is not valid UTF-8 (bad byte 0x{data[e.start]:02x}); "
-                        f"task files must be UTF-8") from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each line of "
-                            f"a {what} is one JSON object") from None
+    from chatsmith.data.corpus import iter_jsonl
+
+    for lineno, obj in iter_jsonl(path, what):
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{lineno}: the line is {_type_name(obj)}, not a JSON object")
         yield lineno, obj
