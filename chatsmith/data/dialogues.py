@@ -47,7 +47,7 @@ import zipfile
 from pathlib import Path
 from typing import Iterable
 
-from chatsmith.data.sources import _ANSI, resolve_overstrike, split_fortunes
+from chatsmith.data.sources import _ANSI, read_text_file, resolve_overstrike, split_fortunes
 from chatsmith.errors import UserError
 from chatsmith.data.tasks import generate_tasks, normalise
 
@@ -92,14 +92,6 @@ def _record(family: str, turns: list[str], source: str, answers: list[str] | Non
 def _rng(*parts) -> random.Random:
     # str seeds go through SHA-512, so this is stable across runs and Python versions.
     return random.Random(":".join(["chatsmith-dialogues", *map(str, parts)]))
-
-
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")
 
 
 def _sample(items: list, cap: int | None, rng: random.Random) -> list:
@@ -309,7 +301,7 @@ def split_quiz_line(line: str) -> list[str]:
 def read_quiz_lines(path: Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) per entry; a line ending in a backslash continues on the next."""
     out, buf, start = [], "", 0
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+    for n, line in enumerate(read_text_file(path).splitlines(), 1):
         if not buf:
             start = n
         if line.endswith("\\") and not line.endswith("\\\\"):
@@ -330,7 +322,7 @@ def read_quiz_index(quiz_dir: Path) -> dict[str, list[str]]:
     index = quiz_dir / "index"
     if not index.is_file():
         return out
-    for line in _read_text(index).splitlines():
+    for line in read_text_file(index).splitlines():
         fields = split_quiz_line(line.strip())
         if len(fields) < 3:
             continue
@@ -768,7 +760,7 @@ def read_poems(fortunes_dir: Path, seed: int, per_poem: int = 2) -> tuple[list[d
             warn(f"{path} not found (apt-get install fortunes-zh); no {kind}")
             continue
         poems = []
-        for entry in split_fortunes(_read_text(path)):
+        for entry in split_fortunes(read_text_file(path)):
             p = parse_poem(entry)
             if p is None:
                 stats["unparsed"] += 1

@@ -313,7 +313,7 @@ def _fortune_files(fortunes_dir: Path, chinese: bool) -> list[Path]:
     return out
 
 
-def _read_text_file(path: Path) -> str:
+def read_text_file(path: Path) -> str:
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
@@ -325,7 +325,7 @@ def read_fortunes(sources_dir: Path, fortunes_dir: Path = FORTUNES_DIR) -> Pairs
     """English fortune cookies, one fortune per item (the corpus packs them). Backspace
     overstrikes are resolved, Latin-1 mojibake repaired, ASCII-art entries dropped."""
     for f in _fortune_files(fortunes_dir, chinese=False):
-        text = fix_mojibake(_read_text_file(f))
+        text = fix_mojibake(read_text_file(f))
         for entry in split_fortunes(text):
             entry = "\n".join(resolve_overstrike(line) for line in entry.split("\n"))
             if _looks_like_ascii_art(entry):
@@ -338,7 +338,7 @@ def read_fortunes_zh(sources_dir: Path, fortunes_dir: Path = FORTUNES_DIR) -> Pa
     entry per item. The files colour titles and authors with ANSI escapes; those go, and
     the no-break spaces used for indentation become spaces."""
     for f in _fortune_files(fortunes_dir, chinese=True):
-        text = _ANSI.sub("", _read_text_file(f)).replace("\x1b", "").replace("\u00a0", " ")
+        text = _ANSI.sub("", read_text_file(f)).replace("\x1b", "").replace("\u00a0", " ")
         for entry in split_fortunes(text):
             yield "fortunes-zh", entry
 
