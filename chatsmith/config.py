@@ -32,6 +32,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # a scalar head `score` (d_model -> 1) next to the LM head: the reward model's output, the
+    # PPO value function, the discriminator's logit (HF's *ForSequenceClassification name)
+    score_head: bool = False
 
     def __post_init__(self):
         if self.arch not in ("llama", "gpt2"):
@@ -191,6 +194,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA if supported, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     resume: bool = False
+    tensorboard: bool = False  # also write every metrics row as TensorBoard scalars under OUT/tensorboard/
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd", "constant"):

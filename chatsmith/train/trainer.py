@@ -133,6 +133,21 @@ class Trainer:
         if self.master:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if self.cfg.tensorboard:
+                self._tensorboard_row(row)
+
+    def _tensorboard_row(self, row: dict):
+        """The same row as TensorBoard scalars (tag = metrics.jsonl key), rank 0 only."""
+        if getattr(self, "_tb", None) is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops the events the killed run logged after its checkpoint,
+            # as _truncate_metrics does for metrics.jsonl
+            self._tb = SummaryWriter(str(self.out / "tensorboard"), purge_step=self.step if self.cfg.resume else None)
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self._tb.add_scalar(k, v, row["step"])
+        self._tb.flush()
 
     # --- checkpoint state -------------------------------------------------------------------
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -354,6 +369,9 @@ class Trainer:
                    "interrupted": interrupted, **self.last_eval}
         if self.master:
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if getattr(self, "_tb", None) is not None:
+            self._tb.close()
+            self._tb = None
         if interrupted:
             raise KeyboardInterrupt
         return summary
