@@ -84,7 +84,7 @@ def run(a):
     params.validate()
     model = load_model(a.model, device=resolve_device(a.device))
     tok = Tokenizer.load(a.model)
-    if tok.token_to_id("<|assistant_start|>") is None:
+    if not tok.has_chat:  # our chat tokens, or an imported model's own chat template
         raise UserError(f"{a.model} has no chat tokens in its tokenizer: it cannot chat")
     session = ChatSession(Engine(model, tok), params, a.system)
     interactive = sys.stdin.isatty()

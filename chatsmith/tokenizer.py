@@ -41,24 +41,67 @@ CHAT_TEMPLATE = (
 )
 
 
+# End-of-turn / end-of-text tokens of common imported tokenizers: generation stops at any of them
+# that the vocabulary has (llama.cpp calls these end-of-generation tokens).
+END_TOKENS = ("<|assistant_end|>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>",
+              "<end_of_turn>", "<|end_of_text|>")
+
+
+def _token_str(v) -> str | None:
+    """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
+    return v.get("content") if isinstance(v, dict) else v
+
+
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer, path: Path | None = None):
+    def __init__(self, tok: HFTokenizer, path: Path | None = None, config: dict | None = None):
         self.tok = tok
         self.path = path
-        missing = [t for t in (BOS, EOS, PAD) if tok.token_to_id(t) is None]
-        if missing:
-            raise UserError(f"tokenizer at {path} lacks special tokens {missing}")
-        self.bos_id = tok.token_to_id(BOS)
-        self.eos_id = tok.token_to_id(EOS)
-        self.pad_id = tok.token_to_id(PAD)
+        self.config = dict(config or {})
+        # native: a chatsmith-trained tokenizer (our <|...|> tokens, Python chat template, BOS always)
+        self.native = all(tok.token_to_id(t) is not None for t in (BOS, EOS, PAD))
+        self.chat_template = None
+        self.stop_ids: set[int] = set()
+        if self.native:
+            self.bos_id = tok.token_to_id(BOS)
+            self.eos_id = tok.token_to_id(EOS)
+            self.pad_id = tok.token_to_id(PAD)
+            self.add_bos = True
+        else:
+            self._init_foreign(path)
+        self.stop_ids |= {self.eos_id} | {i for t in END_TOKENS if (i := tok.token_to_id(t)) is not None}
+
+    def _init_foreign(self, path):
+        """An imported tokenizer (Hugging Face / GGUF): special tokens, BOS policy and the chat template
+        come from its tokenizer_config.json, as transformers reads them."""
+        cfg, tok = self.config, self.tok
+        ids = {k: tok.token_to_id(s) if (s := _token_str(cfg.get(f"{k}_token"))) else None
+               for k in ("bos", "eos", "pad", "unk")}
+        if ids["eos"] is None:
+            raise UserError(f"tokenizer at {path} is neither a chatsmith tokenizer (no {BOS}/{EOS}/{PAD}) "
+                            f"nor names an eos_token in its tokenizer_config.json")
+        self.eos_id = ids["eos"]
+        self.bos_id = ids["bos"] if ids["bos"] is not None else self.eos_id  # GPT-2: <|endoftext|> is both
+        self.pad_id = ids["pad"] if ids["pad"] is not None else self.eos_id
+        self.add_bos = bool(cfg.get("add_bos_token", False))
+        tpl = cfg.get("chat_template")
+        if isinstance(tpl, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            tpl = next((t["template"] for t in tpl if t.get("name") == "default"), None)
+        self.chat_template = tpl or None
+
+    @property
+    def has_chat(self) -> bool:
+        """Whether the tokenizer can render conversations: our chat tokens, or a Jinja chat template."""
+        return (self.native and self.tok.token_to_id("<|assistant_start|>") is not None) or bool(self.chat_template)
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
+        """bos=True: the start of a document, as the model was trained (chatsmith models always see
+        BOS first; an imported model only if its tokenizer_config says add_bos_token)."""
         ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if bos else ids
+        return [self.bos_id, *ids] if bos and self.add_bos else ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
@@ -70,6 +113,8 @@ class Tokenizer:
         """Token ids of a conversation and a loss mask that is 1 exactly on what the assistant
         says: its reply tokens and its end token (so the model learns to stop), never on the
         prompt, the system message, the user's turns or the <|assistant_start|> cue."""
+        if not self.native:
+            return self._render_template(messages, add_generation_prompt)
         ids, mask = [self.bos_id], [0]
         for m in messages:
             role = m["role"]
@@ -85,13 +130,42 @@ class Tokenizer:
             mask.append(0)
         return ids, mask
 
+    def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+        """An imported model's own Jinja chat template (e.g. ChatML). The mask marks each assistant
+        turn as the text its rendering adds to the rendering of the conversation before it with a
+        generation prompt (the reply, its end token and whatever the template puts after it)."""
+        if not self.chat_template:
+            raise UserError(f"the tokenizer at {self.path} has no chat template: this model cannot chat")
+        for m in messages:
+            if not isinstance(m.get("content"), str):
+                raise UserError("chat messages need string content")
+        render = lambda msgs, gen: _render_jinja(self.chat_template, msgs, gen, self.config)  # noqa: E731
+        text = render(messages, add_generation_prompt)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                a, b = render(messages[:i], True), render(messages[:i + 1], False)
+                if not (b.startswith(a) and text.startswith(b)):
+                    raise UserError("the model's chat template does not render a conversation as an extension "
+                                    "of its prefix, so the assistant's tokens cannot be located")
+                spans.append((len(a), len(b)))
+        ids, mask, pos = [], [], 0
+        for start, end in spans + [(len(text), len(text))]:
+            for piece, learn in ((text[pos:start], 0), (text[start:end], 1)):
+                if piece:
+                    p = self.encode(piece)
+                    ids += p
+                    mask += [learn] * len(p)
+            pos = end
+        return ids, mask
+
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
     def token_bytes(self) -> list[int]:
         """UTF-8 byte length of every token id (0 for special tokens): the denominator of bits-per-byte."""
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
-        special = set(SPECIAL_TOKENS)
+        special = set(SPECIAL_TOKENS) | {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
         out = [0] * self.vocab_size
         for token, i in self.tok.get_vocab().items():
             if token not in special:
@@ -103,6 +177,10 @@ class Tokenizer:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(out / "tokenizer.json"))
+        if not self.native:  # an imported tokenizer keeps its own config (special tokens, template)
+            cfg = {**self.config, **(extra or {})}
+            (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+            return
         cfg = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": BOS,
@@ -134,7 +212,34 @@ class Tokenizer:
             tok = HFTokenizer.from_file(str(f))
         except Exception as e:  # the Rust loader raises a plain Exception on bad JSON
             raise UserError(f"{f} is not a valid tokenizer.json: {e}") from None
-        return cls(tok, p)
+        cf = f.parent / "tokenizer_config.json"
+        try:
+            config = json.loads(cf.read_text()) if cf.exists() else {}
+        except json.JSONDecodeError as e:
+            raise UserError(f"{cf} is not valid JSON ({e})") from None
+        return cls(tok, p, config)
+
+
+def _render_jinja(template: str, messages: list[dict], add_generation_prompt: bool, config: dict) -> str:
+    """Render a Hugging Face chat template the way transformers does: a sandboxed Jinja environment
+    with trim_blocks/lstrip_blocks, the special tokens as variables, raise_exception and tojson."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg):
+        raise UserError(f"the chat template refused the conversation: {msg}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
+                                                                                  ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    specials = {k: _token_str(v) for k, v in config.items() if k.endswith("_token") and _token_str(v)}
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                **specials)
+    except jinja2.TemplateError as e:
+        raise UserError(f"the model's chat template failed to render: {e}") from None
 
 
 def _bytes_to_unicode() -> dict[int, str]:

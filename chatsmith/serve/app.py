@@ -89,7 +89,7 @@ class Server:
         self.pending = 0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self.created = int(time.time())
-        self.has_chat = tok.token_to_id("<|assistant_start|>") is not None
+        self.has_chat = tok.has_chat  # our chat tokens, or an imported model's chat template
 
     # --- generation in the worker thread, pieces handed to the event loop ----------------------
     async def run(self, prompt_ids: list[int], params: SamplingParams, cancel: threading.Event):

@@ -126,7 +126,7 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     out = Path(cfg.out)
     model = load_model(init)
     tok = Tokenizer.load(init)
-    if tok.token_to_id("<|assistant_start|>") is None:
+    if not tok.has_chat:  # our chat tokens, or an imported model's own chat template
         raise UserError(f"the tokenizer in {init} has no chat tokens; train it with `chatsmith tokenizer train`")
     max_len = cfg.seq_len or model.cfg.max_seq_len
     if max_len > model.cfg.max_seq_len:
