@@ -187,6 +187,12 @@ def build_parser() -> Parser:
     ne.add_argument("--input", nargs="+", required=True,
                     help="corpus files or folders, or a `data build` dir (its val.jsonl)")
 
+    # report
+    rp = sub.add_parser("report", help="report.md + PNG plots for a run directory (or one training output)",
+                        formatter_class=fmt)
+    rp.add_argument("run_dir", help="a speedrun directory, a folder of stage directories, or one model directory")
+    rp.add_argument("--out", default=None, help="folder for report.md and the plots (default: RUN_DIR)")
+
     # speedrun
     s = sub.add_parser("speedrun", help="the whole chain on the built-in corpus under a time budget",
                        formatter_class=fmt)
@@ -320,6 +326,12 @@ def cmd_serve(a):
     serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device))
 
 
+def cmd_report(a):
+    from chatsmith.report import write_report
+
+    print(write_report(a.run_dir, a.out))
+
+
 def cmd_speedrun(a):
     from chatsmith.speedrun import run
 
@@ -340,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             "ngram": lambda: cmd_ngram(a),
             "eval": lambda: cmd_eval(a),
             "serve": lambda: cmd_serve(a),
+            "report": lambda: cmd_report(a),
         }[a.verb]
         handler()
         return 0

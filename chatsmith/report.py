@@ -1,0 +1,524 @@
+"""`chatsmith report RUN_DIR`: one report card for a run -> RUN_DIR/report.md + PNG plots.
+
+It reads whatever a run directory holds and renders what exists, so it works on a speedrun
+directory (data/, tokenizer/, base/, sft/, reward/, rl/, dpo/, speedrun.json), on a directory
+of your own stages, and on a single training output directory:
+
+- every stage directory with ``config.json`` (its ``chatsmith.stage``), ``metrics.jsonl`` (one row
+  per log step and per eval), ``train_summary.json``, ``*_eval.json`` (e.g. SFT's
+  ``{"base": {...}, "sft": {...}}``: one column per side), ``eval*/metrics.json`` (``chatsmith
+  eval``), or ``ngram.json`` (an n-gram model);
+- ``speedrun.json`` beside them: seconds per stage, the n-gram baseline, samples.
+
+Sections: the metrics of every stage side by side (one column per stage, blank where a stage
+lacks a metric), time and tokens per stage, plots (loss curves, reward/KL curves of RL stages,
+accuracy per task family, every other logged metric per stage, time per stage), samples, data.
+Metric keys it does not know are tabled and plotted under their own names, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chatsmith.errors import UserError
+
+# stages in pipeline order; others follow alphabetically
+ORDER = ["data", "tokenizer", "ngram", "base", "pretrain", "sft", "reward", "rl", "ppo", "grpo", "reinforce",
+         "adversarial", "dpo"]
+RL_KEYS = ("reward", "kl", "entropy", "clip_frac", "value_loss", "response_len")
+# bookkeeping in train_summary.json: shown in the time/tokens table, not as metrics
+BOOKKEEPING = {"steps", "max_steps", "tokens", "seconds", "interrupted", "elapsed", "tok_per_s", "step"}
+NOT_PLOTTED = {"step", "tokens", "elapsed"}
+STAGE_FILES = ("metrics.jsonl", "train_summary.json", "config.json", "ngram.json", "tokenizer_stats.json")
+
+
+@dataclass
+class Stage:
+    name: str                     # the directory name: the column header
+    path: Path
+    kind: str                     # config.json's chatsmith.stage, or "ngram"/"tokenizer"/the name
+    rows: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    bad_rows: int = 0
+
+
+def _read_json(path: Path):
+    """A JSON file or None: a report never fails on one unreadable file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _read_rows(path: Path) -> tuple[list[dict], int]:
+    rows, bad = [], 0
+    if not path.is_file():
+        return rows, bad
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:  # e.g. the last line of a killed run
+                bad += 1
+                continue
+            if isinstance(r, dict) and isinstance(r.get("step"), (int, float)):
+                rows.append(r)
+            else:
+                bad += 1
+    return rows, bad
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def load_stage(path: Path, name: str | None = None) -> Stage | None:
+    if not any((path / f).is_file() for f in STAGE_FILES):
+        return None
+    cfg = _read_json(path / "config.json") or {}
+    kind = (cfg.get("chatsmith") or {}).get("stage") if isinstance(cfg, dict) else None
+    if kind is None:
+        kind = "ngram" if (path / "ngram.json").is_file() else (
+            "tokenizer" if (path / "tokenizer_stats.json").is_file() else (name or path.name))
+    st = Stage(name or path.name, path, kind)
+    st.rows, st.bad_rows = _read_rows(path / "metrics.jsonl")
+    summary = _read_json(path / "train_summary.json")
+    st.summary = summary if isinstance(summary, dict) else {}
+    return st
+
+
+def find_stages(run_dir: Path) -> list[Stage]:
+    """The stage directories of a run, in pipeline order; the run directory itself when it is a
+    single training output."""
+    own = load_stage(run_dir)
+    if own is not None and own.kind != "tokenizer":
+        return [own]
+    stages = [s for d in sorted(p for p in run_dir.iterdir() if p.is_dir())
+              if (s := load_stage(d)) is not None]
+
+    def key(s: Stage):
+        for i, k in enumerate(ORDER):
+            if s.name == k or s.kind == k:
+                return (i, s.name)
+        return (len(ORDER), s.name)
+
+    return sorted(stages, key=key)
+
+
+# --------------------------------------------------------------------------- collecting metrics
+
+class Table:
+    """metric -> column -> value, in insertion order."""
+
+    def __init__(self):
+        self.cells: dict[str, dict[str, float]] = {}
+        self.columns: list[str] = []
+
+    def put(self, metric: str, col: str, v, override: bool = True):
+        if not _is_num(v):
+            return
+        if col not in self.columns:
+            self.columns.append(col)
+        row = self.cells.setdefault(metric, {})
+        if override or col not in row:
+            row[col] = float(v)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    """Numbers of a (nested) metrics dict as "a: b" names; lists and strings are skipped."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k.replace('_', ' ')}: "))
+        elif _is_num(v):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _column_for(side: str, stages: list[Stage]) -> str:
+    for s in stages:
+        if side in (s.name, s.kind):
+            return s.name
+    return side
+
+
+def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
+    t = Table()
+    for s in stages:
+        if s.kind in ("tokenizer",):
+            continue
+        if s.name not in t.columns:
+            t.columns.append(s.name)
+        for k, v in s.summary.items():
+            if k not in BOOKKEEPING and _is_num(v):
+                t.put(k, s.name, v)
+            # a flat dict of numbers (e.g. per-family scores); "data" is bookkeeping and "eval"
+            # repeats the *_eval.json file read below
+            elif isinstance(v, dict) and k not in ("data", "eval") and all(_is_num(x) for x in v.values()):
+                for kk, vv in v.items():
+                    t.put(f"{k.replace('_', ' ')}: {kk}", s.name, vv)
+        if s.kind != "ngram" and s.rows and not any(k == "loss" for k in s.summary):
+            train = [r for r in s.rows if _is_num(r.get("loss"))]
+            if train:
+                t.put("final train loss", s.name, train[-1]["loss"])
+        # before/after files such as sft_eval.json: one column per side; the stage's own side wins
+        for f in sorted(s.path.glob("*_eval.json")):
+            d = _read_json(f)
+            if not isinstance(d, dict):
+                continue
+            for side, m in d.items():
+                if isinstance(m, dict):
+                    col = _column_for(side, stages)
+                    for k, v in _flatten(m).items():
+                        if k in ("generated", "n"):  # counts, not metrics
+                            continue
+                        t.put(f"held-out {k.replace('_', ' ')}", col, v, override=col == s.name)
+        for f in sorted(s.path.glob("eval*/metrics.json")):
+            d = _read_json(f)
+            if not isinstance(d, dict) or not isinstance(d.get("tasks"), dict):
+                continue
+            mode = d.get("mode", "zero-shot")
+            tag = "" if mode == "zero-shot" else f" [{mode}{', k=' + str(d['k']) if d.get('k') else ''}]"
+            for task, r in d["tasks"].items():
+                if not isinstance(r, dict):
+                    continue
+                label = Path(task).name if task.endswith(".jsonl") else task
+                for k, v in r.items():
+                    if k not in ("n", "correct", "correct_norm", "too_long", "truncated", "fewer_shots",
+                                 "shots_mean", "tokens", "bytes", "brevity_penalty") and _is_num(v):
+                        t.put(f"{label}{tag} {k}", s.name, v)
+        if s.kind == "ngram":
+            meta = _read_json(s.path / "ngram.json") or {}
+            for k in ("order", "tokens", "documents"):
+                v = meta.get(k, (meta.get("info") or {}).get(k)) if isinstance(meta, dict) else None
+                t.put(f"n-gram {k}", s.name, v)
+    base = (speedrun or {}).get("baseline") or {}
+    for k, v in base.items():
+        if k.startswith("ngram") and k.endswith("_val_bpb"):
+            n = k[len("ngram"):-len("_val_bpb")]
+            t.put("val bits-per-byte (all val documents)", f"{n}-gram", v)
+        elif k == "neural_val_bpb":
+            col = _column_for("base", stages) if any(s.name == "base" or s.kind in ("pretrain", "base")
+                                                      for s in stages) else "base"
+            t.put("val bits-per-byte (all val documents)", col, v)
+    return t
+
+
+def collect_time(stages: list[Stage], speedrun: dict | None) -> list[dict]:
+    """Rows {stage, seconds, steps, tokens} in order: speedrun's record of every stage (data and
+    tokenizer too), completed by each stage directory's train_summary.json."""
+    rows: dict[str, dict] = {}
+    for k, v in ((speedrun or {}).get("stages") or {}).items():
+        if isinstance(v, dict):
+            label = _column_for(k, stages)
+            rows[label] = {"stage": label, "seconds": v.get("seconds"), "steps": v.get("steps"),
+                           "tokens": v.get("tokens")}
+    for s in stages:
+        r = rows.setdefault(s.name, {"stage": s.name})
+        for k in ("seconds", "steps", "tokens"):
+            if r.get(k) is None and _is_num(s.summary.get(k)):
+                r[k] = s.summary[k]
+        if r.get("tokens") is None and s.rows:
+            toks = [x["tokens"] for x in s.rows if _is_num(x.get("tokens"))]
+            r["tokens"] = toks[-1] if toks else None
+        if r.get("steps") is None and s.rows:
+            r["steps"] = max(int(x["step"]) for x in s.rows)
+    return [r for r in rows.values() if any(r.get(k) is not None for k in ("seconds", "steps", "tokens"))]
+
+
+# --------------------------------------------------------------------------- plots
+
+def _figure(n_panels: int, width: float = 4.2, height: float = 3.0):
+    # matplotlib's object API with the Agg canvas: no display, no global pyplot state (safe in tests
+    # and in a server process)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(n_panels, 3)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(width * cols, height * rows), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+    return fig, axes
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    pts = [(r["step"], r[key]) for r in rows if _is_num(r.get(key))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_losses(stages: list[Stage], out: Path) -> Path | None:
+    have = [s for s in stages if any("loss" in k for r in s.rows for k in r if k not in RL_KEYS)]
+    if not have:
+        return None
+    fig, axes = _figure(len(have))
+    for ax, s in zip(axes, have):
+        keys = sorted({k for r in s.rows for k in r if k.endswith("loss") and k not in RL_KEYS},
+                      key=lambda k: (k != "loss", k))
+        for k in keys:
+            x, y = _series(s.rows, k)
+            evalish = k != "loss" and len(x) < len([r for r in s.rows if "loss" in r]) / 2
+            ax.plot(x, y, "o-" if evalish else "-", label=k, markersize=3, linewidth=1.2)
+        ax.set_title(f"{s.name} ({s.kind})" if s.kind != s.name else s.name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out / "loss.png")
+
+
+def plot_rl(stages: list[Stage], out: Path) -> Path | None:
+    keys = [k for k in RL_KEYS if any(_is_num(r.get(k)) for s in stages for r in s.rows)]
+    if not keys:
+        return None
+    fig, axes = _figure(len(keys))
+    for ax, k in zip(axes, keys):
+        for s in stages:
+            x, y = _series(s.rows, k)
+            if x:
+                ax.plot(x, y, "-", label=s.name, linewidth=1.2)
+        ax.set_title(k)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out / "reward_kl.png")
+
+
+def plot_other(stage: Stage, out: Path, done: set[str]) -> Path | None:
+    """Every other numeric key the stage logged (lr, grad_norm, tok/s, bits-per-byte, new ones)."""
+    keys = sorted({k for r in stage.rows for k, v in r.items() if _is_num(v)} - NOT_PLOTTED - done)
+    if not keys:
+        return None
+    fig, axes = _figure(len(keys), 3.6, 2.6)
+    for ax, k in zip(axes, keys):
+        x, y = _series(stage.rows, k)
+        ax.plot(x, y, "o-" if len(x) < 12 else "-", markersize=3, linewidth=1.2)
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(stage.name)
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stage.name)
+    return _save(fig, out / f"metrics_{safe}.png")
+
+
+def accuracy_rows(t: Table) -> dict[str, dict[str, float]]:
+    """Accuracy per task family: held-out exact match per family and `chatsmith eval` accuracies."""
+    acc = {}
+    for m, cells in t.cells.items():
+        if m.startswith("held-out exact match: "):
+            acc[m[len("held-out exact match: "):] + " (held-out)"] = cells
+        elif m.endswith(" accuracy") and not m.startswith("held-out"):
+            acc[m[:-len(" accuracy")] + " (eval)"] = cells
+    return acc
+
+
+def plot_accuracy(t: Table, out: Path) -> Path | None:
+    acc = accuracy_rows(t)
+    if not acc:
+        return None
+    cols = [c for c in t.columns if any(c in cells for cells in acc.values())]
+    fams = list(acc)
+    fig, (ax,) = _figure(1, max(5.0, 1.2 * len(fams) * max(1, len(cols)) / 2 + 2), 3.6)
+    w = 0.8 / len(cols)
+    for j, c in enumerate(cols):
+        xs = [i + (j - (len(cols) - 1) / 2) * w for i in range(len(fams))]
+        vals = [acc[f].get(c) for f in fams]
+        bars = ax.bar(xs, [v or 0.0 for v in vals], width=w, label=c)
+        # the value on each bar, so a zero is told apart from a missing stage ("–")
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, (v or 0.0) + 0.01, "–" if v is None else f"{v:.0%}",
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(fams)))
+    ax.set_xticklabels(fams, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy per task family")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "accuracy.png")
+
+
+def plot_time(rows: list[dict], out: Path) -> Path | None:
+    rows = [r for r in rows if _is_num(r.get("seconds"))]
+    if not rows:
+        return None
+    fig, (ax,) = _figure(1, 6, 0.5 + 0.45 * len(rows))
+    ax.barh([r["stage"] for r in rows][::-1], [r["seconds"] for r in rows][::-1])
+    ax.set_xlabel("seconds")
+    ax.set_title("time per stage")
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, out / "time.png")
+
+
+# --------------------------------------------------------------------------- markdown
+
+def fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 1000:
+        v = int(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+
+
+def _cell(s) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: list[str], rows: list[list], numeric: bool = True) -> str:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+             "|" + "|".join("---" if i == 0 or not numeric else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _block(text: str, limit: int = 600) -> str:
+    text = text if len(text) <= limit else text[:limit] + " …"
+    return "~~~text\n" + text.replace("~~~", "~ ~ ~") + "\n~~~"
+
+
+def samples_md(stages: list[Stage], speedrun: dict | None) -> list[str]:
+    out = []
+    sr = speedrun or {}
+    if sr.get("samples"):
+        out.append("### Base model completions (temperature 0.8)\n")
+        for s in sr["samples"]:
+            out.append(_block(f"{s.get('prompt', '')}{s.get('completion', '')}"))
+    if sr.get("conversation"):
+        out.append("\n### Chat model, greedy\n")
+        out.append(_block("\n".join(f"you> {c.get('user', '')}\nbot> {c.get('assistant', '')}"
+                                    for c in sr["conversation"]), 2000))
+    for s in stages:
+        for f in sorted(s.path.glob("*_eval.json")):
+            d = _read_json(f)
+            if not isinstance(d, dict):
+                continue
+            for side, m in d.items():
+                smp = m.get("samples") if isinstance(m, dict) else None
+                if not smp or _column_for(side, stages) != s.name:
+                    continue
+                out.append(f"\n### {s.name}: held-out replies ({f.name})\n")
+                rows = [[x.get("family", ""), x.get("prompt", ""), x.get("reply", ""), x.get("reference", "")]
+                        for x in smp[:9] if isinstance(x, dict)]
+                out.append(md_table(["family", "prompt", "reply", "reference"],
+                                    [[c if len(c) < 120 else c[:120] + " …" for c in map(str, r)] for r in rows],
+                                    numeric=False))
+    return out
+
+
+def data_md(run_dir: Path, stages: list[Stage], speedrun: dict | None) -> list[str]:
+    out = []
+    corpus = _read_json(run_dir / "data" / "corpus" / "corpus_meta.json")
+    if isinstance(corpus, dict) and "splits" in corpus:
+        sp = corpus["splits"]
+        out.append(f"- corpus: {fmt(corpus.get('documents'))} documents, {fmt(corpus.get('chars'))} characters "
+                   f"(train {fmt(sp.get('train', {}).get('documents'))} / val {fmt(sp.get('val', {}).get('documents'))} "
+                   f"documents)")
+    dial = _read_json(run_dir / "data" / "chat" / "dialogues_meta.json")
+    if isinstance(dial, dict) and isinstance(dial.get("families"), dict):
+        fams = ", ".join(f"{k} {fmt(v.get('train'))}/{fmt(v.get('heldout'))}" for k, v in dial["families"].items()
+                         if isinstance(v, dict))
+        out.append(f"- dialogues (train/held-out per family): {fams}")
+    for s in stages:
+        stats = _read_json(s.path / "tokenizer_stats.json")
+        if isinstance(stats, dict):
+            out.append(f"- tokenizer `{s.name}`: {fmt(stats.get('vocab_size'))} tokens, "
+                       f"{fmt(stats.get('val_bytes_per_token'))} bytes per token on val")
+    return out
+
+
+def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write ``report.md`` and its PNG plots into ``out`` (default: ``run_dir``); returns the path
+    of report.md."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    out_dir = Path(out) if out is not None else run_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages = find_stages(run_dir)
+    speedrun = _read_json(run_dir / "speedrun.json")
+    speedrun = speedrun if isinstance(speedrun, dict) else None
+    if not stages and speedrun is None:
+        raise UserError(f"{run_dir}: nothing to report: no stage directories (with metrics.jsonl, "
+                        f"train_summary.json or config.json) and no speedrun.json")
+    table = collect_metrics(stages, speedrun)
+    times = collect_time(stages, speedrun)
+
+    for old in out_dir.glob("*.png"):  # plots of an earlier report that may no longer apply
+        if old.name in ("loss.png", "reward_kl.png", "accuracy.png", "time.png") or old.name.startswith("metrics_"):
+            old.unlink()
+    plots: list[tuple[str, Path]] = []
+    for title, p in (("Loss curves", plot_losses(stages, out_dir)),
+                     ("Reward and KL (RL stages)", plot_rl(stages, out_dir)),
+                     ("Accuracy per task family", plot_accuracy(table, out_dir)),
+                     ("Time per stage", plot_time(times, out_dir))):
+        if p is not None:
+            plots.append((title, p))
+    for s in stages:
+        done = {k for r in s.rows for k in r if k.endswith("loss") or k in RL_KEYS}
+        p = plot_other(s, out_dir, done)
+        if p is not None:
+            plots.append((f"Other logged metrics: {s.name}", p))
+
+    md = [f"# chatsmith report: {run_dir.resolve().name}", ""]
+    created = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    head = f"Run directory `{run_dir}`, report written {created}."
+    if speedrun:
+        head += (f" Speedrun: {fmt(speedrun.get('seconds', 0) / 60)} min of a "
+                 f"{fmt(speedrun.get('minutes_budget'))}-minute budget.")
+    md += [head, ""]
+    md += ["## Metrics by stage", ""]
+    cols = [c for c in table.columns if any(c in cells for cells in table.cells.values())]
+    if table.cells:
+        md.append(md_table(["metric", *cols], [[m, *(fmt(cells.get(c)) for c in cols)]
+                                               for m, cells in table.cells.items()]))
+        md += ["", "Losses are nats per token; bits-per-byte compares models with different tokenizers "
+               "(and the n-gram baseline). \"held-out\" rows come from the stages' before/after files "
+               "(`*_eval.json`), task rows from `chatsmith eval` (`eval*/metrics.json`). A dash: the stage "
+               "has no such metric.", ""]
+    else:
+        md += ["No metrics recorded yet.", ""]
+    if times:
+        md += ["## Time and tokens per stage", ""]
+        md.append(md_table(["stage", "seconds", "steps", "tokens"],
+                           [[r["stage"], fmt(r.get("seconds")), fmt(r.get("steps")), fmt(r.get("tokens"))]
+                            for r in times]))
+        total = sum(r["seconds"] for r in times if _is_num(r.get("seconds")))
+        md += ["", f"Total of the stages: {fmt(total)} s.", ""]
+    if plots:
+        md += ["## Plots", ""]
+        for title, p in plots:
+            rel = os.path.relpath(p, out_dir)
+            md += [f"### {title}", "", f"![{title}]({rel})", ""]
+    smp = samples_md(stages, speedrun)
+    if smp:
+        md += ["## Samples", "", *smp, ""]
+    dat = data_md(run_dir, stages, speedrun)
+    if dat:
+        md += ["## Data", "", *dat, ""]
+    notes = [f"- `{s.name}/metrics.jsonl`: {s.bad_rows} unreadable line(s) skipped" for s in stages if s.bad_rows]
+    if notes:
+        md += ["## Notes", "", *notes, ""]
+    path = out_dir / "report.md"
+    tmp = path.with_name(f".tmp-report-{os.getpid()}.md")
+    tmp.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    print(f"report written to {path} ({len(plots)} plots)", file=sys.stderr)
+    return path
