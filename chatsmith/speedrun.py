@@ -176,4 +176,6 @@ def run(a) -> dict:
               f"{ev['sft']['assistant_loss']:.2f}, replies ended {ev['sft']['ended_share']:.0%}, exact match: {em}")
     print(f"base model: {base}\nsample it:  chatsmith generate {base} --prompt \"Once upon a time\"")
     print(f"chat model: {sft_dir}\nchat with it: chatsmith chat {sft_dir}")
+    from chatsmith.report import write_report
+    print(f"report card: {write_report(run_dir)}")
     return result
