@@ -29,6 +29,7 @@ from chatsmith.config import ModelConfig
 from chatsmith.errors import UserError
 from chatsmith.model.gpt import GPT
 from chatsmith.model.hf import from_hf_state_dict, to_hf_state_dict
+from chatsmith.model.lora import ADAPTER_CONFIG, has_lora, is_adapter_dir, load_adapter_model, write_adapter_files
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -51,9 +52,12 @@ def _write_json(path: Path, obj):
 def write_model_files(d: Path, model: GPT, tokenizer_dir: Path | None = None, extra_config: dict | None = None):
     """Model, config, generation config and tokenizer files into directory d (not atomic by itself)."""
     cfg = model.cfg
-    state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
-             for k, v in to_hf_state_dict(model).items()}
-    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    if has_lora(model):  # LoRA: the adapters alone (+ a pointer to the base), not the full weights
+        write_adapter_files(d, model)
+    else:
+        state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
+                 for k, v in to_hf_state_dict(model).items()}
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     hf = cfg.to_hf()
     hf["chatsmith"] = {"model": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, **(extra_config or {})}
     _write_json(d / "config.json", hf)
@@ -112,7 +116,7 @@ def publish(src: Path, out: Path, names=None):
     replace per file, config.json last so a half-published dir never looks loadable."""
     out.mkdir(parents=True, exist_ok=True)
     files = sorted((p for p in src.iterdir() if p.is_file() and (names is None or p.name in names)),
-                   key=lambda p: p.name == "config.json")
+                   key=lambda p: (p.name == "config.json", p.name == ADAPTER_CONFIG))
     for f in files:
         tmp = out / f".tmp-{f.name}"
         shutil.copyfile(f, tmp)
@@ -167,8 +171,11 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> GPT:
-    """A GPT from a checkpoint directory, with every file checked and named on failure."""
+    """A GPT from a checkpoint directory, with every file checked and named on failure.
+    A LoRA adapter directory loads its base model with the adapters merged in."""
     d = Path(path)
+    if is_adapter_dir(d):
+        return load_adapter_model(d).to(device=device, dtype=dtype).eval()
     cfg = read_config(d)
     sd = from_hf_state_dict(cfg, load_tensors(d / "model.safetensors"))
     with torch.device("meta"):
@@ -187,4 +194,5 @@ def load_model(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> GP
     model.load_state_dict(sd, strict=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.source_dir = str(d.resolve())  # where LoRA finds its base model (chatsmith/model/lora.py)
     return model.to(device=device, dtype=dtype).eval()

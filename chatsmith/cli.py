@@ -152,7 +152,7 @@ def build_parser() -> Parser:
                         formatter_class=fmt)
     ev.add_argument("model", help="model directory")
     ev.add_argument("--tasks", nargs="+", required=True, metavar="NAME",
-                    help="lm:PATH, arithmetic, word_problem, quiz, or PATH.jsonl task files")
+                    help="lm:PATH, arithmetic, word_problem, quiz, reward, reward:PROMPTS.jsonl, or PATH.jsonl task files")
     ev.add_argument("--mode", choices=["zero-shot", "k-shot", "cot"], default="zero-shot", help="prompting strategy")
     ev.add_argument("--k", type=int, default=3, help="examples per prompt in k-shot mode")
     ev.add_argument("--limit", type=int, default=None, help="first N items (documents for lm:) per task")
@@ -163,6 +163,10 @@ def build_parser() -> Parser:
     ev.add_argument("--heldout", default=None, help="held-out dialogues for the built-in tasks (default: "
                     "data/chat/heldout.jsonl; k-shot draws from train.jsonl beside it)")
     ev.add_argument("--templates", default=None, help="folder of edited prompt templates (copy chatsmith/eval/prompts)")
+    ev.add_argument("--reward-model", default=None, metavar="DIR",
+                    help="reward model (`chatsmith reward` output) that scores the replies of reward tasks")
+    ev.add_argument("--compare", default=None, metavar="MODEL_B",
+                    help="with a reward task: also generate MODEL_B's replies and report MODEL's win rate against it")
     grp = ev.add_mutually_exclusive_group()
     grp.add_argument("--no-chat", dest="chat", action="store_false", default=None,
                      help="plain 'Question: ... Answer:' prompts even for a chat model")
@@ -307,7 +311,8 @@ def cmd_eval(a):
     from chatsmith.eval.tasks import run_eval
 
     run_eval(a.model, a.tasks, out=a.out, mode=a.mode, k=a.k, limit=a.limit, max_new_tokens=a.max_new_tokens,
-             seed=a.seed, templates_dir=a.templates, pool=a.pool, heldout=a.heldout, chat=a.chat, device=a.device)
+             seed=a.seed, templates_dir=a.templates, pool=a.pool, heldout=a.heldout, chat=a.chat, device=a.device,
+             reward_model=a.reward_model, compare=a.compare)
 
 
 def cmd_ngram(a):

@@ -194,6 +194,14 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA if supported, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     resume: bool = False
+    # LoRA (chatsmith/model/lora.py): 0 = train every weight; r > 0 = freeze the model, train rank-r
+    # adapters on --lora-targets (leaf layer names, or all-linear: every projection in the blocks)
+    # plus --lora-modules-to-save in full (e.g. a reward/value head `score`); saves the adapters alone
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by alpha / rank
+    lora_targets: str = "all-linear"  # llama shape: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+    lora_dropout: float = 0.0
+    lora_modules_to_save: str = "score"
     tensorboard: bool = False  # also write every metrics row as TensorBoard scalars under OUT/tensorboard/
 
     def __post_init__(self):
@@ -208,6 +216,12 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise UserError("--max-steps must be at least 1")
+        if self.lora_rank < 0:
+            raise UserError(f"--lora-rank must be 0 (off) or positive, got {self.lora_rank}")
+        if self.lora_rank and self.lora_alpha <= 0:
+            raise UserError(f"--lora-alpha must be positive, got {self.lora_alpha:g}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout:g}")
 
 
 def asdict(cfg) -> dict:

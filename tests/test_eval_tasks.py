@@ -331,3 +331,155 @@ def test_chat_template_prompts_and_real_generation(model_dir, tok, forced, tmp_p
     m = T.run_eval(model_dir, [str(f), str(f)], out=tmp_path, quiet=True, max_new_tokens=4)
     r = m["tasks"][str(f)]
     assert r["n"] == 1 and isinstance(r["samples"][0]["reply"], str) and len(m["tasks"]) == 1
+
+
+# --------------------------------------------------------------------------- held-out check, reward tasks
+
+def dialogue(q, a, fam="arithmetic"):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"The answer is {a}."}],
+            "family": fam, "answers": [str(a)]}
+
+
+def test_builtin_tasks_are_checked_against_train_by_prompt_hash(model_dir, forced, tmp_path):
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    write_jsonl(chat / "heldout.jsonl", [dialogue("What is 1 + 1?", 2), dialogue("What is 2 + 5?", 7)])
+    write_jsonl(chat / "train.jsonl", [dialogue("What is 3 + 3?", 6)])
+    forced.reply = lambda text: " 2"
+    m = T.run_eval(model_dir, ["arithmetic"], heldout=str(chat / "heldout.jsonl"), out=tmp_path, quiet=True)
+    chk = m["tasks"]["arithmetic"]["never_trained"]
+    assert chk == {"checked": True, "against": str(chat / "train.jsonl"), "items": 2, "train_prompts": 1,
+                   "overlap": 0}
+    # the same question in train (after normalisation: case, spaces) is a leak: refused, named
+    write_jsonl(chat / "train.jsonl", [dialogue("what is 2  +  5?", 7)])
+    with pytest.raises(UserError, match=r"1 held-out item.*heldout.jsonl:2"):
+        T.run_eval(model_dir, ["arithmetic"], heldout=str(chat / "heldout.jsonl"), out=tmp_path, quiet=True)
+    (chat / "train.jsonl").unlink()
+    m = T.run_eval(model_dir, ["arithmetic"], heldout=str(chat / "heldout.jsonl"), out=tmp_path, quiet=True)
+    assert m["tasks"]["arithmetic"]["never_trained"]["checked"] is False
+
+
+def test_win_rate_by_hand():
+    r = T.win_rate([1.0, 0.5, 2.0, -1.0, 0.0], [0.0, 0.5, 3.0, -2.0, -0.5])
+    # wins: 1>0, -1>-2, 0>-0.5 -> 3; tie: 0.5=0.5; loss: 2<3 -> (3 + 0.5) / 5
+    assert (r["wins"], r["ties"], r["losses"]) == (3, 1, 1)
+    assert r["win_rate"] == pytest.approx(0.7)
+    assert r["win_rate_ci95"] == pytest.approx(1.96 * math.sqrt(0.7 * 0.3 / 5))
+    assert r["mean_margin"] == pytest.approx((1 + 0 - 1 + 1 + 0.5) / 5)
+    assert T.win_rate([1.0], [1.0])["win_rate"] == 0.5
+
+
+class LengthJudge:
+    """A stand-in reward model: the score of a conversation is the length of its last reply."""
+
+    def __init__(self):
+        self.seen = []
+
+    def score(self, conversations):
+        self.seen += conversations
+        return [float(len(c[-1]["content"])) for c in conversations]
+
+
+def test_reward_task_mean_score_and_win_rate(model_dir, tok, forced, tmp_path, monkeypatch):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "Tell me about the sea.", "family": "chat"},
+        {"prompt": [{"role": "user", "content": "Name a river."}], "chosen": "Nile", "rejected": "x"},
+        {"prompt": "Tell me about the sea.", "family": "chat"},  # a repeated prompt counts once
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "reference reply"}]}])
+    calls = []
+
+    def replies(text):  # model A's replies on its first generate_many call, B's on the second
+        a = {"sea": "waves", "river": "Nile", "Hi": "hello"}
+        b = {"sea": "water!", "river": "Nile", "Hi": "hi"}
+        which = a if len(calls) < 3 else b
+        calls.append(text)
+        return next(v for k, v in which.items() if k in text)
+
+    forced.reply = replies
+    judge = LengthJudge()
+    m = T.run_eval(model_dir, [f"reward:{prompts}"], reward_model=judge, compare=model_dir, out=tmp_path, quiet=True)
+    r = m["tasks"][f"reward:{prompts}"]
+    # A: "waves"(5) "Nile"(4) "hello"(5); B: "water!"(6) "Nile"(4) "hi"(2)
+    assert r["kind"] == "reward" and r["n"] == 3 and r["mean_reward"] == pytest.approx(14 / 3)
+    assert r["reward_std"] == pytest.approx(math.sqrt(((5 - 14 / 3) ** 2 * 2 + (4 - 14 / 3) ** 2) / 3))
+    assert r["mean_reward_b"] == pytest.approx(4.0)
+    assert (r["wins"], r["ties"], r["losses"]) == (1, 1, 1) and r["win_rate"] == pytest.approx(0.5)
+    assert r["reward_by_family"] == {"chat": 5.0, "text": 4.5}
+    # the judge saw chat conversations ending with each reply; the reference reply was dropped
+    assert judge.seen[2] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "hello"}]
+    # prompts went through the chat template
+    want, _ = tok.render_chat([{"role": "user", "content": "Name a river."}], add_generation_prompt=True)
+    assert forced.prompts[1] == want
+    assert r["samples"][0] == {"loc": f"{prompts}:1", "prompt": "Tell me about the sea.", "reply": "waves",
+                               "reward": 5.0, "reply_b": "water!", "reward_b": 6.0}
+    assert "win rate 50.0%" in T.format_table(m) and m["compare"] == str(model_dir)
+
+
+def test_reward_task_on_builtin_heldout_prompts(model_dir, forced, tmp_path):
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    write_jsonl(chat / "heldout.jsonl", [dialogue("What is 1 + 1?", 2), dialogue("Capital of Peru?", "Lima", "quiz"),
+                                         {"messages": [{"role": "user", "content": "Hello!"},
+                                                       {"role": "assistant", "content": "Hi."}], "family": "chatterbot"}])
+    write_jsonl(chat / "train.jsonl", [dialogue("What is 3 + 3?", 6)])
+    forced.reply = lambda text: "ok"
+    m = T.run_eval(model_dir, ["reward"], heldout=str(chat / "heldout.jsonl"), reward_model=LengthJudge(),
+                   out=tmp_path, quiet=True)
+    r = m["tasks"]["reward"]
+    assert r["n"] == 3 and r["mean_reward"] == 2.0 and r["never_trained"]["checked"] is True
+    assert set(r["reward_by_family"]) == {"arithmetic", "quiz", "chatterbot"} and "win_rate" not in r
+
+
+def test_reward_task_bad_input(model_dir, base_model, tmp_path):
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(UserError, match="--reward-model"):
+        T.run_eval(model_dir, [f"reward:{f}"], out=tmp_path, quiet=True)
+    with pytest.raises(UserError, match="--compare"):
+        T.run_eval(model_dir, [str(write_jsonl(tmp_path / "q.jsonl", [{"prompt": "q", "answer": "a"}]))],
+                   compare=model_dir, out=tmp_path, quiet=True)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"question": "where is the prompt?"}])
+    with pytest.raises(UserError, match=f"{bad}:2:.*\"prompt\""):
+        T.run_eval(model_dir, [f"reward:{bad}"], reward_model=LengthJudge(), out=tmp_path, quiet=True)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="empty"):
+        T.run_eval(model_dir, [f"reward:{empty}"], reward_model=LengthJudge(), out=tmp_path, quiet=True)
+    with pytest.raises(UserError, match="reward:prompts.jsonl"):
+        T.run_eval(model_dir, ["reward:"], reward_model=LengthJudge(), out=tmp_path, quiet=True)
+
+
+def test_a_model_without_a_reward_head_is_a_user_error(model_dir, tmp_path):
+    from conftest import cli
+
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    # the micro base model has no score head: exit 2 with a message, before anything is generated
+    assert cli("eval", model_dir, "--tasks", f"reward:{f}", "--reward-model", model_dir, "--out", tmp_path,
+               "--device", "cpu") == 2
+    assert cli("eval", model_dir, "--tasks", f"reward:{f}", "--out", tmp_path) == 2
+    assert cli("eval", model_dir, "--tasks", "no_such_task") == 2
+
+
+def test_reward_task_with_a_real_reward_head(model_dir, tmp_path):
+    """End to end through load_reward_model: an (untrained) score head on the micro model judges
+    real greedy replies; A against itself is all ties."""
+    from chatsmith.checkpoint import write_model_files
+
+    model = load_model(model_dir)
+    if not hasattr(model, "add_score_head"):
+        pytest.skip("the model has no score head yet")
+    torch.manual_seed(0)
+    model.add_score_head()
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    write_model_files(rm, model, model_dir, {"stage": "reward"})
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The king said"}, {"prompt": "Seven ships"}])
+    m = T.run_eval(model_dir, [f"reward:{f}"], reward_model=str(rm), compare=model_dir, out=tmp_path,
+                   quiet=True, max_new_tokens=4)
+    r = m["tasks"][f"reward:{f}"]
+    from chatsmith.train.reward import load_reward_model
+
+    judge = load_reward_model(rm)
+    want = judge.score([[{"role": "user", "content": s["prompt"]}, {"role": "assistant", "content": s["reply"]}]
+                        for s in r["samples"]])
+    assert [s["reward"] for s in r["samples"]] == pytest.approx(want, abs=1e-5)
+    assert r["ties"] == 2 and r["win_rate"] == 0.5 and m["reward_model"] == str(rm)

@@ -75,6 +75,7 @@ KINDS = {"exact_match": "answer/answers", "reference": "reference", "choice": "c
 _ROLES = ("system", "user", "assistant")
 TASK_FORMS = ("lm:PATH (loss, perplexity and bits-per-byte on .txt/.md/.jsonl files or a corpus folder), "
               f"{', '.join(BUILTIN_TASKS)} (the built-in held-out dialogues), "
+              "reward or reward:PATH.jsonl (replies scored by --reward-model, win rate with --compare), "
               "or PATH.jsonl (a task file: \"prompt\"/\"messages\" plus \"answer\"/\"answers\", "
               "\"reference\" or \"choices\" + \"label\")")
 
@@ -260,6 +261,88 @@ def read_dialogue_items(path: str | os.PathLike, family: str, what: str) -> list
         raise UserError(f"{p}: no {family} conversations with answers in the {what} (build the dialogues "
                         f"with `chatsmith data build --out data`, or pass --heldout PATH)")
     return out
+
+
+def read_prompt_items(path: str | os.PathLike, what: str) -> list[Item]:
+    """Prompts to generate replies for (reward tasks): one JSON object per line with ``prompt``
+    (a string, or a list of turns as in preference-pair files) or ``messages``; a trailing
+    assistant turn (a reference reply, a dialogue's answer) is dropped, other keys are ignored.
+    Repeated prompts are kept once (pair files repeat a prompt for each recipe)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such {what}" + (" (it is a folder)" if p.is_dir() else
+                                                  "; build the held-out dialogues with `chatsmith data build "
+                                                  "--out data`, or pass --heldout PATH" if what.startswith("held")
+                                                  else ""))
+    items, seen = [], set()
+    for lineno, obj in _read_jsonl(p, what):
+        loc = f"{p}:{lineno}"
+        msgs = obj.get("messages", obj.get("prompt"))
+        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+        if isinstance(msgs, str):
+            msgs = [{"role": "user", "content": msgs}]
+        if "messages" not in obj and "prompt" not in obj:
+            raise UserError(f"{loc}: a prompt line needs \"prompt\" (a string or a list of turns) or "
+                            f"\"messages\" (turns ending with the user's)")
+        it = Item(loc, _messages({"messages": msgs}, loc), "reward")
+        fam = obj.get("family")
+        it.family = fam if isinstance(fam, str) and fam.strip() else "text"
+        if it.key not in seen:
+            seen.add(it.key)
+            items.append(it)
+    if not items:
+        raise UserError(f"{p}: the {what} is empty; write one JSON object per line, e.g. "
+                        f"{{\"prompt\": \"Tell me about the sea.\"}}")
+    return items
+
+
+def check_never_trained(items: list[Item], heldout: str | os.PathLike, cache: dict | None = None) -> dict:
+    """Held-out items are never trained on: none of their prompt hashes
+    (:func:`chatsmith.data.dialogues.prompt_hash`, the hash the split itself uses) may occur in
+    the ``train.jsonl`` beside the held-out file. A leak is a UserError (the figures would be
+    meaningless); without a train file beside it the check is recorded as not done."""
+    from chatsmith.data.dialogues import prompt_hash
+
+    train = Path(heldout).with_name("train.jsonl")
+    if not train.is_file():
+        return {"checked": False, "reason": f"no {train} beside the held-out file"}
+    key = str(train)
+    if cache is None or key not in cache:
+        hashes = set()
+        for _, obj in _read_jsonl(train, "training dialogues"):
+            msgs = obj.get("messages")
+            if isinstance(msgs, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                              for m in msgs):
+                hashes.add(prompt_hash(msgs))
+        if cache is not None:
+            cache[key] = hashes
+    hashes = cache[key] if cache is not None else hashes
+    leaked = [it.loc for it in items if prompt_hash(it.messages) in hashes]
+    if leaked:
+        raise UserError(f"{len(leaked)} held-out item(s) have the same prompt as a conversation in {train} "
+                        f"(first: {leaked[0]}): scores on them would measure memorisation; rebuild the split "
+                        f"with `chatsmith data build` or remove them")
+    return {"checked": True, "against": key, "items": len(items), "train_prompts": len(hashes), "overlap": 0}
+
+
+def win_rate(scores_a: list[float], scores_b: list[float]) -> dict:
+    """A vs B judged per prompt by the reward model: a win when A's reply scores higher, a tie
+    (counted as half a win) when equal. ``ci95`` is the normal-approximation half-width."""
+    if len(scores_a) != len(scores_b):
+        raise ValueError("one score per prompt for each model")
+    n = len(scores_a)
+    wins = sum(a > b for a, b in zip(scores_a, scores_b))
+    ties = sum(a == b for a, b in zip(scores_a, scores_b))
+    rate = (wins + 0.5 * ties) / n if n else 0.0
+    return {"win_rate": rate, "wins": wins, "ties": ties, "losses": n - wins - ties,
+            "win_rate_ci95": 1.96 * (rate * (1 - rate) / n) ** 0.5 if n else 0.0,
+            "mean_margin": sum(a - b for a, b in zip(scores_a, scores_b)) / n if n else 0.0}
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5
 
 
 # --------------------------------------------------------------------------- templates
@@ -513,6 +596,7 @@ class Task:
     files: list[str] = field(default_factory=list)
     pool_source: str | None = None
     pool: list[Item] | None = None
+    never_trained: dict | None = None  # the held-out check by prompt hash (built-in tasks)
 
 
 def resolve_tasks(names: list[str], heldout: str | None, pool: str | None, need_pool: bool,
@@ -523,6 +607,7 @@ def resolve_tasks(names: list[str], heldout: str | None, pool: str | None, need_
     tasks = []
     heldout = heldout or DEFAULT_HELDOUT
     train_cache: dict[tuple[str, str], list[Item]] = {}
+    hash_cache: dict[str, set[str]] = {}
     for name in dict.fromkeys(names):
         if name.startswith("lm:"):
             path = name[3:]
@@ -534,11 +619,23 @@ def resolve_tasks(names: list[str], heldout: str | None, pool: str | None, need_
         elif name in BUILTIN_TASKS:
             items = read_dialogue_items(heldout, name, "held-out dialogues")[:limit]
             t = Task(name, "exact_match", items, [str(heldout)])
+            t.never_trained = check_never_trained(items, heldout, hash_cache)
             if need_pool:
                 train = str(Path(heldout).with_name("train.jsonl"))
                 if (train, name) not in train_cache:
                     train_cache[(train, name)] = read_dialogue_items(train, name, "training dialogues")
                 t.pool, t.pool_source = train_cache[(train, name)], train
+            tasks.append(t)
+        elif name == "reward" or name.startswith("reward:"):
+            if name == "reward":
+                items = read_prompt_items(heldout, "held-out dialogues")[:limit]
+                t = Task(name, "reward", items, [str(heldout)])
+                t.never_trained = check_never_trained(items, heldout, hash_cache)
+            else:
+                if not name[7:]:
+                    raise UserError(f"task {name!r}: give a prompt file after 'reward:', e.g. reward:prompts.jsonl")
+                items = read_prompt_items(name[7:], "prompt file")[:limit]
+                t = Task(name, "reward", items, [name[7:]])
             tasks.append(t)
         elif name.lower().endswith((".jsonl", ".ndjson")):
             items = read_task_file(name)[:limit]
@@ -649,6 +746,55 @@ def _run_choice(task: Task, model, tok, prompter: Prompter, k: int, seed: int, n
     return res
 
 
+def _generate_replies(engine, items: list[Item], max_new_tokens: int, seed: int) -> list[str | None]:
+    """Greedy chat-template replies; None where the prompt leaves no room in the context."""
+    from chatsmith.engine import SamplingParams
+
+    ctx = engine.model.cfg.max_seq_len
+    prompts = [engine.tok.render_chat(it.messages, add_generation_prompt=True)[0] for it in items]
+    todo = [i for i, p in enumerate(prompts) if len(p) < ctx]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=seed)
+    outs = engine.generate_many([prompts[i] for i in todo], params) if todo else []
+    replies: list[str | None] = [None] * len(items)
+    for i, c in zip(todo, outs):
+        replies[i] = c.text
+    return replies
+
+
+def _run_reward(task: Task, engine, scorer, engine_b, compare: str | None, max_new_tokens: int, seed: int,
+                n_samples: int) -> dict:
+    """Mean reward-model score of the model's replies; with a second model, both models' replies to
+    the same prompts are scored and A's win rate is reported. Replies are greedy, through the chat
+    template (a reward model scores chat conversations)."""
+    replies = _generate_replies(engine, task.items, max_new_tokens, seed)
+    replies_b = _generate_replies(engine_b, task.items, max_new_tokens, seed) if engine_b is not None else None
+    keep = [i for i in range(len(task.items))
+            if replies[i] is not None and (replies_b is None or replies_b[i] is not None)]
+    if not keep:
+        raise UserError(f"task {task.name}: no prompt fits the model's context with room to reply")
+    conv = lambda i, r: task.items[i].messages + [{"role": "assistant", "content": r[i]}]  # noqa: E731
+    scores = scorer.score([conv(i, replies) for i in keep])
+    mean, std = _mean_std(scores)
+    res = {"n": len(keep), "too_long": len(task.items) - len(keep), "mean_reward": mean, "reward_std": std}
+    fams: dict[str, list[float]] = {}
+    for i, sc in zip(keep, scores):
+        fams.setdefault(task.items[i].family, []).append(sc)
+    if len(fams) > 1:
+        res["reward_by_family"] = {f: sum(v) / len(v) for f, v in sorted(fams.items())}
+    scores_b = None
+    if replies_b is not None:
+        scores_b = scorer.score([conv(i, replies_b) for i in keep])
+        res.update(compare=compare, mean_reward_b=_mean_std(scores_b)[0], **win_rate(scores, scores_b))
+    samples = []
+    for j, i in enumerate(keep[:n_samples]):
+        s = {"loc": task.items[i].loc, "prompt": task.items[i].question, "reply": replies[i], "reward": scores[j]}
+        if scores_b is not None:
+            s.update(reply_b=replies_b[i], reward_b=scores_b[j])
+        samples.append(s)
+    res["samples"] = samples
+    return res
+
+
 def _run_lm(task: Task, model, tok, limit: int | None) -> dict:
     from chatsmith.data.corpus import iter_input_documents
     from chatsmith.eval.lm import score_documents
@@ -676,6 +822,11 @@ def format_table(metrics: dict) -> str:
             m = f"accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']})"
         elif kind == "reference":
             m = f"BLEU {r['bleu']:.2f}  chrF {r['chrf']:.2f}"
+        elif kind == "reward":
+            m = f"reward {r['mean_reward']:.3f} ± {r['reward_std']:.3f}"
+            if "win_rate" in r:
+                m += (f"  vs {Path(r['compare']).name} {r['mean_reward_b']:.3f}: win rate {r['win_rate']:.1%} "
+                      f"± {r['win_rate_ci95']:.1%} ({r['wins']}-{r['ties']}-{r['losses']})")
         else:
             m = f"acc {r['accuracy']:.3f}  acc_norm {r['accuracy_norm']:.3f}"
         rows.append((name, kind, str(r["n"]), m))
@@ -702,13 +853,17 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
              mode: str = "zero-shot", k: int = 3, limit: int | None = None, max_new_tokens: int = 64,
              seed: int = 0, templates_dir: str | os.PathLike | None = None, pool: str | None = None,
              heldout: str | None = None, chat: bool | None = None, device: str = "cpu",
-             n_samples: int = 3, quiet: bool = False, model=None, tok=None) -> dict:
+             n_samples: int = 3, quiet: bool = False, model=None, tok=None, reward_model=None,
+             compare: str | os.PathLike | None = None) -> dict:
     """Evaluate a model on ``tasks`` and write ``metrics.json`` into ``out`` (default
     ``MODEL_DIR/eval``); returns the metrics and prints a table unless ``quiet``.
 
     ``chat``: None decides from the checkpoint (chat template present and not a pretraining-stage
     model), False forces plain prompts (--no-chat), True the chat template. ``model``/``tok``
     may be passed already loaded (tests); otherwise they are loaded from ``model_dir``.
+    ``reward_model``: a directory with a reward head (or an object with ``.score(conversations)``),
+    needed by reward tasks; ``compare``: a second model directory whose replies the reward tasks
+    score too, giving the win rate of ``model_dir`` against it.
     """
     t0 = time.time()
     if isinstance(tasks, (str, os.PathLike)):
@@ -728,6 +883,29 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
     mc_template = load_template("zero-shot", templates_dir) if mode == "cot" else template
     need_pool = template.uses_examples or mc_template.uses_examples
     task_list = resolve_tasks(list(tasks), heldout, pool, need_pool, limit)
+    has_reward = any(t.kind == "reward" for t in task_list)
+    if has_reward and reward_model is None:
+        raise UserError("reward tasks need a reward model: pass --reward-model DIR (a model trained with "
+                        "`chatsmith reward`)")
+    if compare is not None and not has_reward:
+        raise UserError("--compare MODEL_B gives a win rate judged by the reward model: add a reward task "
+                        "(--tasks reward, or reward:PROMPTS.jsonl) and --reward-model DIR")
+    scorer = engine_b = None
+    if has_reward:  # load the judge (and model B) before anything is generated: bad paths fail fast
+        from chatsmith.train.trainer import resolve_device
+
+        if isinstance(reward_model, (str, os.PathLike)):
+            from chatsmith.train.reward import load_reward_model
+
+            scorer = load_reward_model(reward_model, device=resolve_device(device))
+        else:
+            scorer = reward_model
+        if compare is not None:
+            from chatsmith.checkpoint import load_model
+            from chatsmith.engine import Engine
+            from chatsmith.tokenizer import Tokenizer
+
+            engine_b = Engine(load_model(compare, device=resolve_device(device)), Tokenizer.load(compare))
 
     if model is None:
         from chatsmith.checkpoint import load_model
@@ -749,6 +927,13 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
                   + (f", {len(task.items)} items" if task.items else "") + ")", file=sys.stderr, flush=True)
         if task.kind == "lm":
             r = _run_lm(task, model, tok, limit)
+        elif task.kind == "reward":
+            if engine is None:
+                from chatsmith.engine import Engine
+
+                engine = Engine(model, tok)
+            r = _run_reward(task, engine, scorer, engine_b, None if compare is None else str(compare),
+                            max_new_tokens, seed, n_samples)
         elif task.kind == "choice":
             p = Prompter(tok, mc_template, use_chat, ctx, worked_examples=False)
             r = _run_choice(task, model, tok, p, k, seed, n_samples)
@@ -765,6 +950,8 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
             r["pool"] = task.pool_source
         if task.kind != "lm":
             r["files"] = task.files
+        if task.never_trained is not None:
+            r["never_trained"] = task.never_trained
         results[task.name] = {"kind": task.kind, **r}
 
     metrics = {
@@ -778,6 +965,8 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
         "max_new_tokens": max_new_tokens,
         "decoding": "greedy",
         "tasks": results,
+        **({"reward_model": str(reward_model)} if isinstance(reward_model, (str, os.PathLike)) else {}),
+        **({"compare": str(compare)} if compare is not None else {}),
         "seconds": round(time.time() - t0, 3),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -102,6 +102,9 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.master = self.rank == 0
         self.amp = autocast_dtype(cfg, self.device)
+        if cfg.lora_rank > 0:  # freeze the model, add adapters: the optimizer below sees only those
+            from chatsmith.model.lora import apply_lora_from_config
+            apply_lora_from_config(model, cfg)
         self.model = model.to(self.device)
         self.optimizer = self._make_optimizer()
         self.step = 0
@@ -178,15 +181,24 @@ class Trainer:
     def _try_resume(self) -> bool:
         """Load the newest readable checkpoint under out/checkpoints; corrupt ones are skipped."""
         for ckpt in reversed(list_checkpoints(self.out)):
+            if (ckpt / "adapter_config.json").exists() != (self.cfg.lora_rank > 0):
+                raise UserError(f"{ckpt} was trained {'with' if self.cfg.lora_rank == 0 else 'without'} LoRA: "
+                                f"resume with the --lora-* flags of that run")
             try:
                 state = json.loads((ckpt / "trainer_state.json").read_text())
-                weights = load_tensors(ckpt / "model.safetensors")
+                # with LoRA a checkpoint holds the adapters alone; the frozen base is already loaded
+                weights = load_tensors(ckpt / ("adapter_model.safetensors" if self.cfg.lora_rank > 0
+                                               else "model.safetensors"))
                 tensors = load_tensors(ckpt / "optimizer.safetensors")
             except (OSError, json.JSONDecodeError, UserError) as e:
                 self.log(f"warning: checkpoint {ckpt} is unreadable ({e}); trying an older one")
                 continue
-            from chatsmith.model.hf import from_hf_state_dict
-            self.unwrapped.load_state_dict(from_hf_state_dict(self.unwrapped.cfg, weights), strict=True)
+            if self.cfg.lora_rank > 0:
+                from chatsmith.model.lora import load_adapter_state_dict
+                load_adapter_state_dict(self.unwrapped, weights, where=str(ckpt / "adapter_model.safetensors"))
+            else:
+                from chatsmith.model.hf import from_hf_state_dict
+                self.unwrapped.load_state_dict(from_hf_state_dict(self.unwrapped.cfg, weights), strict=True)
             opt_sd = self.optimizer.state_dict()
             for i in opt_sd["state"].keys() | {int(k.split(".")[1]) for k in tensors if k.startswith("optim.")}:
                 keys = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
@@ -274,6 +286,9 @@ class Trainer:
         self.model = model
         model.train()
         n_params = sum(p.numel() for p in self.unwrapped.parameters())
+        if cfg.lora_rank > 0:
+            from chatsmith.model.lora import summary
+            self.log(summary(self.unwrapped))
         self.log(f"training {getattr(self.stage, 'name', 'model')}: {n_params / 1e6:.2f}M parameters on "
                  f"{self.device}{' x' + str(self.world) if self.world > 1 else ''}, "
                  f"{'bf16 autocast' if self.amp else 'fp32'}{', compiled' if cfg.compile else ''}")
