@@ -32,7 +32,7 @@ from chatsmith.errors import UserError
 from chatsmith.interop.common import build_model, write_imported
 
 SUPPORTED_IN = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-EXPORT_TYPES = ("f32", "f16", "q8_0")
+EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
 
 # tokenizer.ggml.pre names -> the pre-tokenizer that reproduces llama.cpp's split regexes
 _DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b", "command-r"}
@@ -299,9 +299,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16") -> P
                         f"(export it with --format hf and convert it with llama.cpp's convert_hf_to_gguf.py)")
     tokens, types, merges, tcfg, pre = gguf_vocab(d, cfg.vocab_size)
     ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
-    qt = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-          "q8_0": gguf.GGMLQuantizationType.Q8_0}[qtype]
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+             "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[qtype]
+    qt = getattr(gguf.GGMLQuantizationType, qtype.upper())
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out.name}-", dir=out.parent)
     os.close(fd)
@@ -350,10 +350,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16") -> P
             elif hname.endswith("k_proj.weight"):
                 t = hf_to_gguf_rope(t, cfg.n_kv_head)
             arr = t.numpy()
-            # 1-D tensors (norms, biases) stay F32 as llama.cpp keeps them; Q8_0 needs rows that
-            # are whole 32-value blocks, else F16 (llama.cpp's converter falls back the same way)
+            # 1-D tensors (norms, biases) stay F32 as llama.cpp keeps them; the Q types need rows
+            # of whole 32-value blocks, else F16 (llama.cpp's converter falls back the same way)
             tt = qt if arr.ndim == 2 else gguf.GGMLQuantizationType.F32
-            if tt == gguf.GGMLQuantizationType.Q8_0 and arr.shape[-1] % 32:
+            if qtype.startswith("q") and arr.ndim == 2 and arr.shape[-1] % 32:
                 tt = gguf.GGMLQuantizationType.F16
             w.add_tensor(names[hname], gguf.quants.quantize(arr, tt), raw_dtype=tt)
         w.write_header_to_file()

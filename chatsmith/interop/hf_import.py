@@ -19,7 +19,7 @@ from chatsmith.errors import UserError
 from chatsmith.interop.common import build_model, write_imported
 
 # buffers old checkpoints saved next to the weights; our model rebuilds them
-_DROP_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+_DROP_SUFFIXES = (".rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")  # not c_attn.bias
 
 
 def _read_json(f: Path) -> dict:
