@@ -1,6 +1,8 @@
-"""The one generation engine: KV-cached decoding with per-request sampling settings.
+"""The one generation engine: continuous batching over a slot KV cache, per-request sampling.
 
-`generate` returns finished completions; `stream` yields text as it is decoded. Sampling is
+Requests of any prompt length share one forward pass per decoding step; new ones join between
+steps and finished or cancelled ones leave at once (`Engine.step`). `generate` returns finished
+completions, `generate_many` batches many prompts, `stream` yields text as it is decoded. Sampling is
 temperature / top-k / top-p (nucleus, Holtzman et al. 2020) / repetition penalty (CTRL, Keskar et
 al. 2019); temperature 0 is greedy; `num_beams > 1` is beam search. Stop strings are matched on
 the decoded text, never appear in the output, and streamed text is held back while it could still
@@ -9,6 +11,8 @@ be the start of a stop string.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -29,9 +33,11 @@ class SamplingParams:
     num_return_sequences: int = 1
     num_beams: int = 1
     length_penalty: float = 1.0  # beam search: score / length**length_penalty
+    logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token (echo scoring); allows max_new_tokens=0
 
     def validate(self):
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):
             raise UserError("max_new_tokens must be at least 1")
         if self.temperature < 0:
             raise UserError("temperature must be >= 0 (0 is greedy)")
@@ -53,6 +59,10 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (end token or stop string) | "length"
     score: float | None = None  # beam search: length-normalised log-probability
+    # with SamplingParams.logprobs: (token id, log-probability, [(id, log-probability)] alternatives)
+    # per generated token (under the model's raw distribution, before temperature and filters)
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None  # the same per prompt token; None for the first
 
 
 def process_logits(logits: torch.Tensor, p: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
@@ -100,106 +110,399 @@ class StopMatcher:
         return n
 
 
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, stream) pairs over the seed space
+
+
+class Detokenizer:
+    """Incremental detokenization: text grows by the decode of the newest tokens only, so a long
+    reply costs O(1) per token instead of re-decoding everything. Text is committed only at
+    character boundaries: a token that ends inside a multi-byte UTF-8 character is held until the
+    rest arrives (byte-level BPE splits characters such as 你 across tokens)."""
+
+    __slots__ = ("tok", "ids", "prefix", "read", "text")
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.prefix, self.read, self.text = tok, [], 0, 0, ""
+
+    def push(self, t: int) -> str:
+        self.ids.append(t)
+        new = self.tok.decode(self.ids[self.prefix:])
+        if new.endswith("\ufffd") and len(self.ids) - self.read < 8:
+            return ""  # incomplete character; after 8 tokens it is real garbage: let it through
+        old = self.tok.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        delta = new[len(old):]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        if self.read == len(self.ids):
+            return ""
+        new = self.tok.decode(self.ids[self.prefix:])
+        old = self.tok.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        self.prefix = self.read = len(self.ids)
+        self.text += new[len(old):]
+        return new[len(old):]
+
+
+class Seq:
+    """One decoded sequence (a request with n > 1 has n): its slot row, tokens, text, sampler."""
+
+    __slots__ = ("req", "index", "row", "out", "detok", "text", "emitted", "finish", "gen", "lps", "new_lps",
+                 "history")
+
+    def __init__(self, req: "Request", index: int, tok):
+        self.req, self.index, self.row = req, index, -1
+        self.out: list[int] = []
+        self.detok = Detokenizer(tok)
+        self.text, self.emitted, self.finish = "", 0, None
+        self.gen = None
+        self.lps: list | None = [] if req.params.logprobs is not None else None
+        self.new_lps: list = []  # logprob entries not yet handed out with an event
+        self.history = None
+
+
+@dataclass
+class Event:
+    """What one step produced for one sequence: new text (held back while it could still be part of
+    a stop string), the logprob entries of the tokens decoded since the last event, and the finish
+    reason once the sequence is done."""
+
+    req: "Request"
+    index: int
+    text: str
+    logprobs: list
+    finish_reason: str | None = None
+
+
+class Request:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, budget: int, seed: int, tok, stream_id: int):
+        self.prompt_ids, self.params, self.budget = prompt_ids, params, budget
+        self.seqs = [Seq(self, i, tok) for i in range(params.num_return_sequences)]
+        self.seed, self.stream_id = seed, stream_id
+        self.stopper = StopMatcher(params.stop)
+        self.prompt_logprobs: list | None = None
+        self.completions: list[Completion] | None = None
+        self.cancelled = False
+        self.user = None  # the caller's handle (the server's response queue)
+
+    @property
+    def finished(self) -> bool:
+        return self.completions is not None
+
+
 class Engine:
-    def __init__(self, model, tokenizer):
+    """Continuous batching over a slot KV cache (see `GPT.decode_step`).
+
+    A request is prefilled alone into its slot row(s) (one per sample; the n samples of a request
+    share one prefill), then every active row advances one token per `step` in a single forward
+    pass, each at its own length with its own sampling settings. Requests join between steps as
+    rows free up; a finished or cancelled request's rows are released at once and the last rows
+    moved into the hole, so the batch stays packed at rows [0, B). Single-threaded by design: the
+    server drives it from one scheduler thread.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 32):
         self.model = model.eval()
         self.tok = tokenizer
         self.device = next(model.parameters()).device
-        self.eos_ids = {tokenizer.eos_id} | set(getattr(tokenizer, "stop_ids", ()))  # imported models' end tokens
+        self.eos_ids = {tokenizer.eos_id}
         for t in ("<|assistant_end|>",):
             i = tokenizer.token_to_id(t)
             if i is not None:
                 self.eos_ids.add(i)
+        self.max_batch = max_batch
+        self.cache = None
+        self.rows: list[Seq] = []  # row r of the cache holds self.rows[r]
+        self.lens: list[int] = []  # tokens in each row's slot (a Python mirror: no device sync)
+        self.waiting: deque[Request] = deque()
+        self._streams = 0
+        self._token_bytes: list[bytes] | None = None
 
+    # --- requests ------------------------------------------------------------------------------
     def _check(self, prompt_ids: list[int], p: SamplingParams) -> int:
         p.validate()
         ctx = self.model.cfg.max_seq_len
         if not prompt_ids:
             raise UserError("the prompt is empty")
-        if len(prompt_ids) >= ctx:
+        if len(prompt_ids) >= ctx + (p.max_new_tokens == 0):
             raise UserError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {ctx}")
+        bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.cfg.vocab_size - 1})")
         return min(p.max_new_tokens, ctx - len(prompt_ids))
 
-    @torch.no_grad()
+    def add_request(self, prompt_ids: list[int], p: SamplingParams, stream_id: int | None = None) -> Request:
+        """Queue a request; it joins the batch at the next `step` that has rows for it.
+        stream_id: with a fixed seed, requests with different stream ids get different samples
+        (generate_many sends the same prompt several times for RL groups)."""
+        if p.num_beams > 1:
+            raise UserError("beam search is not batched: use generate() for num_beams > 1")
+        budget = self._check(list(prompt_ids), p)
+        # no seed: draw one from torch's global generator, so torch.manual_seed makes a whole run
+        # (e.g. RL rollouts) reproducible without touching the global generator's state otherwise
+        seed = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
+        if stream_id is None:
+            stream_id = 0
+        req = Request(list(prompt_ids), p, budget, seed, self.tok, stream_id)
+        self.waiting.append(req)
+        return req
+
+    @torch.inference_mode()
+    def cancel(self, req: Request):
+        """Drop a request now: a waiting one leaves the queue, a running one frees its rows."""
+        if req.finished:
+            return
+        req.cancelled = True
+        if req in self.waiting:
+            self.waiting.remove(req)
+        else:
+            for s in sorted((s for s in req.seqs if s.row >= 0), key=lambda s: -s.row):
+                self._release(s)
+        self._complete(req, "cancelled")
+
+    @property
+    def num_active(self) -> int:
+        return len(self.rows)
+
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    # --- the slot cache --------------------------------------------------------------------------
+    def _ensure_cache(self, rows: int):
+        if self.cache is not None and self.cache.n_slots >= rows:
+            return
+        assert not self.rows, "the cache can only grow while no request is running"
+        self.cache = self.model.new_slot_cache(rows, self.model.cfg.max_seq_len)
+
+    def _release(self, s: Seq):
+        """Free s's row; the last row moves into it so rows stay packed."""
+        r, last = s.row, len(self.rows) - 1
+        if r != last:
+            moved = self.rows[last]
+            self.cache.move_row(last, r, self.lens[last])
+            self.rows[r], self.lens[r], moved.row = moved, self.lens[last], r
+        self.rows.pop()
+        self.lens.pop()
+        s.row = -1
+
+    def _complete(self, req: Request, reason: str | None = None):
+        comps = []
+        for s in req.seqs:
+            if s.finish is None:
+                s.finish = reason or "length"
+            comps.append(Completion(s.out, s.text, s.finish, logprobs=s.lps, prompt_logprobs=req.prompt_logprobs))
+        req.completions = comps
+
+    # --- one step --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting requests that fit (prefill + first token), then decode one token for every
+        active row in one forward pass. Returns what each sequence produced."""
+        events: list[Event] = []
+        while self.waiting and len(self.rows) + self.waiting[0].params.num_return_sequences <= self.max_batch:
+            self._admit(self.waiting.popleft(), events)
+        if self.rows:
+            B = len(self.rows)
+            idx = torch.tensor([s.out[-1] for s in self.rows], device=self.device)
+            logits = self.model.decode_step(idx, self.cache, span=max(self.lens) + 1)
+            for r in range(B):
+                self.lens[r] += 1
+            self._advance(list(self.rows), logits, events)
+        return events
+
+    def _admit(self, req: Request, events: list[Event]):
+        n = len(req.seqs)
+        self._ensure_cache(max(self.max_batch, n))
+        r0 = len(self.rows)
+        T = len(req.prompt_ids)
+        x = torch.tensor([req.prompt_ids], device=self.device)
+        h = self.model.hidden_states(x, cache=self.cache.row_view(r0))[0]  # (T, d)
+        self.cache.lens[r0] = T
+        if req.params.prompt_logprobs is not None:  # echo + logprobs: score every prompt token
+            logp = self.model.lm_head(h).float().log_softmax(-1)
+            entries = [None]
+            for t in range(1, T):
+                entries.append(self._lp_entry(logp[t - 1], req.prompt_ids[t], req.params.prompt_logprobs))
+            req.prompt_logprobs = entries
+            logits = logp[-1:]  # log-softmax preserves the argmax and the sampling distribution
+        else:
+            logits = self.model.lm_head(h[-1:])
+        for i, s in enumerate(req.seqs):
+            if i:
+                self.cache.move_row(r0, r0 + i, T)
+            s.row = r0 + i
+            self.rows.append(s)
+            self.lens.append(T)
+            g = torch.Generator(device=self.device)
+            g.manual_seed((req.seed + (req.stream_id * 1_000_003 + i) * _MIX) % (1 << 63))
+            s.gen = g
+        if req.budget == 0:  # scoring only (echo with max_tokens 0)
+            for s in sorted(req.seqs, key=lambda s: -s.row):
+                self._release(s)
+            self._complete(req, "length")
+            for s in req.seqs:
+                events.append(Event(req, s.index, "", [], "length"))
+            return
+        self._advance(req.seqs, logits.expand(n, -1), events)
+
+    def _lp_entry(self, logp_row: torch.Tensor, t: int, top: int):
+        """(token id, logprob, [(id, logprob) of the `top` most likely]) from a log-softmax row."""
+        alts = []
+        if top > 0:
+            v, i = logp_row.topk(top)
+            alts = list(zip(i.tolist(), v.tolist()))
+        return t, float(logp_row[t]), alts
+
+    def _advance(self, seqs: list[Seq], logits: torch.Tensor, events: list[Event]):
+        """Sample one token for each of seqs (row i of logits), append it, emit text, retire the done."""
+        toks = self._sample(seqs, logits)
+        need_lp = [i for i, s in enumerate(seqs) if s.lps is not None]
+        if need_lp:
+            logp = logits[need_lp].float().log_softmax(-1)
+            for j, i in enumerate(need_lp):
+                seqs[i].new_lps.append(self._lp_entry(logp[j], toks[i], seqs[i].req.params.logprobs))
+        done = []
+        for s, t in zip(seqs, toks):
+            req = s.req
+            if t in self.eos_ids:
+                s.finish = "stop"
+                if s.new_lps:
+                    s.new_lps.pop()  # the end token is not part of the reply
+            else:
+                s.out.append(t)
+                before = len(s.text)
+                delta = s.detok.push(t)
+                if delta:
+                    s.text += delta
+                    if req.stopper.stops:
+                        cut = req.stopper.find(s.text, before)
+                        if cut >= 0:
+                            s.text, s.finish = s.text[:cut], "stop"
+                if s.finish is None and len(s.out) >= req.budget:
+                    s.finish = "length"
+            if s.finish == "length" or (s.finish == "stop" and t in self.eos_ids):
+                tail = s.detok.flush()  # bytes held back for an unfinished character
+                if tail:
+                    s.text += tail
+                    cut = req.stopper.find(s.text, len(s.text) - len(tail)) if req.stopper.stops else -1
+                    if cut >= 0:
+                        s.text = s.text[:cut]
+            safe = len(s.text) if s.finish else req.stopper.safe_len(s.text)
+            if safe > s.emitted or s.finish or s.new_lps and s.lps is not None and safe > s.emitted:
+                piece = s.text[s.emitted:safe] if safe > s.emitted else ""
+                if piece or s.finish:
+                    lps = s.new_lps
+                    if s.lps is not None:
+                        s.lps.extend(lps)
+                        s.new_lps = []
+                    events.append(Event(req, s.index, piece, lps, s.finish))
+                    s.emitted = max(s.emitted, safe)
+            if s.finish:
+                done.append(s)
+        for s in sorted(done, key=lambda s: -s.row):
+            self._release(s)
+        for req in {id(s.req): s.req for s in done}.values():
+            if all(x.finish for x in req.seqs) and not req.finished:
+                self._complete(req)
+
+    def _sample(self, seqs: list[Seq], logits: torch.Tensor) -> list[int]:
+        """Next token per row, each row with its own settings and its own seeded generator.
+
+        Vectorised over rows: temperature as a column, top-k / top-p on one sort of the batch, and
+        inverse-CDF sampling with one uniform number per row from that row's generator, so a
+        request's samples do not depend on what else shares the batch."""
+        ps = [s.req.params for s in seqs]
+        penal = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]
+        if penal:
+            logits = logits.float().clone()
+            for i in penal:
+                s = seqs[i]
+                hist = torch.tensor([s.req.prompt_ids + s.out], device=logits.device)
+                logits[i:i + 1] = process_logits(logits[i:i + 1], SamplingParams(
+                    temperature=0, repetition_penalty=ps[i].repetition_penalty), hist)
+        greedy = [i for i, p in enumerate(ps) if p.temperature == 0]
+        if len(greedy) == len(seqs):
+            return logits.argmax(-1).tolist()
+        out = [0] * len(seqs)
+        if greedy:
+            for i, t in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                out[i] = t
+        samp = [i for i, p in enumerate(ps) if p.temperature > 0]
+        lg = logits[samp].float() if len(samp) < len(seqs) else logits.float()
+        sp = [ps[i] for i in samp]
+        lg = lg / torch.tensor([p.temperature for p in sp], device=lg.device)[:, None]
+        u = torch.cat([torch.rand(1, generator=seqs[i].gen, device=lg.device) for i in samp])
+        V = lg.shape[-1]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in sp):
+            lg, order = lg.sort(dim=-1, descending=True)
+            if any(p.top_k > 0 for p in sp):
+                k = torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in sp], device=lg.device)
+                kth = lg.gather(1, (k - 1)[:, None])
+                lg = lg.masked_fill(lg < kth, float("-inf"))
+            probs = lg.softmax(-1)
+            if any(p.top_p < 1.0 for p in sp):
+                top_p = torch.tensor([p.top_p for p in sp], device=lg.device)[:, None]
+                # drop a token when the tokens ranked above it already cover top_p of the mass
+                probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+        else:
+            order, probs = None, lg.softmax(-1)
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=V - 1)
+        if order is not None:
+            pick = order.gather(1, pick)
+        for i, t in zip(samp, pick[:, 0].tolist()):
+            out[i] = t
+        return out
+
+    # --- the public API ---------------------------------------------------------------------------
+    def run_until_done(self, reqs: list[Request]):
+        while not all(r.finished for r in reqs):
+            self.step()
+
     def stream(self, prompt_ids: list[int], p: SamplingParams) -> Iterator[tuple[int, str]]:
         """Yield (sequence index, new text) as tokens are decoded; then the Completions are in
-        `self.last`. Sampling only (beam search has no meaningful partial output)."""
+        `self.last`. Closing the generator early cancels the request and frees its rows."""
         if p.num_beams > 1:
-            for c in self._beam(prompt_ids, p):
+            self.last = self._beam(prompt_ids, p)
+            for c in self.last:
                 yield 0, c.text
             return
-        yield from self._sample([prompt_ids] * p.num_return_sequences, p)
-
-    def _sample(self, prompts: list[list[int]], p: SamplingParams) -> Iterator[tuple[int, str]]:
-        """Decode a batch of equally long prompts together, one forward pass per step."""
-        n = len(prompts)
-        budget = min(self._check(ids, p) for ids in prompts)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(p.seed if p.seed is not None else torch.seed())
-        cache = self.model.new_cache(n, len(prompts[0]) + budget)
-        x = torch.tensor(prompts, device=self.device)
-        logits = self.model(x, cache=cache)[:, -1]
-        out = [[] for _ in range(n)]
-        texts, emitted = [""] * n, [0] * n
-        done = [None] * n  # finish reason per row
-        stopper = StopMatcher(p.stop)
-        history = x
-        for _ in range(budget):
-            lg = process_logits(logits, p, history if p.repetition_penalty != 1.0 else None)
-            if p.temperature == 0:
-                nxt = lg.argmax(-1)
-            else:
-                nxt = torch.multinomial(lg.softmax(-1), 1, generator=gen).squeeze(1)
-            for i in range(n):
-                if done[i]:
-                    continue
-                t = int(nxt[i])
-                if t in self.eos_ids:
-                    done[i] = "stop"
-                else:
-                    out[i].append(t)
-                    text = self.tok.decode(out[i])
-                    cut = stopper.find(text, len(texts[i]))
-                    if cut >= 0:
-                        text, done[i] = text[:cut], "stop"
-                    texts[i] = text
-                safe = len(texts[i]) if done[i] else stopper.safe_len(texts[i])
-                if safe > emitted[i]:
-                    yield i, texts[i][emitted[i]:safe]
-                    emitted[i] = safe
-            if all(done):
-                break
-            history = torch.cat([history, nxt[:, None]], 1)
-            logits = self.model(nxt[:, None], cache=cache)[:, -1]
-        for i in range(n):
-            if not done[i]:
-                done[i] = "length"
-                if len(texts[i]) > emitted[i]:
-                    yield i, texts[i][emitted[i]:]
-        self.last = [Completion(out[i], texts[i], done[i]) for i in range(n)]
+        req = self.add_request(prompt_ids, p)
+        try:
+            while not req.finished:
+                for ev in self.step():
+                    if ev.req is req and ev.text:
+                        yield ev.index, ev.text
+        finally:
+            if not req.finished:
+                self.cancel(req)
+        self.last = req.completions
 
     def generate(self, prompt_ids: list[int], p: SamplingParams) -> list[Completion]:
         if p.num_beams > 1:
             return self._beam(prompt_ids, p)
-        for _ in self.stream(prompt_ids, p):
-            pass
-        return self.last
+        req = self.add_request(prompt_ids, p)
+        self.run_until_done([req])
+        self.last = req.completions
+        return req.completions
 
     def generate_many(self, prompts: list[list[int]], p: SamplingParams, max_batch: int = 32) -> list[Completion]:
-        """One completion per prompt. Prompts of equal length are decoded together in batches."""
+        """One completion per prompt, in prompt order. Prompts of any lengths are decoded together,
+        up to max_batch rows at a time; a finished row is refilled with the next prompt at once.
+        With a fixed seed, prompt i gets its own sample stream (same prompt twice: two samples)."""
         p.validate()
-        by_len: dict[int, list[int]] = {}
-        for i, ids in enumerate(prompts):
-            by_len.setdefault(len(ids), []).append(i)
-        res: list[Completion | None] = [None] * len(prompts)
-        for idx in by_len.values():
-            for k in range(0, len(idx), max_batch):
-                chunk = idx[k:k + max_batch]
-                for _ in self._sample([prompts[i] for i in chunk], p):
-                    pass
-                for i, c in zip(chunk, self.last):
-                    res[i] = c
-        return res
+        p1 = dataclasses.replace(p, num_return_sequences=1)
+        if p.num_beams > 1:
+            return [self._beam(ids, p1)[0] for ids in prompts]
+        saved = self.max_batch
+        self.max_batch = max(1, max_batch) if not self.rows else saved
+        try:
+            reqs = [self.add_request(ids, p1, stream_id=i) for i, ids in enumerate(prompts)]
+            self.run_until_done(reqs)
+        finally:
+            self.max_batch = saved
+        return [r.completions[0] for r in reqs]
 
     @torch.no_grad()
     def _beam(self, prompt_ids: list[int], p: SamplingParams) -> list[Completion]:

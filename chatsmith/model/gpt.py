@@ -174,6 +174,41 @@ class KVCache:
         self.v = [v.index_select(0, index) for v in self.v]
 
 
+class SlotCache:
+    """KV cache for continuous batching: row r is one request's slot, at its own length lens[r].
+
+    (n_slots, G, max_len, D) per layer, allocated once. A request is prefilled into its row
+    through `row_view` (an ordinary KVCache over that row, so the normal forward writes it), then
+    decoded together with every other active row by `GPT.decode_step`, one token per row and step.
+    The engine keeps active rows packed at [0, B): a finished row is overwritten by the last one
+    (`move_row`), so a step never computes on empty slots.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, device, dtype):
+        shape = (n_slots, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.lens = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.n_slots, self.max_len = n_slots, max_len
+        self.rows = torch.arange(n_slots, device=device)
+        self.positions = torch.arange(max_len, device=device)
+
+    def row_view(self, r: int, start: int = 0) -> KVCache:
+        """A KVCache whose tensors are views of row r, filled up to `start`: writes land in the slot."""
+        c = KVCache.__new__(KVCache)
+        c.k = [k[r:r + 1] for k in self.k]
+        c.v = [v[r:r + 1] for v in self.v]
+        c.max_len, c.pos = self.max_len, start
+        return c
+
+    def move_row(self, src: int, dst: int, length: int):
+        """Copy the first `length` positions of row src into row dst (compaction, or sharing a
+        prefilled prompt between the n samples of one request)."""
+        for t in (*self.k, *self.v):
+            t[dst, :, :length].copy_(t[src, :, :length])
+        self.lens[dst] = length
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -213,6 +248,28 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
+    def decode(self, x, cos, sin, cache: SlotCache, pos, mask):
+        """One new token per row (x: (B, 1, d)), row b at position pos[b]: write its key/value into
+        its slot, attend over the slot's keys [0, pos[b]] (mask (B, 1, 1, S) hides the rest)."""
+        cfg = self.cfg
+        B = x.shape[0]
+        H, G, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        q = self.q_proj(x).view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
+        k = self.k_proj(x).view(B, G, D)
+        v = self.v_proj(x).view(B, G, D)
+        if cos is not None:  # cos/sin: (B, 1, 1, D), each row's own position
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k, cos[:, 0], sin[:, 0])
+        kc, vc = cache.k[self.layer], cache.v[self.layer]
+        rows = cache.rows[:B]
+        kc[rows, :, pos] = k.to(kc.dtype)  # (B, G, D) scattered to each row's own position
+        vc[rows, :, pos] = v.to(vc.dtype)
+        S = mask.shape[-1]
+        k, v = kc[:B, :, :S].to(q.dtype), vc[:B, :, :S].to(q.dtype)
+        # enable_gqa lets each key/value head serve H/G query heads without copying the cache
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=G != H)
+        return self.o_proj(y.transpose(1, 2).reshape(B, 1, H * D))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -241,6 +298,10 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache):
         x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, cache))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+    def decode(self, x, cos, sin, cache, pos, mask):
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Trunk(nn.Module):
@@ -349,3 +410,35 @@ class GPT(nn.Module):
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, p.device, dtype or p.dtype)
+
+    def new_slot_cache(self, n_slots: int, max_len: int | None = None, dtype=None) -> SlotCache:
+        p = self.lm_head.weight
+        return SlotCache(self.cfg, n_slots, max_len or self.cfg.max_seq_len, p.device, dtype or p.dtype)
+
+    def decode_step(self, idx, cache: SlotCache, span: int | None = None):
+        """Logits (B, V) for one new token per slot row 0..B-1 (idx: (B,)), each at its own position
+        cache.lens[b]; advances those lengths by one. `span` = max(lens[:B]) + 1 when the caller
+        knows it (saves a device sync); attention covers only that many positions."""
+        B = idx.shape[0]
+        pos = cache.lens[:B]
+        if span is None:
+            span = int(pos.max()) + 1
+        if span > cache.max_len:
+            raise ValueError(f"KV cache full: position {span - 1} >= {cache.max_len}")
+        x = self.model.embed_tokens(idx)[:, None]  # (B, 1, d)
+        cos = sin = None
+        if self.cfg.arch == "gpt2":
+            x = x + self.model.embed_positions(pos)[:, None]
+        else:
+            cos = self.rope_cos[pos].to(x.dtype)[:, None, None]  # (B, 1, 1, D)
+            sin = self.rope_sin_signed[pos].to(x.dtype)[:, None, None]
+        # row b sees keys 0..pos[b] (its own new key included); the rest of the span is another
+        # row's longer history or stale data from a previous occupant of the slot. An additive
+        # float mask: CPU SDPA with a boolean mask over the strided cache slice takes a slow path
+        # (~100x slower at these sizes)
+        mask = torch.zeros(B, 1, 1, span, dtype=x.dtype, device=x.device).masked_fill_(
+            (cache.positions[:span] > pos[:, None])[:, None, None], float("-inf"))
+        for block in self.model.layers:
+            x = block.decode(x, cos, sin, cache, pos, mask)
+        cache.lens[:B] += 1
+        return self.lm_head(self.model.norm(x))[:, 0]

@@ -1,0 +1,120 @@
+"""Continuous batching: the slot KV cache, batched decoding equal to one-at-a-time decoding, requests
+joining and leaving between steps, cancellation, logprobs, incremental detokenization."""
+
+import pytest
+import torch
+
+from chatsmith.checkpoint import load_model
+from chatsmith.config import preset
+from chatsmith.engine import Detokenizer, Engine, SamplingParams
+from chatsmith.model.gpt import GPT
+from chatsmith.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(base_model):
+    return Engine(load_model(base_model), Tokenizer.load(base_model), max_batch=8)
+
+
+def prompts(engine):
+    texts = ["The king said", "In 1805 there were", "Love", "she was the queen of the river and the sea",
+             "春眠不觉晓", "A", "The night", "war and peace and time and the world"]
+    return [engine.tok.encode(t, bos=True) for t in texts]
+
+
+@pytest.mark.parametrize("arch,kw", [("llama", dict(n_kv_head=2)), ("llama", {}), ("gpt2", {})])
+def test_decode_step_matches_full_forward(arch, kw):
+    """Rows at different lengths decoded in one pass give the logits of a full uncached forward."""
+    torch.manual_seed(0)
+    m = GPT(preset("micro", arch=arch, vocab_size=97, **kw)).eval()
+    ps = [torch.randint(0, 97, (n,)).tolist() for n in (5, 17, 2)]
+    cont = [torch.randint(0, 97, (4,)).tolist() for _ in ps]
+    cache = m.new_slot_cache(4, 64)
+    with torch.no_grad():
+        cache.k[0].fill_(1e4)  # stale garbage from an earlier occupant must be masked out
+        for r, p in enumerate(ps):
+            m(torch.tensor([p]), cache=cache.row_view(r))
+            cache.lens[r] = len(p)
+        for t in range(4):
+            logits = m.decode_step(torch.tensor([c[t] for c in cont]), cache)
+            for r in range(3):
+                ref = m(torch.tensor([ps[r] + cont[r][:t + 1]]))[0, -1]
+                torch.testing.assert_close(logits[r], ref, atol=1e-5, rtol=1e-5)
+        assert cache.lens[:3].tolist() == [9, 21, 6]
+
+
+def test_batched_greedy_equals_one_at_a_time(engine):
+    ps = prompts(engine)
+    p = SamplingParams(max_new_tokens=24, temperature=0)
+    solo = [engine.generate(ids, p)[0] for ids in ps]
+    # 3 rows for 8 prompts: rows free up at different steps and the next prompt joins mid-batch
+    for max_batch in (3, 8):
+        many = engine.generate_many(ps, p, max_batch=max_batch)
+        assert [c.token_ids for c in many] == [c.token_ids for c in solo]
+        assert [c.text for c in many] == [c.text for c in solo]
+        assert [c.finish_reason for c in many] == [c.finish_reason for c in solo]
+    assert engine.num_active == 0
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine):
+    ps = prompts(engine)
+    p = SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=40, seed=5)
+    a = engine.generate_many(ps, p, max_batch=8)
+    b = engine.generate_many(ps, p, max_batch=2)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    # the same prompt twice in one call gets two different samples (RL groups rely on this)
+    twice = engine.generate_many([ps[0]] * 4, SamplingParams(max_new_tokens=16, temperature=1.0, seed=5))
+    assert len({tuple(c.token_ids) for c in twice}) > 1
+
+
+def test_requests_join_leave_and_cancel_between_steps(engine):
+    ps = prompts(engine)
+    greedy = SamplingParams(max_new_tokens=30, temperature=0)
+    solo = {i: engine.generate(ps[i], greedy)[0].token_ids for i in (0, 1, 3)}
+    a = engine.add_request(ps[0], greedy)
+    b = engine.add_request(ps[1], SamplingParams(max_new_tokens=30, temperature=0, num_return_sequences=2))
+    for _ in range(3):
+        engine.step()
+    assert engine.num_active == 3
+    c = engine.add_request(ps[3], greedy)  # joins a running batch, at a different length
+    engine.step()
+    assert engine.num_active == 4 and not a.finished
+    engine.cancel(a)  # frees its row immediately, not at the end of its generation
+    assert engine.num_active == 3 and a.finished and a.completions[0].finish_reason == "cancelled"
+    while not (b.finished and c.finished):
+        engine.step()
+    assert engine.num_active == 0 and not engine.waiting
+    assert b.completions[0].token_ids == b.completions[1].token_ids == solo[1]
+    assert c.completions[0].token_ids == solo[3]
+    # a closed stream cancels its request too
+    it = engine.stream(ps[0], greedy)
+    next(it)
+    assert engine.num_active == 1
+    it.close()
+    assert engine.num_active == 0
+
+
+def test_logprobs_and_prompt_scoring(engine):
+    ids = prompts(engine)[0]
+    c = engine.generate(ids, SamplingParams(max_new_tokens=6, temperature=0, logprobs=3))[0]
+    assert len(c.logprobs) == len(c.token_ids)
+    seq = ids + c.token_ids
+    with torch.no_grad():
+        ref = engine.model(torch.tensor([seq]))[0].float().log_softmax(-1)
+    for j, (t, lp, alts) in enumerate(c.logprobs):
+        assert t == c.token_ids[j] and lp == pytest.approx(float(ref[len(ids) - 1 + j, t]), abs=1e-4)
+        assert len(alts) == 3 and alts[0][0] == t  # greedy: the chosen token is the most likely
+    s = engine.generate(seq, SamplingParams(max_new_tokens=0, prompt_logprobs=2))[0]
+    assert s.token_ids == [] and s.prompt_logprobs[0] is None and len(s.prompt_logprobs) == len(seq)
+    for j in range(1, len(seq)):
+        assert s.prompt_logprobs[j][1] == pytest.approx(float(ref[j - 1, seq[j]]), abs=1e-4)
+
+
+def test_incremental_detokenizer_matches_full_decode(engine):
+    tok = engine.tok
+    text = "春眠不觉晓，处处闻啼鸟。 The king said: 你好 ok"
+    ids = tok.encode(text)
+    d = Detokenizer(tok)
+    pieces = [d.push(t) for t in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + d.flush() == tok.decode(ids) == text
