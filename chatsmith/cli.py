@@ -191,6 +191,18 @@ def build_parser() -> Parser:
     ne.add_argument("--input", nargs="+", required=True,
                     help="corpus files or folders, or a `data build` dir (its val.jsonl)")
 
+    # lm-evaluation-harness task export
+    lx = sub.add_parser("lm-eval-tasks", help="write chatsmith tasks as lm-evaluation-harness YAML + JSONL "
+                        "(for lm_eval --model local-completions against chatsmith serve)", formatter_class=fmt)
+    lx.add_argument("--tasks", nargs="+", required=True, metavar="NAME",
+                    help="arithmetic, word_problem, quiz, or PATH.jsonl task files (exact match, reference, choices)")
+    lx.add_argument("--out", required=True, help="folder for NAME.yaml + NAME.jsonl (pass it as --include_path)")
+    lx.add_argument("--heldout", default=None, help="held-out dialogues for the built-in tasks "
+                    "(default: data/chat/heldout.jsonl)")
+    lx.add_argument("--limit", type=int, default=None, help="first N items per task")
+    lx.add_argument("--prefix", default="chatsmith_", help="prefix of the lm-eval task names")
+    lx.add_argument("--max-gen-toks", type=int, default=32, help="generation length of generate_until tasks")
+
     # report
     rp = sub.add_parser("report", help="report.md + PNG plots for a run directory (or one training output)",
                         formatter_class=fmt)
@@ -356,6 +368,16 @@ def cmd_serve(a):
     serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device))
 
 
+def cmd_lm_eval_tasks(a):
+    from chatsmith.eval.harness import export_tasks
+
+    for w in export_tasks(a.tasks, a.out, heldout=a.heldout, limit=a.limit, prefix=a.prefix,
+                          max_gen_toks=a.max_gen_toks):
+        print(f"{w['name']}: {w['n']} {w['kind'].replace('_', ' ')} items -> {w['yaml']}")
+    print(f"run: lm_eval --model local-completions --include_path {a.out} --tasks NAME --model_args "
+          f"base_url=http://127.0.0.1:8000/v1/completions,model=MODEL,tokenizer_backend=remote,max_length=CONTEXT")
+
+
 def cmd_report(a):
     from chatsmith.report import write_report
 
@@ -419,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": lambda: cmd_eval(a),
             "serve": lambda: cmd_serve(a),
             "report": lambda: cmd_report(a),
+            "lm-eval-tasks": lambda: cmd_lm_eval_tasks(a),
             "lora": lambda: cmd_lora(a),
         }[a.verb]
         handler()
