@@ -275,6 +275,11 @@ class Engine:
         assert not self.rows, "the cache can only grow while no request is running"
         self.cache = self.model.new_slot_cache(rows, self.model.cfg.max_seq_len)
 
+    def _fits(self, n: int) -> bool:
+        if not self.rows:  # an idle engine takes any request, growing the cache for n > max_batch
+            return True
+        return len(self.rows) + n <= min(self.max_batch, self.cache.n_slots)
+
     def _release(self, s: Seq):
         """Free s's row; the last row moves into it so rows stay packed."""
         r, last = s.row, len(self.rows) - 1
@@ -300,7 +305,7 @@ class Engine:
         """Admit waiting requests that fit (prefill + first token), then decode one token for every
         active row in one forward pass. Returns what each sequence produced."""
         events: list[Event] = []
-        while self.waiting and len(self.rows) + self.waiting[0].params.num_return_sequences <= self.max_batch:
+        while self.waiting and self._fits(self.waiting[0].params.num_return_sequences):
             self._admit(self.waiting.popleft(), events)
         if self.rows:
             B = len(self.rows)
