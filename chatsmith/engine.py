@@ -206,7 +206,7 @@ class Engine:
         self.model = model.eval()
         self.tok = tokenizer
         self.device = next(model.parameters()).device
-        self.eos_ids = {tokenizer.eos_id}
+        self.eos_ids = {tokenizer.eos_id} | set(getattr(tokenizer, "stop_ids", ()))  # imported models' end tokens
         for t in ("<|assistant_end|>",):
             i = tokenizer.token_to_id(t)
             if i is not None:

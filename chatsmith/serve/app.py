@@ -285,7 +285,7 @@ class Server:
         self.tok, self.model_name, self.api_key = tok, model_name, api_key
         self.max_queue, self.max_batch = max_queue, max_batch
         self.created = int(time.time())
-        self.has_chat = tok.token_to_id("<|assistant_start|>") is not None
+        self.has_chat = tok.has_chat  # our chat tokens, or an imported model's chat template
         self.ctx = model.cfg.max_seq_len
         self.scheduler: Scheduler | None = None
         self._token_text: TokenText | None = None
