@@ -40,6 +40,7 @@ that location and the reason, unless ``skip_bad`` is set: then it is counted and
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import random
@@ -267,6 +268,11 @@ def _with_system(rec: dict, msgs: list[dict], wheres: list[str], from_yaml: bool
     wheres.insert(0, '"system"')
 
 
+# Set while reading prompts for RL (read_conversations(..., prompts=True)): a conversation may then
+# end with the user turn the policy is to answer, with or without earlier assistant turns.
+_PROMPTS_OK = contextvars.ContextVar("prompts_ok", default=False)
+
+
 def _check(msgs: list[dict], wheres: list[str]) -> list[dict]:
     """[system] user assistant user assistant ... : the structure SFT needs."""
     if not msgs:
@@ -277,7 +283,8 @@ def _check(msgs: list[dict], wheres: list[str]) -> list[dict]:
     start = 1 if msgs[0]["role"] == "system" else 0
     if start == len(msgs):
         raise _Bad("the conversation has only a system message, no user or assistant turns")
-    if not any(m["role"] == "assistant" for m in msgs):
+    prompts_ok = _PROMPTS_OK.get()
+    if not prompts_ok and not any(m["role"] == "assistant" for m in msgs):
         raise _Bad("the conversation has no assistant turn: nothing for the model to learn")
     if msgs[start]["role"] != "user":
         raise _Bad(f"{wheres[start]} is an assistant turn, but a conversation must start with "
@@ -287,7 +294,7 @@ def _check(msgs: list[dict], wheres: list[str]) -> list[dict]:
             raise _Bad(f"{wheres[k - 1]} and {wheres[k]} are consecutive {msgs[k]['role']} "
                        f"turns; turns must alternate user/assistant (merge them or fix the "
                        f"roles)")
-    if msgs[-1]["role"] != "assistant":
+    if msgs[-1]["role"] != "assistant" and not prompts_ok:
         raise _Bad(f"the last turn, {wheres[-1]}, is a user turn: nothing for the model to "
                    f"learn after it (drop it or add the assistant's reply)")
     return msgs
@@ -591,7 +598,7 @@ def _weighted(records: list[Record], weight: float, seed: int, name: str) -> lis
 
 
 def read_conversations(specs: list[str], format: str | None = None, skip_bad: bool = False,
-                       seed: int = 0) -> tuple[list[Record], ReadReport]:
+                       seed: int = 0, prompts: bool = False) -> tuple[list[Record], ReadReport]:
     """Read SFT conversations from files given as ``path`` or ``path:weight``.
 
     ``format`` forces one of :data:`FORMATS` for every record of every file (default: detected
@@ -599,7 +606,17 @@ def read_conversations(specs: list[str], format: str | None = None, skip_bad: bo
     ``skip_bad`` it is counted and skipped instead (the report keeps the first few reasons).
     A file without a single good record is a UserError either way. Records come back in file
     order, each file's records repeated/subsampled by its weight (``seed`` picks the sample).
+    With ``prompts`` a conversation may end with a user turn (prompts for RL rollouts).
     """
+    token = _PROMPTS_OK.set(prompts)
+    try:
+        return _read_conversations(specs, format, skip_bad, seed)
+    finally:
+        _PROMPTS_OK.reset(token)
+
+
+def _read_conversations(specs: list[str], format: str | None, skip_bad: bool,
+                        seed: int) -> tuple[list[Record], ReadReport]:
     if format is not None and format not in FORMATS:
         raise UserError(f"unknown chat data format {format!r}; choose one of "
                         f"{', '.join(FORMATS)} (or leave it out to detect each record's format).")

@@ -11,6 +11,7 @@ Shapes: B batch, T new tokens, S = cached + new tokens, H query heads, G key/val
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -325,6 +326,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.score_head:
+            self.score = nn.Linear(cfg.d_model, 1, bias=False)
         if cfg.arch == "llama":
             cos, sin = rope_cache(cfg)
             half = cfg.head_dim // 2
@@ -377,13 +380,21 @@ class GPT(nn.Module):
             cache.pos += T
         return self.model.norm(x)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, loss_mask=None):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, loss_mask=None, head: str = "lm"):
         """Logits (B, T, V); with targets also the mean cross-entropy over unmasked positions.
+
+        head="score" returns the scalar head at every position (B, T) instead (a reward model
+        reads it at a sequence's last token); head="both" returns (logits, scores), one trunk pass
+        for PPO's policy and value. Going through forward keeps DDP and torch.compile in the loop.
 
         targets use -100 for positions to ignore (the PyTorch / HF convention); `loss_mask`
         (B, T) of 0/1 is an alternative used by stages that train on part of a sequence.
         """
         h = self.hidden_states(idx, cache)
+        if head == "score":
+            return self.score(h).squeeze(-1)
+        if head == "both":
+            return self.lm_head(h), self.score(h).squeeze(-1)
         if targets is None:
             return self.lm_head(h)
         if loss_mask is not None:
@@ -406,6 +417,21 @@ class GPT(nn.Module):
         logits, loss = LMHeadCrossEntropy.apply(h2, w, targets.reshape(-1), None if amp == w.dtype else amp,
                                                 block)
         return logits.view(*h.shape[:-1], -1), loss
+
+    def add_score_head(self, std: float | None = None) -> "GPT":
+        """Give the model a scalar head (d_model -> 1) if it has none, initialised N(0, std) (0: zeros,
+        so a value function starts at 0). Used to turn a chat model into a reward model, a
+        discriminator, or a PPO policy with a value head."""
+        if not self.cfg.score_head:
+            self.cfg = replace(self.cfg, score_head=True)
+            p = self.lm_head.weight
+            self.score = nn.Linear(self.cfg.d_model, 1, bias=False, device=p.device, dtype=p.dtype)
+            std = self.cfg.init_std if std is None else std
+            if std > 0:
+                nn.init.normal_(self.score.weight, std=std)
+            else:
+                nn.init.zeros_(self.score.weight)
+        return self
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.lm_head.weight

@@ -25,6 +25,8 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
            "transformer.ln_f.bias": sd["model.norm.bias"]}
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
+    if "score.weight" in sd:
+        out["score.weight"] = sd["score.weight"]
     for i in range(cfg.n_layer):
         p, h = f"model.layers.{i}.", f"transformer.h.{i}."
         for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
@@ -52,8 +54,9 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
         out = {"model.embed_tokens.weight": sd["wte.weight"],
                "model.embed_positions.weight": sd["wpe.weight"],
                "model.norm.weight": sd["ln_f.weight"], "model.norm.bias": sd["ln_f.bias"]}
-        if "lm_head.weight" in sd:
-            out["lm_head.weight"] = sd["lm_head.weight"]
+        for name in ("lm_head.weight", "score.weight"):
+            if name in sd:
+                out[name] = sd[name]
         for i in range(cfg.n_layer):
             p, h = f"model.layers.{i}.", f"h.{i}."
             for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):

@@ -19,7 +19,7 @@ from chatsmith.checkpoint import load_model
 from chatsmith.config import TrainConfig
 from chatsmith.errors import UserError
 from chatsmith.tokenizer import Tokenizer
-from chatsmith.train.trainer import Trainer
+from chatsmith.train.trainer import Trainer, shuffled_index
 
 
 def render_truncated(tok: Tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]] | None:
@@ -71,21 +71,12 @@ class SFTStage:
 
     def __init__(self, examples, heldout, cfg: TrainConfig, pad_id: int, world: int = 1):
         self.examples, self.heldout, self.cfg, self.pad_id, self.world = examples, heldout, cfg, pad_id, world
-        self._perm_epoch, self._perm = -1, None
-
-    def _index(self, g: int) -> int:
-        # epoch-wise shuffles, a pure function of (seed, epoch): exact resume, every example seen once per epoch
-        n = len(self.examples)
-        epoch = g // n
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(n)
-            self._perm_epoch = epoch
-        return int(self._perm[g % n])
 
     def batch(self, step: int, micro: int, rank: int):
         B = self.cfg.batch_size
         first = ((step * self.cfg.grad_accum + micro) * self.world + rank) * B
-        return collate([self.examples[self._index(first + j)] for j in range(B)], self.pad_id)
+        n = len(self.examples)
+        return collate([self.examples[shuffled_index(self.cfg.seed, first + j, n)] for j in range(B)], self.pad_id)
 
     def loss(self, model, batch):
         _, loss = model(batch["x"], batch["y"], loss_mask=batch["mask"])

@@ -1,0 +1,116 @@
+"""Direct Preference Optimization (Rafailov et al. 2023): preference learning without a reward model
+or sampling. With a frozen reference π_ref (the starting model), eq. 7 of the paper:
+
+    loss = -log σ( β [ (log π(y_c|x) - log π_ref(y_c|x)) - (log π(y_r|x) - log π_ref(y_r|x)) ] )
+
+β · (log π - log π_ref) is the "implicit reward" of a reply; we report how often the chosen reply's
+implicit reward beats the rejected one's (reward accuracy) and by how much (margin).
+The reference log-probabilities are computed batch by batch with the frozen model, so they cost one
+forward pass and no memory for the whole dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chatsmith.checkpoint import load_model
+from chatsmith.config import TrainConfig
+from chatsmith.errors import UserError
+from chatsmith.tokenizer import Tokenizer
+from chatsmith.train.policy import completion_batch, sequence_logprobs
+from chatsmith.train.trainer import Trainer, shuffled_index
+
+
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
+    """(loss, chosen implicit reward, rejected implicit reward), all from summed log-probs (N,)."""
+    rc, rr = beta * (pi_c - ref_c), beta * (pi_r - ref_r)
+    return -F.logsigmoid(rc - rr).mean(), rc, rr
+
+
+class DPOStage:
+    name = "dpo"
+
+    def __init__(self, examples, heldout, ref, cfg: TrainConfig, beta: float, pad_id: int, world: int = 1):
+        self.examples, self.heldout, self.ref, self.cfg = examples, heldout, ref, cfg
+        self.beta, self.pad_id, self.world = beta, pad_id, world
+
+    def _batch(self, ex) -> dict:
+        b = completion_batch([(e[0], e[1]) for e in ex] + [(e[2], e[3]) for e in ex], self.pad_id)
+        dev = next(self.ref.parameters()).device
+        with torch.no_grad():
+            b["ref"] = sequence_logprobs(self.ref, {k: v.to(dev) for k, v in b.items()}).cpu()
+        return b
+
+    def batch(self, step: int, micro: int, rank: int):
+        B, n = self.cfg.batch_size, len(self.examples)
+        first = ((step * self.cfg.grad_accum + micro) * self.world + rank) * B
+        return self._batch([self.examples[shuffled_index(self.cfg.seed, g, n)] for g in range(first, first + B)])
+
+    def loss(self, model, batch):
+        pi_c, pi_r = sequence_logprobs(model, batch).chunk(2)
+        ref_c, ref_r = batch["ref"].chunk(2)
+        loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta)
+        rc, rr = rc.detach(), rr.detach()
+        return loss, {"reward_accuracy": float((rc > rr).float().mean()), "reward_margin": float((rc - rr).mean()),
+                      "reward_chosen": float(rc.mean()), "reward_rejected": float(rr.mean())}
+
+    def tokens(self, batch) -> int:
+        return int(batch["mask"].sum())
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        if not self.heldout:
+            return {}
+        acc = margin = loss = 0.0
+        B = self.cfg.batch_size
+        dev = next(model.parameters()).device
+        for i in range(0, len(self.heldout), B):
+            ex = self.heldout[i:i + B]
+            b = {k: v.to(dev) for k, v in self._batch(ex).items()}
+            pi_c, pi_r = sequence_logprobs(model, b).chunk(2)
+            ref_c, ref_r = b["ref"].chunk(2)
+            lo, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta)
+            acc += float((rc > rr).sum())
+            margin += float((rc - rr).sum())
+            loss += float(lo) * len(ex)
+        n = len(self.heldout)
+        return {"heldout_loss": loss / n, "heldout_reward_accuracy": acc / n, "heldout_reward_margin": margin / n}
+
+
+def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None = None, beta: float = 0.1,
+        skip_bad: bool = False, epochs: float | None = None) -> dict:
+    from chatsmith.data.preferences import encode_pairs, read_pairs
+
+    if beta <= 0:
+        raise UserError("--beta must be > 0 (it scales the implicit reward; 0.1 is usual)")
+    out = Path(cfg.out)
+    model = load_model(init)
+    ref = load_model(init).requires_grad_(False)
+    tok = Tokenizer.load(init)
+    max_len = min(cfg.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len) + 1
+    pairs, skipped = read_pairs(data, skip_bad)
+    examples, dropped = encode_pairs(tok, pairs, max_len, skip_bad)
+    held = []
+    if heldout:
+        held_pairs, _ = read_pairs(heldout, skip_bad)
+        held, _ = encode_pairs(tok, held_pairs, max_len, skip_bad=True)
+    print(f"dpo data: {len(examples)} pairs ({skipped} bad records and {dropped} too long skipped); "
+          f"held-out: {len(held)}; beta {beta}", file=sys.stderr)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.max_steps is None and cfg.max_minutes is None:
+        cfg.max_steps = max(1, int((epochs or 1.0) * len(examples) / (cfg.batch_size * cfg.grad_accum * world)))
+    stage = DPOStage(examples, held, ref, cfg, beta, tok.pad_id, world)
+    trainer = Trainer(model, stage, cfg, tokenizer_dir=init, extra_config={"stage": "dpo", "beta": beta})
+    ref.to(trainer.device)
+    summary = trainer.fit()
+    summary["data"] = {"pairs": len(examples), "skipped_bad": skipped, "dropped_too_long": dropped,
+                       "heldout": len(held), "beta": beta}
+    if trainer.master:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,167 @@
+"""The reward model: the chat model's trunk plus a scalar head, trained on preference pairs.
+
+The score of a conversation is the scalar head at its last token (the assistant's end token).
+Training minimises the Bradley–Terry negative log-likelihood (InstructGPT, Ouyang et al. 2022, eq. 1):
+
+    loss = -log σ(r(x, y_chosen) - r(x, y_rejected))
+
+so only score differences are learnt; held-out pairwise accuracy (share of pairs with
+r(chosen) > r(rejected)) is the metric that matters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chatsmith.checkpoint import load_model, read_config
+from chatsmith.config import TrainConfig
+from chatsmith.errors import UserError
+from chatsmith.tokenizer import Tokenizer
+from chatsmith.train.trainer import Trainer, shuffled_index
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Mean of -log σ(r_c - r_r); logsigmoid keeps it finite for large margins."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (N, T) and each row's last real position (N,)."""
+    T = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+    return x, torch.tensor([len(s) - 1 for s in seqs])
+
+
+def last_scores(model, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The scalar head at each row's last real token (right padding cannot reach it: causal)."""
+    s = model(x, head="score")
+    return s.float().gather(1, last[:, None].to(s.device)).squeeze(1)
+
+
+class RewardStage:
+    name = "reward"
+
+    def __init__(self, examples, heldout, cfg: TrainConfig, pad_id: int, world: int = 1):
+        self.examples, self.heldout, self.cfg, self.pad_id, self.world = examples, heldout, cfg, pad_id, world
+
+    def batch(self, step: int, micro: int, rank: int):
+        # epoch-wise seeded shuffle: a pure function of (seed, step) for exact resume
+        B, n = self.cfg.batch_size, len(self.examples)
+        first = ((step * self.cfg.grad_accum + micro) * self.world + rank) * B
+        ex = [self.examples[shuffled_index(self.cfg.seed, g, n)] for g in range(first, first + B)]
+        x, last = pad_batch([e[0] for e in ex] + [e[2] for e in ex], self.pad_id)
+        return {"x": x, "last": last}
+
+    def loss(self, model, batch):
+        r = last_scores(model, batch["x"], batch["last"])
+        rc, rr = r.chunk(2)
+        loss = bradley_terry_loss(rc, rr)
+        d = (rc - rr).detach()
+        return loss, {"accuracy": float((d > 0).float().mean()), "margin": float(d.mean())}
+
+    def tokens(self, batch) -> int:
+        return int((batch["last"] + 1).sum())
+
+    @torch.no_grad()
+    def evaluate(self, model) -> dict:
+        if not self.heldout:
+            return {}
+        return pair_accuracy(model, self.heldout, self.pad_id, self.cfg.batch_size)
+
+
+@torch.no_grad()
+def pair_accuracy(model, examples, pad_id: int, batch_size: int = 16) -> dict:
+    device = next(model.parameters()).device
+    correct, margins, losses = 0, [], []
+    for i in range(0, len(examples), batch_size):
+        ex = examples[i:i + batch_size]
+        x, last = pad_batch([e[0] for e in ex] + [e[2] for e in ex], pad_id)
+        rc, rr = last_scores(model, x.to(device), last).chunk(2)
+        correct += int((rc > rr).sum())
+        margins.append((rc - rr).cpu())
+        losses.append(-F.logsigmoid(rc - rr).cpu())
+    n = len(examples)
+    return {"heldout_accuracy": correct / n, "heldout_margin": float(torch.cat(margins).mean()),
+            "heldout_loss": float(torch.cat(losses).mean())}
+
+
+class RewardModel:
+    """A trained reward model as a scorer: .score(conversations) -> one float per conversation, each
+    an OpenAI-style message list ending with the assistant reply to score."""
+
+    def __init__(self, model, tok: Tokenizer, batch_size: int = 16):
+        self.model, self.tok, self.batch_size = model.eval(), tok, batch_size
+        self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def score(self, conversations: list[list[dict]]) -> list[float]:
+        ctx = self.model.cfg.max_seq_len
+        out: list[float] = []
+        for i in range(0, len(conversations), self.batch_size):
+            seqs = []
+            for conv in conversations[i:i + self.batch_size]:
+                if not conv or conv[-1].get("role") != "assistant":
+                    raise UserError("a conversation to score must end with an assistant reply")
+                ids, _ = self.tok.render_chat(conv)
+                seqs.append(ids[-ctx:])  # over-long: keep the end, where the reply is
+            x, last = pad_batch(seqs, self.tok.pad_id)
+            out += last_scores(self.model, x.to(self.device), last).tolist()
+        return out
+
+
+def load_reward_model(path: str | os.PathLike, device="cpu") -> RewardModel:
+    if not read_config(path).score_head:
+        raise UserError(f"{path} has no reward head: train one with `chatsmith reward --init {path} ...`")
+    return RewardModel(load_model(path, device=device), Tokenizer.load(path))
+
+
+def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None = None,
+        skip_bad: bool = False, epochs: float | None = None) -> dict:
+    from chatsmith.data.preferences import encode_pairs, read_pairs
+
+    out = Path(cfg.out)
+    model = load_model(init)
+    tok = Tokenizer.load(init)
+    max_len = min(cfg.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    pairs, skipped = read_pairs(data, skip_bad)
+    examples, dropped = encode_pairs(tok, pairs, max_len, skip_bad)
+    held = []
+    if heldout:
+        held_pairs, _ = read_pairs(heldout, skip_bad)
+        train_keys = {json.dumps(p.prompt, ensure_ascii=False) for p in pairs}
+        leaked = sum(json.dumps(p.prompt, ensure_ascii=False) in train_keys for p in held_pairs)
+        if leaked:
+            print(f"warning: {leaked} held-out prompts also appear in the training pairs", file=sys.stderr)
+        held, _ = encode_pairs(tok, held_pairs, max_len, skip_bad=True)
+    print(f"reward data: {len(examples)} pairs ({skipped} bad records and {dropped} too long skipped); "
+          f"held-out: {len(held)}", file=sys.stderr)
+    if not examples:
+        raise UserError("no preference pair fits the context")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.max_steps is None and cfg.max_minutes is None:
+        cfg.max_steps = max(1, int((epochs or 1.0) * len(examples) / (cfg.batch_size * cfg.grad_accum * world)))
+    torch.manual_seed(cfg.seed)  # the new head's init, reproducibly
+    model.add_score_head()
+    stage = RewardStage(examples, held, cfg, tok.pad_id, world)
+    before = stage.evaluate(model) if held else {}
+    trainer = Trainer(model, stage, cfg, tokenizer_dir=init, extra_config={"stage": "reward"})
+    summary = trainer.fit()
+    summary["data"] = {"pairs": len(examples), "skipped_bad": skipped, "dropped_too_long": dropped,
+                       "heldout": len(held)}
+    if held and trainer.master:
+        after = stage.evaluate(trainer.unwrapped)
+        res = {"untrained_head": before, "reward": after}
+        (out / "reward_eval.json").write_text(json.dumps(res, indent=2) + "\n")
+        summary["eval"] = res
+        print(f"held-out pairwise accuracy: {before['heldout_accuracy']:.1%} (untrained head) -> "
+              f"{after['heldout_accuracy']:.1%}", file=sys.stderr)
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
