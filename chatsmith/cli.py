@@ -116,6 +116,49 @@ def build_parser() -> Parser:
     add_dataclass_flags(ft, TrainConfig, skip=("preset",))
     ft.set_defaults(out="runs/sft", lr=5e-4, warmup_steps=20, min_lr_ratio=0.0, eval_every=100, save_every=200)
 
+    # reward model
+    rw = sub.add_parser("reward", help="train a reward model on preference pairs (Bradley-Terry)",
+                        formatter_class=fmt)
+    rw.add_argument("--data", nargs="+", required=True,
+                    help="preference JSONL in TRL's format: prompt/chosen/rejected, text or messages")
+    rw.add_argument("--init", required=True, help="the model to start from (usually the SFT model)")
+    rw.add_argument("--heldout", nargs="+", help="held-out pairs: pairwise accuracy before and after")
+    rw.add_argument("--skip-bad", action="store_true", help="skip and count bad or over-long pairs")
+    rw.add_argument("--epochs", type=float, default=None, help="passes over the pairs without --max-steps/"
+                    "--max-minutes (default 1)")
+    add_dataclass_flags(rw, TrainConfig, skip=("preset",))
+    rw.set_defaults(out="runs/reward", lr=1e-4, warmup_steps=10, min_lr_ratio=0.0, eval_every=100,
+                    save_every=200, batch_size=16)
+
+    # DPO
+    dp = sub.add_parser("dpo", help="direct preference optimization against a frozen reference",
+                        formatter_class=fmt)
+    dp.add_argument("--data", nargs="+", required=True, help="preference JSONL (as for `reward`)")
+    dp.add_argument("--init", required=True, help="the policy to start from; also the frozen reference")
+    dp.add_argument("--heldout", nargs="+", help="held-out pairs: implicit-reward accuracy and margin")
+    dp.add_argument("--beta", type=float, default=0.1, help="KL strength: scale of the implicit reward")
+    dp.add_argument("--skip-bad", action="store_true", help="skip and count bad or over-long pairs")
+    dp.add_argument("--epochs", type=float, default=None)
+    add_dataclass_flags(dp, TrainConfig, skip=("preset",))
+    dp.set_defaults(out="runs/dpo", lr=5e-5, warmup_steps=10, min_lr_ratio=0.0, eval_every=100,
+                    save_every=200, batch_size=8, weight_decay=0.0)
+
+    # RLHF: PPO / GRPO / REINFORCE
+    from chatsmith.train.rlhf import RLConfig
+    rh = sub.add_parser("rlhf", help="reinforcement learning from a reward: PPO, GRPO or REINFORCE",
+                        formatter_class=fmt)
+    rh.add_argument("--init", required=True, help="the policy to start from (an SFT model); also the "
+                    "frozen reference")
+    rh.add_argument("--prompts", nargs="+", required=True, help="chat files whose prompts are rolled out "
+                    "(a trailing assistant turn is the reference reply)")
+    rh.add_argument("--reward", nargs="+", default=[], help="reward sources, summed: a reward-model dir, "
+                    "exact, format, module:function, discriminator")
+    rh.add_argument("--heldout", nargs="+", help="held-out prompts: exact match, reward and KL before/after")
+    add_dataclass_flags(rh, RLConfig)
+    add_dataclass_flags(rh, TrainConfig, skip=("preset", "batch_size"))
+    rh.set_defaults(out="runs/rlhf", lr=1e-5, warmup_steps=5, schedule="constant", weight_decay=0.0,
+                    eval_every=50, save_every=50, log_every=1)
+
     # chat
     ch = sub.add_parser("chat", help="talk to a chat model in the terminal", formatter_class=fmt)
     ch.add_argument("model", help="model directory (an SFT/aligned model)")
@@ -231,7 +274,7 @@ def build_parser() -> Parser:
     ex.add_argument("--format", choices=["hf", "gguf"], required=True)
     ex.add_argument("--out", default=None, help="output directory (hf) or file (gguf); default: MODEL-hf or "
                     "MODEL-TYPE.gguf beside the model")
-    ex.add_argument("--gguf-type", choices=["f32", "f16", "q8_0"], default="f16",
+    ex.add_argument("--gguf-type", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"], default="f16",
                     help="matrix storage type in the GGUF file (norms stay f32)")
 
     # speedrun
@@ -266,7 +309,10 @@ def cmd_data_build(a):
         print(f"corpus written to {Path(a.out) / 'corpus'}")
     if a.what in ("all", "chat"):
         build_dialogues(Path(a.out) / "chat", sources_dir=a.sources_dir, seed=a.seed)
-        print(f"dialogues written to {Path(a.out) / 'chat'}")
+        from chatsmith.data.preferences import build_preferences
+        counts = build_preferences(Path(a.out) / "chat", seed=a.seed)
+        print(f"dialogues and preference pairs ({counts['train']['pairs']} train, "
+              f"{counts['heldout']['pairs']} held-out) written to {Path(a.out) / 'chat'}")
 
 
 def _expand_corpus_dirs(paths: list[str], split: str = "train") -> list[str]:
@@ -306,6 +352,33 @@ def cmd_sft(a):
     cfg = dataclass_from_args(TrainConfig, a)
     summary = sft.run(cfg, a.data, a.init, heldout=a.heldout, fmt=a.format, skip_bad=a.skip_bad,
                       epochs=a.epochs, eval_samples=a.eval_samples, eval_max_new_tokens=a.eval_max_new_tokens)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+
+
+def cmd_reward(a):
+    from chatsmith.config import TrainConfig
+    from chatsmith.train import reward
+
+    summary = reward.run(dataclass_from_args(TrainConfig, a), a.data, a.init, heldout=a.heldout,
+                         skip_bad=a.skip_bad, epochs=a.epochs)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+
+
+def cmd_dpo(a):
+    from chatsmith.config import TrainConfig
+    from chatsmith.train import dpo
+
+    summary = dpo.run(dataclass_from_args(TrainConfig, a), a.data, a.init, heldout=a.heldout, beta=a.beta,
+                      skip_bad=a.skip_bad, epochs=a.epochs)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+
+
+def cmd_rlhf(a):
+    from chatsmith.config import TrainConfig
+    from chatsmith.train import rlhf
+
+    cfg = dataclass_from_args(TrainConfig, a)
+    summary = rlhf.run(cfg, dataclass_from_args(rlhf.RLConfig, a), a.prompts, a.init, a.reward, heldout=a.heldout)
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
 
 
@@ -442,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
             "serve": lambda: cmd_serve(a),
             "report": lambda: cmd_report(a),
             "lm-eval-tasks": lambda: cmd_lm_eval_tasks(a),
+            "reward": lambda: cmd_reward(a),
+            "dpo": lambda: cmd_dpo(a),
+            "rlhf": lambda: cmd_rlhf(a),
             "lora": lambda: cmd_lora(a),
         }[a.verb]
         handler()
@@ -452,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except FloatingPointError as e:  # a loss or reward went NaN/inf: say so, without a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `chatsmith generate … | head` closed the pipe: not an error
         return 0
 

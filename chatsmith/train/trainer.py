@@ -18,6 +18,7 @@ run's arithmetic bit for bit on the same machine.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -77,6 +79,17 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
         return cfg.lr - (cfg.lr - lo) * min(frac, 1.0)
     frac = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def shuffled_index(seed: int, g: int, n: int) -> int:
+    """The g-th example of an endless epoch-wise shuffled stream over n examples: a pure function
+    of (seed, g), so batches are reproducible and exact resume needs no data-loader state."""
+    return int(_epoch_permutation(seed, g // n, n)[g % n])
 
 
 def fmt_time(s: float) -> str:
