@@ -29,8 +29,9 @@ from pathlib import Path
 from chatsmith.errors import UserError
 
 # stages in pipeline order; others follow alphabetically
-ORDER = ["data", "tokenizer", "ngram", "base", "pretrain", "sft", "reward", "rl", "ppo", "grpo", "reinforce",
+ORDER = ["data", "tokenizer", "ngram", "base", "pretrain", "sft", "reward", "rl", "rlhf", "ppo", "grpo", "reinforce",
          "adversarial", "dpo"]
+COUNTS = {"generated", "n", "heldout_prompts", "heldout"}  # sizes in *_eval.json, not metrics
 RL_KEYS = ("reward", "kl", "entropy", "clip_frac", "value_loss", "response_len")
 # bookkeeping in train_summary.json: shown in the time/tokens table, not as metrics
 BOOKKEEPING = {"steps", "max_steps", "tokens", "seconds", "interrupted", "elapsed", "tok_per_s", "step"}
@@ -126,7 +127,12 @@ class Table:
         if not _is_num(v):
             return
         if col not in self.columns:
-            self.columns.append(col)
+            owner = col.split(": ")[0]
+            # a stage's "before" side ("rl: init") sits just left of the stage itself
+            if ": " in col and owner in self.columns:
+                self.columns.insert(self.columns.index(owner), col)
+            else:
+                self.columns.append(col)
         row = self.cells.setdefault(metric, {})
         if override or col not in row:
             row[col] = float(v)
@@ -143,11 +149,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def _column_for(side: str, stages: list[Stage]) -> str:
+def _column_for(side: str, stages: list[Stage], owner: Stage | None = None) -> str:
+    """The column of one side of a before/after file: the stage of that name or kind, else a
+    column named after the file's stage ("rl: init", "reward: untrained_head")."""
     for s in stages:
         if side in (s.name, s.kind):
             return s.name
-    return side
+    return f"{owner.name}: {side}" if owner is not None else side
 
 
 def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
@@ -176,11 +184,12 @@ def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
                 continue
             for side, m in d.items():
                 if isinstance(m, dict):
-                    col = _column_for(side, stages)
+                    col = _column_for(side, stages, s)
                     for k, v in _flatten(m).items():
-                        if k in ("generated", "n"):  # counts, not metrics
+                        if k in COUNTS:
                             continue
-                        t.put(f"held-out {k.replace('_', ' ')}", col, v, override=col == s.name)
+                        name = k[len("heldout_"):] if k.startswith("heldout_") else k
+                        t.put(f"held-out {name.replace('_', ' ')}", col, v, override=col == s.name)
         for f in sorted(s.path.glob("eval*/metrics.json")):
             d = _read_json(f)
             if not isinstance(d, dict) or not isinstance(d.get("tasks"), dict):
@@ -206,8 +215,7 @@ def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
             n = k[len("ngram"):-len("_val_bpb")]
             t.put("val bits-per-byte (all val documents)", f"{n}-gram", v)
         elif k == "neural_val_bpb":
-            col = _column_for("base", stages) if any(s.name == "base" or s.kind in ("pretrain", "base")
-                                                      for s in stages) else "base"
+            col = next((s.name for s in stages if s.kind == "pretrain"), "base")
             t.put("val bits-per-byte (all val documents)", col, v)
     return t
 
@@ -412,7 +420,7 @@ def samples_md(stages: list[Stage], speedrun: dict | None) -> list[str]:
                 continue
             for side, m in d.items():
                 smp = m.get("samples") if isinstance(m, dict) else None
-                if not smp or _column_for(side, stages) != s.name:
+                if not smp or _column_for(side, stages, s) != s.name:
                     continue
                 out.append(f"\n### {s.name}: held-out replies ({f.name})\n")
                 rows = [[x.get("family", ""), x.get("prompt", ""), x.get("reply", ""), x.get("reference", "")]

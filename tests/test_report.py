@@ -55,6 +55,18 @@ def run_dir(base_model, tmp_path_factory):
     (rl / "metrics.jsonl").open("a").write('{"step": 9, "loss": 0.1')  # a killed run's half line
     (rl / "train_summary.json").write_text(json.dumps({"steps": 8, "tokens": 800, "seconds": 12.5,
                                                        "heldout_reward": 0.7, "win_rate": {"vs_sft": 0.625}}))
+    write_jsonl(rl / "rl_eval.json", [{  # one JSON object (written as a single line)
+        "init": {"exact_match": {"arithmetic": 0.25}, "heldout_reward": 0.1, "heldout_prompts": 4},
+        "rl": {"exact_match": {"arithmetic": 0.5}, "heldout_reward": 0.75, "heldout_prompts": 4,
+               "samples": [{"prompt": "What is 2 + 2?", "reply": "RL says 4"}]},
+        "discriminator_accuracy": [0.5, 0.6]}])
+    rm = run / "reward"
+    rm.mkdir()
+    (rm / "config.json").write_text(json.dumps({"chatsmith": {"stage": "reward"}}))
+    write_jsonl(rm / "metrics.jsonl", [{"step": s, "loss": 0.7 - 0.05 * s, "accuracy": 0.5 + 0.05 * s}
+                                       for s in range(1, 5)])
+    (rm / "reward_eval.json").write_text(json.dumps({"untrained_head": {"heldout_accuracy": 0.5},
+                                                     "reward": {"heldout_accuracy": 0.875}}))
     (run / "speedrun.json").write_text(json.dumps({
         "minutes_budget": 15, "seconds": 100.0,
         "stages": {"data": {"seconds": 3.0}, "tokenizer": {"seconds": 4.0, "vocab_size": 512},
@@ -72,9 +84,17 @@ def test_report_on_a_micro_run(run_dir):
     md = (run_dir / "report.md").read_text()
     # the metrics table has one column per stage, the n-gram baseline included
     header = next(ln for ln in md.splitlines() if ln.startswith("| metric"))
-    for col in ("base", "sft", "rl", "3-gram"):
-        assert f" {col} " in header
-    assert header.index(" base ") < header.index(" sft ") < header.index(" rl ")
+    for col in ("base", "sft", "reward", "reward: untrained_head", "rl", "rl: init", "3-gram"):
+        assert f" {col} |" in header
+    assert header.index(" base ") < header.index(" sft ") < header.index(" reward: untrained_head ") < header.index(
+        " reward ") < header.index(" rl: init ") < header.index(" rl ")
+    row = next(ln for ln in md.splitlines() if ln.startswith("| held-out exact match: arithmetic |"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["rl"] == "0.5" and cells["rl: init"] == "0.25"
+    row = next(ln for ln in md.splitlines() if ln.startswith("| held-out accuracy |"))
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["reward"] == "0.875" and cells["reward: untrained_head"] == "0.5"
+    assert "heldout prompts" not in md and "RL says 4" in md
     line = next(ln for ln in md.splitlines() if ln.startswith("| val bits-per-byte"))
     assert "2.5" in line and "3.1" in line
     sft_eval = json.loads((run_dir / "sft" / "sft_eval.json").read_text())
