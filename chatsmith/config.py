@@ -194,6 +194,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on CUDA if supported, fp32 on CPU) | fp32 | bf16
     compile: bool = False
     resume: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
     # LoRA (chatsmith/model/lora.py): 0 = train every weight; r > 0 = freeze the model, train rank-r
     # adapters on --lora-targets (leaf layer names, or all-linear: every projection in the blocks)
     # plus --lora-modules-to-save in full (e.g. a reward/value head `score`); saves the adapters alone

@@ -1,12 +1,18 @@
 """`chatsmith speedrun`: the whole chain on the built-in corpus under one time budget.
 
-    data    -> RUN/data/corpus, RUN/data/chat   (chatsmith data build)
-    BPE     -> RUN/tokenizer                    (chatsmith tokenizer train)
-    base    -> RUN/base                         (chatsmith pretrain: PRETRAIN_SHARE of what is left)
-    chat    -> RUN/sft                          (chatsmith sft on the built-in dialogues)
-    samples -> RUN/samples.txt, RUN/speedrun.json
+    data     -> RUN/data/corpus, RUN/data/chat  (chatsmith data build: text, dialogues, preference pairs)
+    BPE      -> RUN/tokenizer                   (chatsmith tokenizer train)
+    base     -> RUN/base                        (chatsmith pretrain) + the n-gram baseline next to it
+    chat     -> RUN/sft                         (chatsmith sft on the built-in dialogues)
+    reward   -> RUN/reward                      (chatsmith reward on the built-in preference pairs)
+    RL       -> RUN/rl                          (chatsmith rlhf --algo grpo --reward exact)
+    DPO      -> RUN/dpo                         (chatsmith dpo on the built-in preference pairs)
+    judge    -> DPO vs SFT win rate on held-out prompts, by the reward model
+    report   -> RUN/samples.txt, RUN/speedrun.json, RUN/report.md + plots
 
-Each stage that already finished is skipped, so `--resume` continues an interrupted run.
+The training time left after the fixed costs (data, tokenizer, evaluations) is split between the
+stages by SHARES. Each stage that already finished is skipped, so `--resume` continues an
+interrupted run.
 """
 
 from __future__ import annotations
@@ -22,10 +28,15 @@ from chatsmith.errors import UserError
 
 SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach", "The committee said that",
                   "床前明月光"]
-RESERVE_S = 30  # left at the end for the samples and the summary
-PRETRAIN_SHARE = 0.6  # of the training time; the rest goes to SFT and its held-out evaluation
-BASELINE_S = 30  # 3-gram counting from the shards + scoring the whole val split twice
+RESERVE_S = 30  # left at the end for the samples, the report and the summary
+# Shares of the training time (what is left after the fixed costs below). Pretraining gets the most:
+# every later stage starts from it. RL gets enough rollouts to move exact match.
+SHARES = {"pretrain": 0.47, "sft": 0.27, "reward": 0.06, "rl": 0.14, "dpo": 0.06}
+BASELINE_S = 40  # two 3-gram models counted from the shards + scoring the whole val split three times
 SFT_EVAL_S = 45  # held-out generation before and after SFT (measured ~20-40 s for tiny on 2 cores)
+RL_EVAL_S = 30  # held-out greedy answers before and after RL, and the KL estimate
+JUDGE_S = 25  # SFT and DPO replies to held-out prompts, scored by the reward model
+FIXED_S = RESERVE_S + BASELINE_S + SFT_EVAL_S + RL_EVAL_S + JUDGE_S
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
 
 
@@ -43,8 +54,10 @@ def shard_documents(path: Path, bos_id: int, dtype: str):
         yield data[a + 1:b].tolist()
 
 
-def compare_with_ngram(base: Path, corpus: Path, order: int = 3) -> dict:
-    """Val bits-per-byte of the base model next to a Kneser-Ney n-gram over the same tokenizer."""
+def compare_with_ngram(base: Path, corpus: Path, order: int = 3, seen_tokens: int | None = None) -> dict:
+    """Val bits-per-byte of the base model next to Kneser-Ney n-grams over the same tokenizer: one
+    counted on the whole training split, and one on as many training tokens as the neural model
+    saw (the comparison at equal data)."""
     from chatsmith.checkpoint import load_model
     from chatsmith.eval.lm import score_documents
     from chatsmith.eval.ngram import NGramLM
@@ -52,16 +65,66 @@ def compare_with_ngram(base: Path, corpus: Path, order: int = 3) -> dict:
 
     tok = Tokenizer.load(base)
     meta = json.loads((base / "data" / "meta.json").read_text())
-    ngram = NGramLM.train(shard_documents(base / "data" / "train.bin", tok.bos_id, meta["dtype"]), order,
-                          tok.vocab_size, tok.bos_id)
     texts = [json.loads(line)["text"] for line in open(corpus / "val.jsonl", encoding="utf-8")]
-    nats, n_tok = ngram.score_docs([tok.encode(t) for t in texts])
+    val_ids = [tok.encode(t) for t in texts]
     n_bytes = sum(len(t.encode()) for t in texts)
     neural = score_documents(load_model(base), tok, texts)
-    res = {"neural_val_bpb": neural["bits_per_byte"], f"ngram{order}_val_bpb": nats / (math.log(2) * n_bytes),
-           "val_tokens": n_tok, "val_bytes": n_bytes}
-    print(f"val bits-per-byte on all {len(texts)} val documents: neural {res['neural_val_bpb']:.3f}, "
-          f"{order}-gram Kneser-Ney {res[f'ngram{order}_val_bpb']:.3f}", file=sys.stderr)
+    res = {"neural_val_bpb": neural["bits_per_byte"], "val_tokens": sum(map(len, val_ids)), "val_bytes": n_bytes}
+
+    def docs(limit=None):
+        n = 0
+        for d in shard_documents(base / "data" / "train.bin", tok.bos_id, meta["dtype"]):
+            if limit is not None and n >= limit:
+                return
+            d = d if limit is None else d[:limit - n]
+            n += len(d)
+            yield d
+
+    for name, limit in ((f"ngram{order}_val_bpb", None), (f"ngram{order}_same_tokens_val_bpb", seen_tokens)):
+        if name.endswith("same_tokens_val_bpb") and not seen_tokens:
+            continue
+        ngram = NGramLM.train(docs(limit), order, tok.vocab_size, tok.bos_id)
+        nats, _ = ngram.score_docs(val_ids)
+        res[name] = nats / (math.log(2) * n_bytes)
+    if seen_tokens:
+        res["same_tokens"] = seen_tokens
+    print(f"val bits-per-byte on all {len(texts)} val documents: neural {res['neural_val_bpb']:.3f}; "
+          f"{order}-gram Kneser-Ney on the whole train split {res[f'ngram{order}_val_bpb']:.3f}"
+          + (f", on the same {seen_tokens / 1e6:.2f}M tokens the neural model saw "
+             f"{res[f'ngram{order}_same_tokens_val_bpb']:.3f}" if seen_tokens else ""), file=sys.stderr)
+    return res
+
+
+def judge(rm_dir: Path, model_dirs: dict[str, Path], heldout: Path, n: int = 64, max_new_tokens: int = 48) -> dict:
+    """Greedy replies of each model to the first n held-out prompts, scored by the reward model; the
+    win rate of the last model over the first (ties count half)."""
+    from chatsmith.checkpoint import load_model
+    from chatsmith.data.chat_formats import read_conversations
+    from chatsmith.engine import Engine, SamplingParams
+    from chatsmith.tokenizer import Tokenizer
+    from chatsmith.train.reward import load_reward_model
+
+    records, _ = read_conversations([str(heldout)])
+    rng = __import__("random").Random(0)
+    records = rng.sample(records, min(n, len(records)))
+    prompts = [r.messages[:-1] for r in records]
+    rm = load_reward_model(rm_dir)
+    scores, replies = {}, {}
+    for name, d in model_dirs.items():
+        tok = Tokenizer.load(d)
+        eng = Engine(load_model(d), tok)
+        outs = eng.generate_many([tok.render_chat(p, add_generation_prompt=True)[0] for p in prompts],
+                                 SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
+        replies[name] = [c.text for c in outs]
+        scores[name] = rm.score([p + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, outs)])
+    (a, sa), (b, sb) = list(scores.items())[0], list(scores.items())[-1]
+    wins = sum(1.0 if y > x else 0.5 if y == x else 0.0 for x, y in zip(sa, sb))
+    res = {"prompts": len(prompts), f"{b}_win_rate_vs_{a}": wins / len(prompts),
+           **{f"{k}_mean_reward": sum(v) / len(v) for k, v in scores.items()},
+           "examples": [{"prompt": p[-1]["content"], **{k: replies[k][i] for k in replies}}
+                        for i, p in enumerate(prompts[:4])]}
+    print(f"reward-model judge on {len(prompts)} held-out prompts: {b} preferred over {a} on "
+          f"{wins / len(prompts):.0%}", file=sys.stderr)
     return res
 
 
@@ -77,11 +140,13 @@ def run(a) -> dict:
         raise UserError(f"{run_dir} already exists: pass --resume to continue it, or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     stages: dict[str, dict] = {}
+    n_stages = 9
 
     from chatsmith.data.dialogues import build_dialogues
+    from chatsmith.data.preferences import build_preferences
 
     corpus, chat = run_dir / "data" / "corpus", run_dir / "data" / "chat"
-    banner("1/5 data")
+    banner(f"1/{n_stages} data")
     t = time.time()
     if not (corpus / "corpus_meta.json").exists():
         if not available_sources(a.sources_dir):
@@ -89,11 +154,13 @@ def run(a) -> dict:
         build_corpus(corpus, sources_dir=a.sources_dir)
     if not (chat / "dialogues_meta.json").exists():
         build_dialogues(chat, sources_dir=a.sources_dir)
+    if not (chat / "pairs_heldout.jsonl").exists():
+        build_preferences(chat)
     meta = json.loads((corpus / "corpus_meta.json").read_text())
     stages["data"] = {"seconds": round(time.time() - t, 1), "corpus": meta,
                       "dialogues": json.loads((chat / "dialogues_meta.json").read_text())["families"]}
 
-    banner("2/5 tokenizer")
+    banner(f"2/{n_stages} tokenizer")
     t = time.time()
     tok_dir = run_dir / "tokenizer"
     if not (tok_dir / "tokenizer_stats.json").exists():
@@ -103,41 +170,93 @@ def run(a) -> dict:
           file=sys.stderr)
     stages["tokenizer"] = {"seconds": round(time.time() - t, 1), **stats}
 
-    banner("3/5 pretrain")
-    from chatsmith.train import pretrain, sft
+    from chatsmith.train import dpo, pretrain, reward, rlhf, sft
 
-    left = budget - (time.time() - t0) - RESERVE_S - SFT_EVAL_S - BASELINE_S
-    if left < 60:
-        raise UserError(f"--minutes {a.minutes:g} leaves {left:.0f}s for training; give at least "
-                        f"{(budget - left + 60) / 60:.1f} minutes")
+    train_s = budget - (time.time() - t0) - FIXED_S
+    if train_s < 120:
+        raise UserError(f"--minutes {a.minutes:g} leaves {train_s:.0f}s for training; give at least "
+                        f"{(budget - train_s + 120) / 60:.1f} minutes")
+
+    def minutes_for(stage: str, spent_before: float) -> float:
+        """The stage's share, plus whatever earlier stages left unused (or minus their overrun)."""
+        planned_until = sum(SHARES[k] for k in SHARES if k != stage and list(SHARES).index(k) <
+                            list(SHARES).index(stage)) * train_s
+        slack = planned_until - spent_before
+        return max(SHARES[stage] * train_s + slack, 20) / 60
+
+    spent = 0.0  # training seconds so far
+    common = dict(device=a.device, dtype=a.dtype, log_every=10)
+
+    def resume(d: Path) -> bool:
+        return a.resume and (d / "checkpoints").exists()
+
+    banner(f"3/{n_stages} pretrain")
     base = run_dir / "base"
     # the budget covers tokenising the corpus too: shards take a few seconds, estimated at 15
-    pre_s = left * PRETRAIN_SHARE
-    cfg = TrainConfig(out=str(base), preset=a.preset, max_minutes=(pre_s - 15) / 60, batch_size=8,
-                      lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=10, save_every=100,
-                      log_every=10, device=a.device, dtype=a.dtype,
-                      resume=a.resume and (base / "checkpoints").exists())
+    cfg = TrainConfig(out=str(base), preset=a.preset, max_minutes=minutes_for("pretrain", spent) - 0.25,
+                      batch_size=8, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=10, save_every=100,
+                      resume=resume(base), **common)
     t = time.time()
     summary = pretrain.run(cfg, inputs=[str(corpus)], tokenizer=str(tok_dir))
     stages["pretrain"] = {"seconds": round(time.time() - t, 1), **summary}
+    spent += time.time() - t
 
     # the classical baseline on the same tokens, and both scored on the whole val split
     t = time.time()
-    stages["baseline"] = compare_with_ngram(base, corpus, order=3)
+    stages["baseline"] = compare_with_ngram(base, corpus, order=3, seen_tokens=summary["tokens"])
     stages["baseline"]["seconds"] = round(time.time() - t, 1)
 
-    banner("4/5 sft")
+    banner(f"4/{n_stages} sft")
     sft_dir = run_dir / "sft"
-    left = budget - (time.time() - t0) - RESERVE_S - SFT_EVAL_S
-    cfg = TrainConfig(out=str(sft_dir), max_minutes=max(left, 20) / 60, batch_size=16, lr=1e-3, warmup_steps=20,
-                      min_lr_ratio=0.0, eval_every=100, eval_batches=10, save_every=100, log_every=10,
-                      device=a.device, dtype=a.dtype, resume=a.resume and (sft_dir / "checkpoints").exists())
+    cfg = TrainConfig(out=str(sft_dir), max_minutes=minutes_for("sft", spent), batch_size=16, lr=1e-3,
+                      warmup_steps=20, min_lr_ratio=0.0, eval_every=100, eval_batches=10, save_every=100,
+                      resume=resume(sft_dir), **common)
     t = time.time()
     sft_summary = sft.run(cfg, [str(chat / "train.jsonl")], str(base), heldout=[str(chat / "heldout.jsonl")],
                           eval_samples=16, eval_max_new_tokens=40)
     stages["sft"] = {"seconds": round(time.time() - t, 1), **sft_summary}
+    spent += stages["sft"]["seconds"] - SFT_EVAL_S
 
-    banner("5/5 samples")
+    banner(f"5/{n_stages} reward model")
+    rm_dir = run_dir / "reward"
+    cfg = TrainConfig(out=str(rm_dir), max_minutes=minutes_for("reward", spent), batch_size=16, lr=3e-4,
+                      warmup_steps=10, min_lr_ratio=0.0, eval_every=1000, save_every=1000,
+                      resume=resume(rm_dir), **common)
+    t = time.time()
+    stages["reward"] = reward.run(cfg, [str(chat / "pairs_train.jsonl")], str(sft_dir),
+                                  heldout=[str(chat / "pairs_heldout.jsonl")], skip_bad=True)
+    stages["reward"]["seconds"] = round(time.time() - t, 1)
+    spent += stages["reward"]["seconds"]
+
+    banner(f"6/{n_stages} reinforcement learning (GRPO, verifiable reward)")
+    rl_dir = run_dir / "rl"
+    rl_cfg = rlhf.RLConfig(algo="grpo", rollout_prompts=8, group_size=8, max_new_tokens=40, ppo_epochs=1,
+                           minibatches=2, kl_coef=0.02, families="arithmetic,word_problem,number_sense", eval_prompts=100)
+    cfg = TrainConfig(out=str(rl_dir), max_minutes=minutes_for("rl", spent), lr=3e-5, warmup_steps=5,
+                      schedule="constant", weight_decay=0.0, eval_every=10**6, save_every=20,
+                      resume=resume(rl_dir), **{**common, "log_every": 2})
+    t = time.time()
+    stages["rl"] = rlhf.run(cfg, rl_cfg, [str(chat / "train.jsonl")], str(sft_dir), ["exact"],
+                            heldout=[str(chat / "heldout.jsonl")])
+    stages["rl"]["seconds"] = round(time.time() - t, 1)
+    spent += stages["rl"]["seconds"] - RL_EVAL_S
+
+    banner(f"7/{n_stages} direct preference optimization")
+    dpo_dir = run_dir / "dpo"
+    cfg = TrainConfig(out=str(dpo_dir), max_minutes=minutes_for("dpo", spent), batch_size=8, lr=5e-5,
+                      warmup_steps=10, min_lr_ratio=0.0, weight_decay=0.0, eval_every=10**6, save_every=1000,
+                      resume=resume(dpo_dir), **common)
+    t = time.time()
+    stages["dpo"] = dpo.run(cfg, [str(chat / "pairs_train.jsonl")], str(sft_dir),
+                            heldout=[str(chat / "pairs_heldout.jsonl")], beta=0.1, skip_bad=True)
+    stages["dpo"]["seconds"] = round(time.time() - t, 1)
+
+    banner(f"8/{n_stages} judge: DPO vs SFT by the reward model")
+    t = time.time()
+    stages["judge"] = judge(rm_dir, {"sft": sft_dir, "dpo": dpo_dir}, chat / "heldout.jsonl")
+    stages["judge"]["seconds"] = round(time.time() - t, 1)
+
+    banner(f"9/{n_stages} samples and report")
     from chatsmith.checkpoint import load_model
     from chatsmith.engine import Engine, SamplingParams
     from chatsmith.tokenizer import Tokenizer
@@ -149,33 +268,51 @@ def run(a) -> dict:
                             SamplingParams(max_new_tokens=60, temperature=0.8, top_p=0.95, seed=i))[0]
         samples.append({"prompt": prompt, "completion": c.text})
         print(f"\n> {prompt}{c.text}")
-    chat_engine = Engine(load_model(sft_dir), Tokenizer.load(sft_dir))
-    conversation = []
+    conversation = {}
     print()
-    for i, q in enumerate(CHAT_PROMPTS):
-        ids, _ = chat_engine.tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)
-        c = chat_engine.generate(ids, SamplingParams(max_new_tokens=80, temperature=0))[0]
-        conversation.append({"user": q, "assistant": c.text})
-        print(f"you> {q}\nbot> {c.text}")
+    for name, d in (("sft", sft_dir), ("rl", rl_dir), ("dpo", dpo_dir)):
+        chat_engine = Engine(load_model(d), Tokenizer.load(d))
+        conversation[name] = []
+        for q in CHAT_PROMPTS:
+            ids, _ = chat_engine.tok.render_chat([{"role": "user", "content": q}], add_generation_prompt=True)
+            c = chat_engine.generate(ids, SamplingParams(max_new_tokens=80, temperature=0))[0]
+            conversation[name].append({"user": q, "assistant": c.text})
+            print(f"[{name}] you> {q}\n[{name}] bot> {c.text}")
     (run_dir / "samples.txt").write_text(
         "".join(f"> {s['prompt']}{s['completion']}\n\n" for s in samples)
-        + "".join(f"you> {c['user']}\nbot> {c['assistant']}\n" for c in conversation))
+        + "".join(f"[{name}] you> {c['user']}\n[{name}] bot> {c['assistant']}\n"
+                  for name, conv in conversation.items() for c in conv))
 
     result = {"minutes_budget": a.minutes, "seconds": round(time.time() - t0, 1), "stages": stages,
-              "val_bpb": stages["baseline"]["neural_val_bpb"], "baseline": stages["baseline"], "sft_eval": sft_summary.get("eval"), "samples": samples,
+              "val_bpb": stages["baseline"]["neural_val_bpb"], "baseline": stages["baseline"],
+              "sft_eval": sft_summary.get("eval"), "rl_eval": stages["rl"].get("eval"),
+              "reward_eval": stages["reward"].get("eval"), "judge": stages["judge"], "samples": samples,
               "conversation": conversation}
     (run_dir / "speedrun.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     b = stages["baseline"]
-    print(f"\nspeedrun finished in {result['seconds'] / 60:.1f} min: val bits-per-byte "
-          f"{b['neural_val_bpb']:.3f} (3-gram Kneser-Ney baseline: {b['ngram3_val_bpb']:.3f}) after "
-          f"{summary['steps']} pretraining steps ({summary['tokens'] / 1e6:.1f}M tokens)")
+    print(f"\nspeedrun finished in {result['seconds'] / 60:.1f} min", file=sys.stderr)
+    print(f"base model: val bits-per-byte {b['neural_val_bpb']:.3f} after {summary['steps']} steps "
+          f"({summary['tokens'] / 1e6:.2f}M tokens); 3-gram Kneser-Ney on the same tokens "
+          f"{b.get('ngram3_same_tokens_val_bpb', float('nan')):.3f}, on the whole train split {b['ngram3_val_bpb']:.3f}")
     ev = sft_summary.get("eval") or {}
     if ev.get("sft"):
         em = ", ".join(f"{k} {v:.0%}" for k, v in ev["sft"]["exact_match"].items())
         print(f"chat model, held-out: assistant loss {ev['base']['assistant_loss']:.2f} -> "
               f"{ev['sft']['assistant_loss']:.2f}, replies ended {ev['sft']['ended_share']:.0%}, exact match: {em}")
-    print(f"base model: {base}\nsample it:  chatsmith generate {base} --prompt \"Once upon a time\"")
-    print(f"chat model: {sft_dir}\nchat with it: chatsmith chat {sft_dir}")
+    rev = stages["reward"].get("eval") or {}
+    if rev:
+        print(f"reward model: held-out pairwise accuracy {rev['reward']['heldout_accuracy']:.1%}")
+    rl_ev = stages["rl"].get("eval") or {}
+    if rl_ev.get("rl"):
+        print("RL (GRPO, exact-match reward), held-out exact match: " + ", ".join(
+            f"{f} {rl_ev['init']['exact_match'][f]:.0%} -> {v:.0%}" for f, v in rl_ev["rl"]["exact_match"].items())
+            + f"; KL to the SFT model {rl_ev['rl']['kl_to_ref']:.2f} nats/reply")
+    j = stages["judge"]
+    print(f"DPO vs SFT, judged by the reward model: DPO preferred on {j['dpo_win_rate_vs_sft']:.0%} of "
+          f"{j['prompts']} held-out prompts")
+    for name, d in (("base model", base), ("chat model", sft_dir), ("RL model", rl_dir), ("DPO model", dpo_dir)):
+        print(f"{name}: {d}")
+    print(f"chat with it: chatsmith chat {dpo_dir}")
     from chatsmith.report import write_report
     print(f"report card: {write_report(run_dir)}")
     return result

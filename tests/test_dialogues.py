@@ -197,7 +197,7 @@ AVAILABLE = {
     "quiz": (dlg.QUIZ_DIR / "index").is_file(),
     "definition": (dlg.WORDNET_DIR / "index.noun").is_file(),
     "poem": (dlg.FORTUNES_DIR / "tang300").is_file(),
-    "arithmetic": True, "word_problem": True, "identity": True,
+    "arithmetic": True, "word_problem": True, "number_sense": True, "identity": True,
 }
 
 
@@ -289,9 +289,9 @@ def test_build_is_reproducible(built, tmp_path):
 def test_missing_sources_are_skipped_by_name(tmp_path, capsys):
     nowhere = tmp_path / "nowhere"
     meta = dlg.build_dialogues(tmp_path / "out", nowhere, quiz_dir=nowhere, wordnet_dir=nowhere,
-                               fortunes_dir=nowhere, caps={"arithmetic": 300, "word_problem": 300},
-                               verbose=False)
-    assert meta["families_built"] == ["arithmetic", "word_problem", "identity"]
+                               fortunes_dir=nowhere, caps={"arithmetic": 300, "word_problem": 300,
+                                                           "number_sense": 300}, verbose=False)
+    assert meta["families_built"] == ["arithmetic", "word_problem", "number_sense", "identity"]
     assert set(meta["families_skipped"]) == {"chatterbot", "quiz", "definition", "poem"}
     err = capsys.readouterr().err
     for fam in ("chatterbot", "quiz", "definition", "poem"):

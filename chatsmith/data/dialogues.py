@@ -22,6 +22,7 @@ quiz           bsdgames ``quiz`` files: capitals, elements, presidents, Latin, .
 definition     WordNet: "What does 'X' mean?" -> the gloss and an example sentence
 arithmetic     :mod:`chatsmith.data.tasks`, reply = the worked answer (checkable)
 word_problem   :mod:`chatsmith.data.tasks`, reply = the worked answer (checkable)
+number_sense   :mod:`chatsmith.data.tasks`: larger/smaller of two numbers, the number after/before (checkable)
 identity       hand-written: the assistant is chatsmith (English and Chinese)
 poem           fortunes-zh 唐诗三百首 / 宋诗一百首: "背诵李白的《静夜思》" -> the poem
 =============  ==================================================================================
@@ -56,12 +57,12 @@ WORDNET_DIR = Path("/usr/share/wordnet")
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 CHATTERBOT_WHEEL_GLOB = "chatterbot_corpus-*.whl"  # pinned to 1.3.3 by scripts/setup.sh
 
-FAMILIES = ("chatterbot", "quiz", "definition", "arithmetic", "word_problem", "identity", "poem")
-CHECKABLE = frozenset({"quiz", "arithmetic", "word_problem"})
+FAMILIES = ("chatterbot", "quiz", "definition", "arithmetic", "word_problem", "number_sense", "identity", "poem")
+CHECKABLE = frozenset({"quiz", "arithmetic", "word_problem", "number_sense"})
 # Records per family before the split. Together about 16k: a tiny model on a 2-core CPU gets
 # through them in minutes, and the checkable families make up well over half.
 DEFAULT_CAPS = {"chatterbot": 3000, "quiz": 3000, "definition": 3000, "arithmetic": 4000,
-                "word_problem": 3000, "identity": 1000, "poem": 1000}
+                "word_problem": 3000, "number_sense": 2000, "identity": 1000, "poem": 1000}
 
 
 def warn(msg: str) -> None:
@@ -918,7 +919,7 @@ def build_dialogues(out_dir: str | os.PathLike, sources_dir: str | os.PathLike =
                 skipped[fam] = f"{wordnet_dir}/index.noun not found (apt-get install wordnet-base)"
                 continue
             recs, details[fam] = read_definitions(wordnet_dir, cap, seed)
-        elif fam in ("arithmetic", "word_problem"):
+        elif fam in ("arithmetic", "word_problem", "number_sense"):
             recs = read_tasks(fam, DEFAULT_CAPS[fam] if cap is None else cap, seed)
         elif fam == "identity":
             recs = read_identity()

@@ -1,9 +1,12 @@
 """Verifiable tasks: a seeded generator of questions whose answers a program can check.
 
-Two families, both with integer answers:
+Three families, all with integer answers:
 
 - ``arithmetic``: ``+``, ``-`` and ``×`` on small integers ("What is 37 + 48?" -> "85").
 - ``word_problem``: templated one- or two-step stories (apples, trains, coins, ...).
+- ``number_sense``: which of two numbers is larger or smaller, what comes after or before a
+  number. The easy end of the range: rules a tiny model can learn and apply to numbers it never
+  saw, where single-digit arithmetic facts held out of training can only be guessed.
 
 Every task is a dict::
 
@@ -29,7 +32,7 @@ from typing import Callable
 
 from chatsmith.errors import UserError
 
-FAMILIES = ("arithmetic", "word_problem")
+FAMILIES = ("arithmetic", "word_problem", "number_sense")
 # Families whose answers are numbers: a reply is graded on the final number in it.
 NUMERIC_FAMILIES = frozenset(FAMILIES)
 DIFFICULTIES = (1, 2, 3)
@@ -299,7 +302,37 @@ def _word_problem(rng: random.Random, difficulty: int) -> dict:
                  "word_problem:" + ":".join(map(str, key)))
 
 
-_GENERATORS = {"arithmetic": _arithmetic, "word_problem": _word_problem}
+_NS_ZH = {"larger": "{a} 和 {b} 哪个大？", "smaller": "{a} 和 {b} 哪个小？", "after": "{a} 后面的数是多少？",
+          "before": "{a} 前面的数是多少？"}
+
+
+def _number_sense(rng: random.Random, difficulty: int) -> dict:
+    kind = rng.choice(("larger", "smaller", "after", "before"))
+    a = _operand(rng, rng.randint(1, difficulty))
+    zh = rng.random() < 0.15
+    if kind in ("larger", "smaller"):
+        b = _operand(rng, rng.randint(1, difficulty))
+        while b == a:
+            b = _operand(rng, rng.randint(1, difficulty))
+        hi, lo = max(a, b), min(a, b)
+        ans = hi if kind == "larger" else lo
+        question = (_NS_ZH[kind].format(a=a, b=b) if zh else
+                    rng.choice((f"Which is {kind}, {a} or {b}?", f"Which number is {kind}: {a} or {b}?")))
+        worked = f"{hi} > {lo}"
+        key = f"number_sense:{kind}:{min(a, b)}:{max(a, b)}"
+    else:
+        if kind == "before" and a == 0:
+            a = 1
+        ans = a + 1 if kind == "after" else a - 1
+        question = (_NS_ZH[kind].format(a=a) if zh else
+                    rng.choice((f"What number comes {kind} {a}?", f"What is the number just {kind} {a}?")))
+        worked = f"{a} + 1 = {ans}" if kind == "after" else f"{a} - 1 = {ans}"
+        key = f"number_sense:{kind}:{a}"
+    sep = "。" if zh else ". "
+    return _task("number_sense", question, ans, f"{worked}{sep}{_end(ans, zh)}", key)
+
+
+_GENERATORS = {"arithmetic": _arithmetic, "word_problem": _word_problem, "number_sense": _number_sense}
 
 
 def generate_tasks(family: str, n: int, seed: int, difficulty: int = 2) -> list[dict]:

@@ -35,6 +35,7 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
 
 class DPOStage:
     name = "dpo"
+    show = ("reward_accuracy", "reward_margin")
 
     def __init__(self, examples, heldout, ref, cfg: TrainConfig, beta: float, pad_id: int, world: int = 1):
         self.examples, self.heldout, self.ref, self.cfg = examples, heldout, ref, cfg

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from chatsmith.data.shards import TokenShards, write_shards
 from chatsmith.errors import UserError
 from chatsmith.model.gpt import GPT
 from chatsmith.tokenizer import Tokenizer, bytes_per_token, iter_texts, train_tokenizer
-from chatsmith.train.trainer import Trainer
+from chatsmith.train.trainer import Trainer, rank0_first
 
 
 class PretrainStage:
@@ -33,10 +34,12 @@ class PretrainStage:
         self.token_bytes = torch.tensor(token_bytes, dtype=torch.float64)
 
     def batch(self, step: int, micro: int, rank: int):
-        # one independent stream per (step, micro-batch, rank): the global batch does not depend
-        # on how it is split across processes or accumulation steps
+        # one independent stream per micro-batch of the global batch, numbered across ranks
+        # (micro-major), so the global batch of a step is the same for any split of
+        # world x grad_accum: 2 processes with --grad-accum 1 see what 1 process with 2 sees
+        world = int(os.environ.get("WORLD_SIZE", 1))
         x, y = self.train.batch(self.cfg.batch_size, self.seq_len, self.cfg.seed,
-                                step * self.cfg.grad_accum + micro, rank)
+                                (step * self.cfg.grad_accum + micro) * world + rank, 0)
         return {"x": x, "y": y}
 
     def loss(self, model, batch):
@@ -128,7 +131,8 @@ def run(cfg: TrainConfig, inputs=None, data=None, tokenizer=None, vocab_size: in
         model_overrides: dict | None = None) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    shard_dir, tok_dir = prepare_data(inputs, data, tokenizer, out, vocab_size)
+    with rank0_first(cfg.device):  # under torchrun rank 0 builds tokenizer and shards, the others reuse them
+        shard_dir, tok_dir = prepare_data(inputs, data, tokenizer, out, vocab_size)
     tok = Tokenizer.load(tok_dir)
     model = build_model(cfg.preset, tok, cfg.seed, **(model_overrides or {}))
     seq_len = cfg.seq_len or model.cfg.max_seq_len

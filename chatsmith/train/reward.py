@@ -48,6 +48,7 @@ def last_scores(model, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 
 class RewardStage:
     name = "reward"
+    show = ("accuracy", "margin")
 
     def __init__(self, examples, heldout, cfg: TrainConfig, pad_id: int, world: int = 1):
         self.examples, self.heldout, self.cfg, self.pad_id, self.world = examples, heldout, cfg, pad_id, world

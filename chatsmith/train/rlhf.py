@@ -290,7 +290,7 @@ def k3_kl(logp, ref_logp):
 
 class RLStage:
     name = "rlhf"
-    show = ("reward", "kl", "response_len")
+    show = ("reward", "kl", "response_len")  # on the progress line
 
     def __init__(self, policy, ref, tok, items, rewards, rl: RLConfig, cfg: TrainConfig, world: int = 1):
         self.policy, self.ref, self.tok, self.items, self.rewards = policy, ref, tok, items, rewards

@@ -54,6 +54,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """(rank, world size) under torchrun (which sets RANK/WORLD_SIZE/MASTER_ADDR...), after joining
+    the process group once: NCCL between GPUs, gloo on CPU. A plain `python` run is (0, 1)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1 and not dist.is_initialized():
+        dev = resolve_device(device)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return rank, world
+
+
+@contextlib.contextmanager
+def rank0_first(device: str = "auto"):
+    """Rank 0 runs the block first (building shared files: tokenizer, token shards), the other ranks
+    wait at a barrier and then run it and find the files made; without torchrun it just runs."""
+    rank, world = init_distributed(device)
+    if world > 1 and rank != 0:
+        dist.barrier()
+    yield
+    if world > 1 and rank == 0:
+        dist.barrier()
+
+
+def _full(t):
+    """A DTensor shard -> the whole tensor (a collective: every rank calls it); others unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device):
     """None = plain fp32; else the dtype autocast runs matmuls in (weights stay fp32)."""
     if cfg.dtype == "bf16":
@@ -109,8 +136,10 @@ class Trainer:
         self.world = int(os.environ.get("WORLD_SIZE", 1))
         self.rank = int(os.environ.get("RANK", 0))
         self.device = resolve_device(cfg.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        init_distributed(cfg.device)
+        self.fsdp = bool(getattr(cfg, "fsdp", False)) and self.world > 1
+        if self.fsdp and cfg.lora_rank > 0:
+            raise UserError("--fsdp with --lora-rank is not supported: LoRA trains few weights, use plain DDP")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.master = self.rank == 0
@@ -127,7 +156,7 @@ class Trainer:
         self.last_eval: dict = {}
 
     # --- setup ------------------------------------------------------------------------------
-    def _make_optimizer(self):
+    def _make_optimizer(self, fused: bool = True):
         # Weight decay on matrices only: decaying norms' gains and biases just fights the data.
         params = [p for p in self.model.parameters() if p.requires_grad]
         seen, decay, no_decay = set(), [], []
@@ -138,7 +167,7 @@ class Trainer:
             (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type in ("cuda", "cpu")
+        fused = fused and self.device.type in ("cuda", "cpu")
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=fused)
 
     def log(self, *a, **k):
@@ -172,7 +201,7 @@ class Trainer:
             t["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         for i, st in self.optimizer.state_dict()["state"].items():
             for k, v in st.items():
-                t[f"optim.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+                t[f"optim.{i}.{k}"] = _full(v) if torch.is_tensor(v) else torch.tensor(v)
         return t
 
     def _trainer_state(self) -> dict:
@@ -182,11 +211,21 @@ class Trainer:
                 "last_eval": self.last_eval, "train_config": asdict(self.cfg)}
 
     def save(self):
-        """Everyone reaches here; only rank 0 writes."""
+        """Everyone reaches here; only rank 0 writes (under FSDP every rank first helps gather)."""
+        model, tensors = self.unwrapped, None
+        if self.fsdp:
+            from chatsmith.model.gpt import GPT
+
+            sd = {k: _full(v).cpu() for k, v in self.unwrapped.state_dict().items()}
+            tensors = self._state_tensors()
+            if self.master:  # a CPU model around the gathered weights, for the checkpoint writer
+                with torch.device("meta"):
+                    model = GPT(self.unwrapped.cfg)
+                model.load_state_dict(sd, strict=True, assign=True)
         if self.master:
             path = self.out / "checkpoints" / f"step-{self.step:08d}"
-            save_checkpoint(path, self.unwrapped, self.tokenizer_dir, self._trainer_state(),
-                            self._state_tensors(), self.extra_config)
+            save_checkpoint(path, model, self.tokenizer_dir, self._trainer_state(),
+                            tensors if tensors is not None else self._state_tensors(), self.extra_config)
             prune_checkpoints(self.out, self.cfg.keep_last)
         if self.world > 1:
             dist.barrier()
@@ -252,6 +291,44 @@ class Trainer:
             self.log(f"time budget {self.cfg.max_minutes:g} min: {per_step:.3f}s/step -> {new} steps")
             self.max_steps = new
 
+    # --- FSDP ---------------------------------------------------------------------------------
+    def _shard(self):
+        """FSDP2 (fully_shard): each block, then the rest (embeddings, tied head, final norm), keep
+        1/world of every weight, gradient and optimizer moment; weights are all-gathered per block
+        for compute. The optimizer is rebuilt over the sharded parameters, and moments restored by
+        --resume (full tensors, loaded before sharding) are sharded the same way."""
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import distribute_tensor
+
+        import warnings
+
+        # GPT.forward returns logits as a view; nothing here writes into it in place, which is
+        # what FSDP's warning about returned views is about
+        warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+        old = self.optimizer.state_dict()["state"]
+        for block in self.unwrapped.model.layers:
+            fully_shard(block)
+        fully_shard(self.unwrapped)
+        self.optimizer = self._make_optimizer(fused=False)  # fused AdamW takes no DTensors
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, st in old.items():
+            p = params[i]
+            self.optimizer.state[p] = {k: distribute_tensor(v.to(self.device), p.device_mesh, p.placements)
+                                       if k != "step" else v for k, v in st.items()}
+        return self.unwrapped
+
+    def _unshard(self):
+        """Swap the sharded model for a plain one holding the gathered weights (every rank), so code
+        after fit (evaluations, generation on rank 0 alone) needs no collectives."""
+        from chatsmith.model.gpt import GPT
+
+        sd = {k: _full(v) for k, v in self.unwrapped.state_dict().items()}
+        plain = GPT(self.unwrapped.cfg).to(self.device)
+        plain.load_state_dict(sd, strict=True)
+        if plain.cfg.tie_embeddings:
+            plain.lm_head.weight = plain.model.embed_tokens.weight
+        self.unwrapped = self.model = plain.eval()
+
     # --- the loop ---------------------------------------------------------------------------
     def _run_seconds(self) -> float:
         return time.time() - self.t_start
@@ -291,9 +368,14 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.rank)
         start_step = self.step
         model = self.model
-        if self.world > 1:
+        if self.fsdp:
+            model = self._shard()
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # a model with a score head trains only one of its two heads in most stages (reward:
+            # score, SFT: lm_head): DDP must then look for parameters that got no gradient
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                        find_unused_parameters=bool(getattr(self.unwrapped.cfg, "score_head", False)))
         if cfg.compile:
             model = torch.compile(model)
         self.model = model
@@ -324,7 +406,9 @@ class Trainer:
                     batch = self.stage.batch(self.step, micro, self.rank)
                     batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
                     sync = micro == cfg.grad_accum - 1 or self.world == 1
-                    ctx = contextlib.nullcontext() if sync else model.no_sync()
+                    if self.fsdp:  # FSDP2: reduce-scatter gradients only after the last micro-batch
+                        model.set_requires_gradient_sync(sync)
+                    ctx = contextlib.nullcontext() if sync or self.fsdp else model.no_sync()
                     with ctx, self._autocast():
                         loss, stats = self.stage.loss(model, batch)
                     if not torch.isfinite(loss):
@@ -335,17 +419,20 @@ class Trainer:
                     for k, v in stats.items():
                         stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
                     n_tok += self.stage.tokens(batch)
-                gnorm = torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), cfg.grad_clip)
+                gnorm = _full(torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), cfg.grad_clip))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 n_tok *= self.world
                 self.tokens_seen += n_tok
                 tok_window += n_tok
-                if self.world > 1:  # report the global mean loss
-                    t = torch.tensor([loss_sum], device=self.device)
+                if self.world > 1:  # report the global mean loss and stats (same keys on every rank)
+                    keys = sorted(stats_sum)
+                    t = torch.tensor([loss_sum, *(stats_sum[k] for k in keys)], dtype=torch.float64,
+                                     device=self.device)
                     dist.all_reduce(t)
-                    loss_sum = t.item() / self.world
+                    t = (t / self.world).tolist()
+                    loss_sum, stats_sum = t[0], dict(zip(keys, t[1:]))
                 # fit the schedule to the time budget once the step time is known, then refit at
                 # every log step until the last 5% (timings drift: other processes, evals), so the
                 # schedule ends inside the budget instead of being cut off before it decays
@@ -368,7 +455,9 @@ class Trainer:
                     if self.max_steps:
                         done_here = self.step - start_step
                         eta = f" | ETA {fmt_time(el / max(done_here, 1) * (self.max_steps - self.step))}"
-                    self.log(f"step {self.step}/{self.max_steps or '?'} | loss {loss_sum:.4f} | lr {lr:.2e} | "
+                    # a stage may name stats worth the progress line (RL: reward, KL, reply length)
+                    shown = "".join(f" | {k} {row[k]:.3g}" for k in getattr(self.stage, "show", ()) if k in row)
+                    self.log(f"step {self.step}/{self.max_steps or '?'} | loss {loss_sum:.4f}{shown} | lr {lr:.2e} | "
                              f"{tps / 1e3:.2f}k tok/s | {fmt_time(self.elapsed_before + el)}{eta}")
                 last = self.step == self.max_steps
                 if self.step % cfg.eval_every == 0 or last:
@@ -377,7 +466,12 @@ class Trainer:
                         self._metric({"step": self.step, **res})
                         self.log("eval step {} | {}".format(self.step, " | ".join(
                             f"{k} {v:.4f}" for k, v in res.items())))
-                if budget and self.elapsed_before + self._run_seconds() > budget and not last:
+                over = bool(budget) and self.elapsed_before + self._run_seconds() > budget
+                if budget and self.world > 1:  # rank 0's clock decides, or the ranks would part ways
+                    t = torch.tensor([int(over)], device=self.device)
+                    dist.broadcast(t, 0)
+                    over = bool(t.item())
+                if over and not last:
                     stopped_by_budget = True
                     self.log(f"time budget of {cfg.max_minutes:g} min reached at step {self.step}")
                     break
@@ -389,6 +483,8 @@ class Trainer:
         if stopped_by_budget:
             self.last_eval = self.evaluate() or self.last_eval
         self.save()
+        if self.fsdp:
+            self._unshard()
         if self.master:
             ckpt = list_checkpoints(self.out)[-1]
             publish(ckpt, self.out, names=[p.name for p in ckpt.iterdir() if p.name != "optimizer.safetensors"])
