@@ -8,6 +8,7 @@ Task names
                    ``val.jsonl`` only.
 ``arithmetic``,    exact match on the held-out built-in dialogues of that family
 ``word_problem``,  (``data/chat/heldout.jsonl`` unless ``heldout=`` says otherwise).
+``number_sense``,
 ``quiz``
 ``PATH.jsonl``     your own task file, one item per line::
 
@@ -68,7 +69,7 @@ from chatsmith.data.tasks import check_answer, final_answer, normalise
 from chatsmith.errors import UserError
 
 MODES = ("zero-shot", "k-shot", "cot")
-BUILTIN_TASKS = ("arithmetic", "word_problem", "quiz")
+BUILTIN_TASKS = ("arithmetic", "word_problem", "number_sense", "quiz")
 DEFAULT_HELDOUT = "data/chat/heldout.jsonl"
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 KINDS = {"exact_match": "answer/answers", "reference": "reference", "choice": "choices + label"}
