@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -211,12 +212,21 @@ def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
                 t.put(f"n-gram {k}", s.name, v)
     base = (speedrun or {}).get("baseline") or {}
     for k, v in base.items():
-        if k.startswith("ngram") and k.endswith("_val_bpb"):
-            n = k[len("ngram"):-len("_val_bpb")]
-            t.put("val bits-per-byte (all val documents)", f"{n}-gram", v)
+        m = re.fullmatch(r"ngram(\d+)(?:_(.+))?_val_bpb", k)
+        if m:  # ngram3_val_bpb, ngram3_same_tokens_val_bpb (counted on as many tokens as the neural model saw)
+            col = f"{m.group(1)}-gram" + (f" ({m.group(2).replace('_', ' ')})" if m.group(2) else "")
+            t.put("val bits-per-byte (all val documents)", col, v)
         elif k == "neural_val_bpb":
             col = next((s.name for s in stages if s.kind == "pretrain"), "base")
             t.put("val bits-per-byte (all val documents)", col, v)
+    # the speedrun's reward-model judge: mean reward per model, win rate of one model over another
+    judge = (speedrun or {}).get("judge") or {}
+    for k, v in judge.items():
+        m = re.fullmatch(r"(.+)_win_rate_vs_(.+)", k)
+        if m:
+            t.put(f"judge: win rate vs {m.group(2)}", _column_for(m.group(1), stages), v)
+        elif k.endswith("_mean_reward"):
+            t.put("judge: mean reward", _column_for(k[:-len("_mean_reward")], stages), v)
     return t
 
 
@@ -397,6 +407,11 @@ def md_table(header: list[str], rows: list[list], numeric: bool = True) -> str:
     return "\n".join(lines)
 
 
+def _short(x, limit: int = 120) -> str:
+    x = str(x)
+    return x if len(x) < limit else x[:limit] + " …"
+
+
 def _block(text: str, limit: int = 600) -> str:
     text = text if len(text) <= limit else text[:limit] + " …"
     return "~~~text\n" + text.replace("~~~", "~ ~ ~") + "\n~~~"
@@ -409,10 +424,21 @@ def samples_md(stages: list[Stage], speedrun: dict | None) -> list[str]:
         out.append("### Base model completions (temperature 0.8)\n")
         for s in sr["samples"]:
             out.append(_block(f"{s.get('prompt', '')}{s.get('completion', '')}"))
-    if sr.get("conversation"):
-        out.append("\n### Chat model, greedy\n")
-        out.append(_block("\n".join(f"you> {c.get('user', '')}\nbot> {c.get('assistant', '')}"
-                                    for c in sr["conversation"]), 2000))
+    conv = sr.get("conversation")
+    # one conversation (a list of turns) or one per model ({"sft": [...], "dpo": [...]})
+    convs = conv if isinstance(conv, dict) else {"chat model": conv} if isinstance(conv, list) else {}
+    for name, turns in convs.items():
+        if isinstance(turns, list) and turns:
+            out.append(f"\n### {name}, greedy\n")
+            out.append(_block("\n".join(f"you> {c.get('user', '')}\nbot> {c.get('assistant', '')}"
+                                        for c in turns if isinstance(c, dict)), 2000))
+    examples = ((sr.get("judge") or {}).get("examples") or []) if isinstance(sr.get("judge"), dict) else []
+    examples = [e for e in examples if isinstance(e, dict)]
+    if examples:
+        names = [k for k in examples[0] if k != "prompt"]
+        out.append("\n### Replies the reward-model judge compared\n")
+        out.append(md_table(["prompt", *names], [[_short(e.get("prompt", "")), *(_short(e.get(n, "")) for n in names)]
+                                                 for e in examples], numeric=False))
     for s in stages:
         for f in sorted(s.path.glob("*_eval.json")):
             d = _read_json(f)
@@ -426,7 +452,7 @@ def samples_md(stages: list[Stage], speedrun: dict | None) -> list[str]:
                 rows = [[x.get("family", ""), x.get("prompt", ""), x.get("reply", ""), x.get("reference", "")]
                         for x in smp[:9] if isinstance(x, dict)]
                 out.append(md_table(["family", "prompt", "reply", "reference"],
-                                    [[c if len(c) < 120 else c[:120] + " …" for c in map(str, r)] for r in rows],
+                                    [[_short(c) for c in r] for r in rows],
                                     numeric=False))
     return out
 

@@ -73,9 +73,13 @@ def run_dir(base_model, tmp_path_factory):
                    "pretrain": {"seconds": 50.0, "steps": 60, "tokens": 15360},
                    "baseline": {"seconds": 2.0, "neural_val_bpb": 2.5, "ngram3_val_bpb": 3.1},
                    "sft": {"seconds": 20.0, "steps": 6, "tokens": 500}},
-        "baseline": {"neural_val_bpb": 2.5, "ngram3_val_bpb": 3.1, "val_tokens": 10, "val_bytes": 40},
+        "baseline": {"neural_val_bpb": 2.5, "ngram3_val_bpb": 3.1, "ngram3_same_tokens_val_bpb": 3.4,
+                     "val_tokens": 10, "val_bytes": 40},
+        "judge": {"prompts": 8, "rl_win_rate_vs_sft": 0.8125, "sft_mean_reward": -0.5, "rl_mean_reward": 0.25,
+                  "examples": [{"prompt": "Who are you?", "sft": "a bot", "rl": "I am chatsmith"}]},
         "samples": [{"prompt": "The king", "completion": " said | to the queen"}],
-        "conversation": [{"user": "What is 2 + 2?", "assistant": "4"}]}))
+        "conversation": {"sft": [{"user": "What is 2 + 2?", "assistant": "4"}],
+                         "rl": [{"user": "What is 2 + 2?", "assistant": "four"}]}}))
     return run
 
 
@@ -96,7 +100,14 @@ def test_report_on_a_micro_run(run_dir):
     assert cells["reward"] == "0.875" and cells["reward: untrained_head"] == "0.5"
     assert "heldout prompts" not in md and "RL says 4" in md
     line = next(ln for ln in md.splitlines() if ln.startswith("| val bits-per-byte"))
-    assert "2.5" in line and "3.1" in line
+    assert "2.5" in line and "3.1" in line and "3.4" in line and " 3-gram (same tokens) |" in header
+    def row(name):
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {name} |"))
+        return dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
+
+    assert row("judge: win rate vs sft")["rl"] == "0.8125"
+    assert row("judge: mean reward")["sft"] == "-0.5" and row("judge: mean reward")["rl"] == "0.25"
+    assert "I am chatsmith" in md and "### rl, greedy" in md and "bot> four" in md
     sft_eval = json.loads((run_dir / "sft" / "sft_eval.json").read_text())
     row = next(ln for ln in md.splitlines() if ln.startswith("| held-out assistant loss"))
     assert fmt(sft_eval["base"]["assistant_loss"]) in row and fmt(sft_eval["sft"]["assistant_loss"]) in row
@@ -123,8 +134,11 @@ def test_report_skips_missing_stages_and_reads_one_model_dir(run_dir, tmp_path):
     part = tmp_path / "partial"
     part.mkdir()
     shutil.copytree(run_dir / "base", part / "base")
+    # an older speedrun.json: one conversation as a list, no judge
+    (part / "speedrun.json").write_text(json.dumps({"conversation": [{"user": "Hi", "assistant": "Hello"}]}))
     path = write_report(part)
     md = path.read_text()
+    assert "bot> Hello" in md
     assert "| metric | base |" in md and "sft" not in md.split("## Plots")[0]
     assert (part / "loss.png").is_file() and not (part / "reward_kl.png").exists()
     out = tmp_path / "one"
