@@ -115,8 +115,9 @@ def test_export_hf_loads_in_transformers(base_model, tmp_path):
 
 
 # the re-import bound per storage type, measured on the micro model (logits of magnitude ~1):
-# f32 is exact; f16 rounds each weight to 11 bits; q8_0 / q4_x are block-quantised
-GGUF_BOUNDS = {"f32": 1e-5, "f16": 5e-3, "q8_0": 3e-2, "q4_0": 0.3, "q4_1": 0.3}
+# f32 is exact (0); f16 rounds each weight to 11 bits (measured 2.5e-4 on a random micro model);
+# q8_0 / q4_x are block-quantised (measured 6.7e-3 and 0.09)
+GGUF_BOUNDS = {"f32": 1e-5, "f16": 2e-3, "q8_0": 2e-2, "q4_0": 0.3, "q4_1": 0.3}
 
 
 @pytest.mark.parametrize("qtype", list(GGUF_BOUNDS))
