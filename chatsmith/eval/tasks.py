@@ -835,7 +835,9 @@ def format_table(metrics: dict) -> str:
     lines = [f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {d}" for a, b, c, d in rows]
     lines.insert(1, "-" * max(len(x) for x in lines))
     head = (f"mode {metrics['mode']}" + (f", k={metrics['k']}" if metrics["k"] else "")
-            + f", {'chat' if metrics['chat'] else 'plain'} prompts, seed {metrics['seed']}")
+            + f", {'chat' if metrics['chat'] else 'plain'} prompts, seed {metrics['seed']}"
+            + ("; reward tasks: chat-template prompts, greedy replies" if any(
+                r["kind"] == "reward" for r in metrics["tasks"].values()) else ""))
     return head + "\n" + "\n".join(lines)
 
 
