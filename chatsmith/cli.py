@@ -500,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         a = build_parser().parse_args(argv)
         if a.verb != "ngram":
             _resolve_model_names(a)
+        if int(os.environ.get("RANK", 0)) > 0:  # under torchrun rank 0 alone prints results
+            sys.stdout = open(os.devnull, "w")
         handler = {
             "data": lambda: cmd_data_build(a),
             "tokenizer": lambda: cmd_tokenizer_train(a),

@@ -157,7 +157,8 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
         ev_f.write_text(json.dumps(res, indent=2) + "\n")
         summary["eval"] = res
         print_eval_table(res)
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if trainer.master:  # under torchrun rank 0 alone writes
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
