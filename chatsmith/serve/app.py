@@ -604,7 +604,9 @@ def create_app(model_dir: str | Path, api_key: str | None = None, model_name: st
 
         def chunk(choices, usage_=None) -> str:
             d = {"id": rid, "object": chunk_obj, "created": created, "model": srv.model_name, "choices": choices}
-            if include_usage:
+            # chat chunks carry "usage": null until the last (as OpenAI's do); the legacy schema has
+            # no null usage, so completions chunks leave it out until then
+            if include_usage and (chat or usage_ is not None):
                 d["usage"] = usage_
             return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
 
