@@ -287,3 +287,19 @@ def test_rl_flag_errors(base_model, rl_prompts, tmp_path, capsys):
     assert cli("rlhf", "--init", base_model, "--prompts", rl_prompts, "--reward", "exact",
                "--out", tmp_path / "o") == 2
     assert "known answers" in capsys.readouterr().err
+
+
+def test_discriminator_learns_real_from_fake(base_model):
+    """The adversarial critic alone: dataset replies vs. a fixed "policy" that always says the same
+    thing; its accuracy on fresh samples (measured before each update) climbs to 1 and the reward it
+    hands the fake replies falls."""
+    from chatsmith.train.rlhf import Discriminator, PromptItem
+
+    tok = Tokenizer.load(base_model)
+    items = [PromptItem([{"role": "user", "content": q}], [], a, {}, f"test:{i}") for i, (q, a) in enumerate(YES_NO)]
+    d = Discriminator(str(base_model), tok, lr=3e-3, steps=2, device="cpu")
+    first = d(items, ["the king the king"] * len(items), [True] * len(items))
+    for _ in range(12):
+        last = d(items, ["the king the king"] * len(items), [True] * len(items))
+    assert d.history[-1] == 1.0 and d.history[-1] > d.history[0]
+    assert sum(last) < sum(first)
