@@ -123,9 +123,7 @@ function headers() {
 
 async function streamReply(c) {
   const s = settings();
-  const messages = [];
-  if (s.system.trim()) messages.push({ role: "system", content: s.system });
-  for (const m of c.messages) messages.push({ role: m.role, content: m.content });
+  const history = c.messages.slice();
   const reply = { role: "assistant", content: "" };
   c.messages.push(reply);
   const box = $("messages");
@@ -137,15 +135,25 @@ async function streamReply(c) {
   state.controller = new AbortController();
   renderButtons();
   setStatus("");
-  const req = { model: state.model || undefined, messages, stream: true, temperature: s.temperature };
-  if (s.maxTokens) req.max_tokens = s.maxTokens;
   try {
-    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(req),
-                                                    signal: state.controller.signal });
-    if (!r.ok) {
-      let msg = r.status + " " + r.statusText;
-      try { msg = (await r.json()).error.message; } catch { /* not JSON */ }
-      throw new Error(msg);
+    let r, skip = 0;
+    for (;;) {  // when the conversation outgrows the model's context, leave out the oldest turns
+      const messages = [];
+      if (s.system.trim()) messages.push({ role: "system", content: s.system });
+      for (const m of history.slice(skip)) messages.push({ role: m.role, content: m.content });
+      const req = { model: state.model || undefined, messages, stream: true, temperature: s.temperature };
+      if (s.maxTokens) req.max_tokens = s.maxTokens;
+      r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(req),
+                                                signal: state.controller.signal });
+      if (r.ok) break;
+      let err = { message: r.status + " " + r.statusText };
+      try { err = (await r.json()).error; } catch { /* not JSON */ }
+      if (err.code === "context_length_exceeded" && history.length - skip > 1) {
+        skip += 2;
+        setStatus("The oldest turns were left out to fit the model's context.");
+        continue;
+      }
+      throw new Error(err.message);
     }
     const reader = r.body.getReader();
     const decoder = new TextDecoder();

@@ -8,19 +8,20 @@
 
 const Markdown = (() => {
   function inline(parent, text) {
-    // tokens: `code`, **bold**, *italic* / _italic_, [label](http...)
-    const re = /(`+)([\s\S]*?)\1|\*\*([^*]+)\*\*|\*([^*\s][^*]*)\*|_([^_\s][^_]*)_|\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/g;
+    // tokens: `code`, **bold**, *italic*, [label](http...). No _italic_: it would mangle
+    // identifiers such as __init__ or snake_case names, common in replies about code.
+    const re = /(`+)([\s\S]*?)\1|\*\*([^*]+)\*\*|\*([^*\s](?:[^*]*[^*\s])?)\*|\[([^\]]+)\]\((https?:\/\/[^\s)]+)\)/g;
     let last = 0, m;
     while ((m = re.exec(text)) !== null) {
       if (m.index > last) parent.appendChild(document.createTextNode(text.slice(last, m.index)));
       let el;
       if (m[1] !== undefined) { el = document.createElement("code"); el.textContent = m[2]; }
       else if (m[3] !== undefined) { el = document.createElement("strong"); inline(el, m[3]); }
-      else if (m[4] !== undefined || m[5] !== undefined) { el = document.createElement("em"); inline(el, m[4] ?? m[5]); }
+      else if (m[4] !== undefined) { el = document.createElement("em"); inline(el, m[4]); }
       else {
         el = document.createElement("a");
-        el.textContent = m[6];
-        el.href = m[7];  // only http(s): javascript: and data: URLs never match the pattern
+        el.textContent = m[5];
+        el.href = m[6];  // only http(s): javascript: and data: URLs never match the pattern
         el.target = "_blank";
         el.rel = "noopener noreferrer";
       }

@@ -1,0 +1,211 @@
+"""The web chat page in real headless Chromium (Debian's chromium + chromium-driver, driven by
+Selenium, offline): send a message and watch the reply stream in, regenerate, stop a reply midway,
+conversations kept across reloads, new chat, HTML in messages shown as text and never run, and a
+phone-width layout without horizontal scrolling.
+
+Skips when Chromium is not installed, except under CI (CI=true), where scripts/setup.sh installs it
+and a missing browser is a failure."""
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+XSS = '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> **bold** `code`'
+
+
+def _need_browser():
+    missing = [p for p in (CHROMIUM, DRIVER) if not os.path.exists(p)]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package")
+    if missing:
+        why = f"headless Chromium is not available ({', '.join(missing)} missing; scripts/setup.sh installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def web(base_model, tmp_path_factory):
+    _need_browser()
+    import uvicorn
+
+    from chatsmith.serve.app import create_app
+    from test_serve import free_port
+
+    # the test model's context is 64 tokens: serve the same weights with a 256-token context (the
+    # rotary positions extend; the replies are noise either way), so a few turns fit
+    model_dir = tmp_path_factory.mktemp("web") / "model"
+    shutil.copytree(base_model, model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg["max_position_embeddings"] = cfg["chatsmith"]["model"]["max_seq_len"] = 256
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    app = create_app(model_dir, model_name="web-model")
+    srv = app.state.server
+    step = srv.engine.step
+
+    def slow_step():  # ~25 tokens/s, so a reply is visibly streamed and can be stopped midway
+        time.sleep(0.04)
+        return step()
+
+    srv.engine.step = slow_step
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", srv
+    server.should_exit = True
+    t.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser(web):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never go online for a driver
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+              "--window-size=1200,900", "--no-first-run", "--disable-extensions"):
+        opts.add_argument(a)
+    d = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
+    d.set_page_load_timeout(30)
+    yield d
+    d.quit()
+
+
+def wait(cond, timeout=30, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def replies(d):
+    return [e.text for e in d.find_elements("css selector", ".message.assistant .body")]
+
+
+def streaming(d):
+    return bool(d.find_elements("css selector", ".message.streaming"))
+
+
+def test_chat_page_streams_stops_regenerates_and_keeps_conversations(web, browser):
+    url, srv = web
+    d = browser
+    d.get(url + "/")
+    d.execute_script("localStorage.clear()")
+    d.get(url + "/")
+    wait(lambda: d.find_element("id", "model-name").text == "web-model", what="the model name from /v1/models")
+    d.execute_script("document.getElementById('settings').open = true")
+    mt = d.find_element("id", "max-tokens")
+    mt.clear()
+    mt.send_keys("24")
+    # 1. a message with HTML in it: sent, shown as text, never run; the reply streams in
+    box = d.find_element("id", "input")
+    box.send_keys(XSS)
+    d.find_element("id", "send").click()
+    wait(lambda: streaming(d), what="the reply to start")
+    lengths = set()
+    while streaming(d):
+        lengths.add(len("".join(replies(d))))
+        time.sleep(0.02)
+    assert len(lengths) >= 3, f"the reply did not arrive in pieces: {lengths}"
+    first = replies(d)
+    assert len(first) == 1 and first[0].strip()
+    user = d.find_element("css selector", ".message.user .body")
+    assert '<img src=x onerror="window.__xss=1">' in user.text and "<script>" in user.text
+    assert not d.find_elements("css selector", "#messages img, #messages script")
+    assert user.find_element("css selector", "strong").text == "bold"
+    assert d.execute_script("return window.__xss") is None
+    # 2. regenerate replaces the last reply (same conversation, still two messages)
+    assert d.find_element("id", "regenerate").is_displayed()
+    d.find_element("id", "regenerate").click()
+    wait(lambda: streaming(d), what="the regenerated reply to start")
+    wait(lambda: not streaming(d), what="the regenerated reply to finish")
+    assert len(d.find_elements("css selector", ".message")) == 2
+    # 3. stop a long reply midway: the partial text stays, the server frees the request's row
+    mt.clear()  # no limit: up to the context
+    box.send_keys("Tell me a long story")
+    d.find_element("id", "send").click()
+    wait(lambda: streaming(d) and len(replies(d)) == 2 and len(replies(d)[1]) >= 3, what="some streamed text")
+    assert d.find_element("id", "stop").is_displayed() and not d.find_element("id", "send").is_displayed()
+    d.find_element("id", "stop").click()
+    wait(lambda: not streaming(d), 10, "the reply to stop")
+    stopped = replies(d)[1]
+    assert stopped and d.find_element("id", "send").is_displayed()
+    wait(lambda: srv.engine.num_active == 0, 10, "the server to cancel the stopped generation")
+    time.sleep(0.3)
+    assert replies(d)[1] == stopped  # nothing more arrived after Stop
+    # 4. conversations survive a reload (localStorage); a new chat starts empty
+    d.get(url + "/")
+    titles = [e.text for e in d.find_elements("css selector", "#conversations .open")]
+    assert titles == [XSS[:40]]
+    assert len(d.find_elements("css selector", ".message")) == 4 and replies(d)[1] == stopped
+    d.find_element("id", "new-chat").click()
+    assert d.find_elements("css selector", "#messages .empty")
+    box = d.find_element("id", "input")
+    box.send_keys("hello")
+    d.find_element("id", "send").click()
+    wait(lambda: len(d.find_elements("css selector", "#conversations li")) == 2, what="a second conversation")
+    wait(lambda: not streaming(d) and replies(d), what="the second conversation's reply")
+    assert d.find_element("css selector", "#conversations li.active .open").text == "hello"
+
+
+def test_model_output_with_html_and_markdown_is_rendered_as_text(web, browser):
+    """Model text containing HTML is shown, not run (stored replies use the same renderer as streamed
+    ones); Markdown code blocks keep their content verbatim; javascript: links are not links."""
+    url, _ = web
+    d = browser
+    reply = ("Here:\n\n```html\n<img src=x onerror=\"window.__xss=3\">\n<script>window.__xss=4</script>\n```\n\n"
+             "<script>window.__xss=5</script> and <img src=x onerror=window.__xss=6> "
+             "[click](javascript:window.__xss=7) [docs](https://example.org/x)\n\n- one **two**\n- `three`")
+    d.get(url + "/")
+    d.execute_script("localStorage.setItem('chatsmith.conversations', JSON.stringify(arguments[0]))",
+                     [{"id": "c1", "title": "xss", "updated": 1,
+                       "messages": [{"role": "user", "content": "show me html"},
+                                    {"role": "assistant", "content": reply}]}])
+    d.get(url + "/")
+    body = d.find_elements("css selector", ".message.assistant .body")[0]
+    code = body.find_element("css selector", "pre code")
+    assert code.get_attribute("textContent") == '<img src=x onerror="window.__xss=3">\n<script>window.__xss=4</script>'
+    assert "<script>window.__xss=5</script>" in body.text and "<img src=x onerror=window.__xss=6>" in body.text
+    assert not d.find_elements("css selector", "#messages img, #messages script, #messages iframe")
+    links = body.find_elements("css selector", "a")
+    assert [a.get_attribute("href") for a in links] == ["https://example.org/x"]
+    assert [li.text for li in body.find_elements("css selector", "li")] == ["one two", "three"]
+    time.sleep(0.2)
+    assert d.execute_script("return window.__xss") is None
+
+
+def test_phone_width_layout(web, browser):
+    url, _ = web
+    d = browser
+    d.set_window_size(375, 740)
+    try:
+        d.get(url + "/")
+        wait(lambda: d.find_element("id", "toggle-sidebar").is_displayed(), what="the menu button")
+        assert d.execute_script("return document.documentElement.scrollWidth") <= 375 + 1
+        assert not d.find_element("id", "new-chat").is_displayed() or \
+            d.find_element("id", "new-chat").rect["x"] + d.find_element("id", "new-chat").rect["width"] <= 0
+        for el in ("input", "send"):
+            r = d.find_element("id", el).rect
+            assert r["x"] >= 0 and r["x"] + r["width"] <= 376 and d.find_element("id", el).is_displayed()
+        d.find_element("id", "toggle-sidebar").click()
+        wait(lambda: d.find_element("id", "new-chat").rect["x"] >= 0, 5, "the drawer to open")
+    finally:
+        d.set_window_size(1200, 900)
