@@ -53,7 +53,7 @@ def write_model_files(d: Path, model: GPT, tokenizer_dir: Path | None = None, ex
     """Model, config, generation config and tokenizer files into directory d (not atomic by itself)."""
     cfg = model.cfg
     if has_lora(model):  # LoRA: the adapters alone (+ a pointer to the base), not the full weights
-        write_adapter_files(d, model)
+        extra_config = {**(extra_config or {}), "lora": write_adapter_files(d, model)}
     else:
         state = {k: v.detach().to("cpu", torch.float32) if v.is_floating_point() else v.cpu()
                  for k, v in to_hf_state_dict(model).items()}

@@ -184,3 +184,42 @@ def test_pretraining_from_scratch_refuses_lora(corpus_dir, tokenizer_dir, tmp_pa
     assert cli("pretrain", "--input", corpus_dir, "--tokenizer", tokenizer_dir, "--out", tmp_path / "p",
                "--preset", "micro", "--max-steps", 2, "--lora-rank", 2) == 2
     assert "--init" in capsys.readouterr().err
+
+
+def saved_adapters(tmp_path):
+    """A micro base model directory and an adapter directory on it with non-zero B."""
+    from chatsmith.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "base", micro_gpt())
+    model = load_model(tmp_path / "base")
+    apply_lora(model, rank=4, alpha=8, targets="q_proj,v_proj,down_proj")
+    randomise_b(model)
+    save_checkpoint(tmp_path / "adapters", model)
+    return tmp_path / "base", tmp_path / "adapters", model
+
+
+def test_adapter_dir_warns_when_its_base_changed_and_names_a_missing_one(tmp_path, capsys):
+    from chatsmith.checkpoint import save_checkpoint
+    from chatsmith.errors import UserError
+
+    base, adapters, model = saved_adapters(tmp_path)
+    x = torch.randint(0, 300, (1, 10))
+    assert torch.allclose(load_model(adapters)(x), model.eval()(x), atol=1e-5, rtol=0)
+    assert "changed" not in capsys.readouterr().err
+    save_checkpoint(base, micro_gpt(seed=1))  # same shapes, other weights
+    load_model(adapters)
+    assert "has changed since the adapters" in capsys.readouterr().err
+    shutil.rmtree(base)
+    with pytest.raises(UserError, match="need their base model"):
+        load_model(adapters)
+
+
+def test_peft_loads_our_adapters_with_the_same_logits(tmp_path):
+    peft = pytest.importorskip("peft")  # not a chatsmith dependency: checked where it is installed
+    from transformers import AutoModelForCausalLM
+
+    base, adapters, _ = saved_adapters(tmp_path)
+    hf = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapters)).eval()
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, load_model(adapters)(x), atol=1e-5, rtol=0)

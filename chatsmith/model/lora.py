@@ -294,7 +294,6 @@ def adapter_config(model: nn.Module) -> dict:
         raise ValueError("model has no lora_spec: apply_lora first")
     if spec.base_dir is None:
         raise UserError("cannot save LoRA adapters without knowing their base model directory")
-    cfg = getattr(model, "cfg", None)
     return {
         # PEFT's LoraConfig fields
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
@@ -302,19 +301,20 @@ def adapter_config(model: nn.Module) -> dict:
         "modules_to_save": spec.modules_to_save or None, "bias": "none", "fan_in_fan_out": False,
         "inference_mode": True, "init_lora_weights": True,
         "base_model_name_or_path": str(Path(spec.base_dir).resolve()),
-        # ours: base weights' fingerprint; the shape (PEFT names match transformers' only for llama)
-        "chatsmith": {"base_fingerprint": spec.fingerprint(), "arch": getattr(cfg, "arch", None)},
     }
 
 
-def write_adapter_files(d: Path, model: nn.Module):
-    """adapter_config.json + adapter_model.safetensors into d (the caller writes config.json etc.)."""
+def write_adapter_files(d: Path, model: nn.Module) -> dict:
+    """adapter_config.json + adapter_model.safetensors into d. Returns what config.json's "chatsmith"
+    block keeps about them (kept out of adapter_config.json, where PEFT warns about unknown keys):
+    the base weights' fingerprint."""
     from safetensors.torch import save_file
 
     save_file(adapter_state_dict(model), str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     with open(d / ADAPTER_CONFIG, "w") as f:
         json.dump(adapter_config(model), f, indent=2)
         f.write("\n")
+    return {"base": str(Path(lora_spec(model).base_dir).resolve()), "base_fingerprint": lora_spec(model).fingerprint()}
 
 
 def is_adapter_dir(path) -> bool:
@@ -334,6 +334,13 @@ def read_adapter_config(d: Path) -> dict:
     return acfg
 
 
+def _chatsmith_block(d: Path) -> dict:
+    try:
+        return json.loads((d / "config.json").read_text()).get("chatsmith") or {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def load_adapter_model(path, merge: bool = True, _depth: int = 0):
     """Base model + adapters from an adapter directory: merged into a plain GPT (default), or with the
     LoRA layers in place (merge=False, e.g. to continue training them). fp32 on the CPU."""
@@ -350,7 +357,7 @@ def load_adapter_model(path, merge: bool = True, _depth: int = 0):
                         f"put it back or point base_model_name_or_path in {d / ADAPTER_CONFIG} at a copy")
     if _depth > 8 or base_dir.resolve() == d.resolve():
         raise UserError(f"{d / ADAPTER_CONFIG}: base_model_name_or_path leads back to itself")
-    want = (acfg.get("chatsmith") or {}).get("base_fingerprint")
+    want = (_chatsmith_block(d).get("lora") or {}).get("base_fingerprint")
     if want and weights_fingerprint(base_dir) != want:
         print(f"warning: the base model {base_dir} has changed since the adapters in {d} were trained on it; "
               f"the result will not be the fine-tuned model", file=sys.stderr)
@@ -391,8 +398,7 @@ def merge_command(adapter_dir, out_dir) -> Path:
     if out.resolve() in (d.resolve(), base.resolve()):
         raise UserError(f"OUT_DIR {out} would overwrite the adapters or their base model: choose a new directory")
     model = load_model(d)
-    raw = json.loads((d / "config.json").read_text()) if (d / "config.json").exists() else {}
-    extra = {k: v for k, v in (raw.get("chatsmith") or {}).items() if k != "model"}
+    extra = {k: v for k, v in _chatsmith_block(d).items() if k not in ("model", "lora")}
     extra["merged_lora"] = {"adapters": str(d.resolve()), "base": str(base.resolve()), "r": acfg["r"],
                             "lora_alpha": acfg.get("lora_alpha"), "target_modules": acfg["target_modules"]}
     tok = d if (d / "tokenizer.json").exists() else base
