@@ -292,8 +292,11 @@ class RLStage:
     name = "rlhf"
     show = ("reward", "kl", "response_len")  # on the progress line
 
-    def __init__(self, policy, ref, tok, items, rewards, rl: RLConfig, cfg: TrainConfig, world: int = 1):
+    def __init__(self, policy, ref, tok, items, rewards, rl: RLConfig, cfg: TrainConfig, world: int = 1,
+                 heldout=()):
         self.policy, self.ref, self.tok, self.items, self.rewards = policy, ref, tok, items, rewards
+        self.heldout = list(heldout)
+        self.last_result = None
         self.rl, self.cfg, self.world = rl, cfg, world
         self.end_id = tok.token_to_id("<|assistant_end|>")
         if self.end_id is None:
@@ -431,6 +434,11 @@ class RLStage:
     def tokens(self, batch) -> int:
         return int(batch["mask"].sum())
 
+    def evaluate(self, model) -> dict:
+        res = evaluate_policy(self, model, self.heldout, seed=self.cfg.seed)
+        self.last_result = res  # the trainer evaluates the final policy; run() reports this one
+        return {k: v for k, v in _flatten(res).items() if isinstance(v, float)}
+
 
 # --------------------------------------------------------------------------- evaluation
 
@@ -471,19 +479,6 @@ def evaluate_policy(stage: RLStage, model, items: list[PromptItem], seed: int = 
     res["kl_to_ref"] = float(((lp - ref) * b["mask"]).sum(1).mean())
     res["samples"] = [{"prompt": it.messages[-1]["content"], "reply": t} for it, t in list(zip(its, texts))[:6]]
     return res
-
-
-class _EvalStage(RLStage):
-    """RLStage whose `evaluate` runs the held-out evaluation (kept apart so tests can build a stage
-    without held-out prompts)."""
-
-    def __init__(self, *a, heldout=(), **k):
-        super().__init__(*a, **k)
-        self.heldout = list(heldout)
-
-    def evaluate(self, model) -> dict:
-        res = evaluate_policy(self, model, self.heldout, seed=self.cfg.seed)
-        return {k: v for k, v in _flatten(res).items() if isinstance(v, float)}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -539,12 +534,13 @@ def run(cfg: TrainConfig, rl: RLConfig, prompts: list[str], init: str, rewards: 
     trainer = Trainer(policy, None, cfg, tokenizer_dir=init, extra_config=extra)
     ref.to(trainer.device)
     scorers = make_rewards(rewards, init, tok, rl, items, trainer.device)
-    stage = _EvalStage(policy, ref, tok, items, scorers, rl, cfg, world, heldout=held)
+    stage = RLStage(policy, ref, tok, items, scorers, rl, cfg, world, heldout=held)
     trainer.stage = stage
     before = evaluate_policy(stage, ref, held, seed=cfg.seed) if held and trainer.master else None
     summary = trainer.fit()
     if trainer.master:
-        res = {"init": before, "rl": evaluate_policy(stage, trainer.unwrapped, held, seed=cfg.seed)} if held else {}
+        after = stage.last_result or evaluate_policy(stage, trainer.unwrapped, held, seed=cfg.seed)
+        res = {"init": before, "rl": after} if held else {}
         for fn in scorers:
             if isinstance(fn, Discriminator):
                 res["discriminator_accuracy"] = fn.history
