@@ -22,9 +22,11 @@ warn() { printf 'warning: %s\n' "$*" >&2; }
 # of the chat dataset). bsdgames: the quiz files (/usr/share/games/bsdgames/quiz/) and
 # wordnet-base: WordNet glosses (/usr/share/wordnet/data.*), both for the chat dataset.
 # python3-venv: Debian's python3 cannot create a venv without it.
+# chromium + chromium-driver: the web chat page's browser test (headless, driven by selenium
+# through Debian's matching driver, so nothing is downloaded at test time).
 apt_packages=()
 if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
-    for pkg in fortunes fortunes-zh bsdgames wordnet-base; do
+    for pkg in fortunes fortunes-zh bsdgames wordnet-base chromium chromium-driver; do
         if ! dpkg -s "$pkg" >/dev/null 2>&1; then
             apt_packages+=("$pkg")
         fi
