@@ -143,6 +143,12 @@ def test_gguf_export_reads_back_and_reimports(base_model, tmp_path, qtype):
     with torch.no_grad():
         diff = (ours(x) - back(x)).abs().max().item()
     assert diff <= GGUF_BOUNDS[qtype], diff
+    if qtype == "q8_0":  # transformers reads our file as llama.cpp's: same tensors, same rotary layout
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=f.name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert (hf(x).logits - back(x)).abs().max().item() <= 1e-4
     # the tokenizer rebuilt from GGUF metadata encodes and renders chats as the original
     t0, t1 = Tokenizer.load(base_model), Tokenizer.load(tmp_path / "back")
     text = "The king said 1234 times: 春眠不觉晓 !"
