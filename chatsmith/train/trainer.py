@@ -473,6 +473,8 @@ class Trainer:
                     over = bool(t.item())
                 if over and not last:
                     stopped_by_budget = True
+                    if self.step % cfg.log_every:  # the last step still gets its row (report, curves)
+                        self._metric({**row, "elapsed": round(self.elapsed_before + self._run_seconds(), 2)})
                     self.log(f"time budget of {cfg.max_minutes:g} min reached at step {self.step}")
                     break
                 if self.step % cfg.save_every == 0 and not last:
@@ -481,7 +483,10 @@ class Trainer:
             interrupted = True
             self.log(f"\ninterrupted at step {self.step}: saving a checkpoint (resume with --resume)")
         if stopped_by_budget:
-            self.last_eval = self.evaluate() or self.last_eval
+            res = self.evaluate()
+            if res and self.step % cfg.eval_every:  # (an eval row at this step exists already)
+                self._metric({"step": self.step, **res})
+            self.last_eval = res or self.last_eval
         self.save()
         if self.fsdp:
             self._unshard()
