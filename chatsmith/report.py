@@ -150,6 +150,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _norm(name: str) -> str:
+    """A metric name without its held-out prefix and separators, to spot one metric under two names."""
+    return re.sub(r"[\s_/:]+", " ", re.sub(r"^(held-out |heldout_)", "", name)).strip()
+
+
 def _column_for(side: str, stages: list[Stage], owner: Stage | None = None) -> str:
     """The column of one side of a before/after file: the stage of that name or kind, else a
     column named after the file's stage ("rl: init", "reward: untrained_head")."""
@@ -166,14 +171,15 @@ def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
             continue
         if s.name not in t.columns:
             t.columns.append(s.name)
+        summary = []  # final-eval numbers of train_summary.json, tabled after the *_eval.json files
         for k, v in s.summary.items():
             if k not in BOOKKEEPING and _is_num(v):
-                t.put(k, s.name, v)
+                summary.append((k.replace("/", ": "), v))
             # a flat dict of numbers (e.g. per-family scores); "data" is bookkeeping and "eval"
             # repeats the *_eval.json file read below
             elif isinstance(v, dict) and k not in ("data", "eval") and all(_is_num(x) for x in v.values()):
-                for kk, vv in v.items():
-                    t.put(f"{k.replace('_', ' ')}: {kk}", s.name, vv)
+                summary += [(f"{k.replace('_', ' ')}: {kk}", vv) for kk, vv in v.items()]
+        from_eval: set[str] = set()
         if s.kind != "ngram" and s.rows and not any(k == "loss" for k in s.summary):
             train = [r for r in s.rows if _is_num(r.get("loss"))]
             if train:
@@ -191,6 +197,13 @@ def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
                             continue
                         name = k[len("heldout_"):] if k.startswith("heldout_") else k
                         t.put(f"held-out {name.replace('_', ' ')}", col, v, override=col == s.name)
+                        if col == s.name:
+                            from_eval.add(_norm(name))
+        # the stage's final eval repeats its own side of the *_eval.json under other names
+        # (exact_match/arithmetic, heldout_accuracy): keep one row per metric
+        for k, v in summary:
+            if _norm(k) not in from_eval:
+                t.put(k, s.name, v)
         for f in sorted(s.path.glob("eval*/metrics.json")):
             d = _read_json(f)
             if not isinstance(d, dict) or not isinstance(d.get("tasks"), dict):
