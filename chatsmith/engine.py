@@ -216,8 +216,8 @@ class Engine:
         self.rows: list[Seq] = []  # row r of the cache holds self.rows[r]
         self.lens: list[int] = []  # tokens in each row's slot (a Python mirror: no device sync)
         self.waiting: deque[Request] = deque()
-        self._streams = 0
-        self._token_bytes: list[bytes] | None = None
+        self.fast = True  # fused decode weights when the model is plain (see GPT.fuse_decode_weights)
+        self._fused = None
 
     # --- requests ------------------------------------------------------------------------------
     def _check(self, prompt_ids: list[int], p: SamplingParams) -> int:
@@ -310,7 +310,7 @@ class Engine:
         if self.rows:
             B = len(self.rows)
             idx = torch.tensor([s.out[-1] for s in self.rows], device=self.device)
-            logits = self.model.decode_step(idx, self.cache, span=max(self.lens) + 1)
+            logits = self.model.decode_step(idx, self.cache, span=max(self.lens) + 1, fused=self._fused)
             for r in range(B):
                 self.lens[r] += 1
             self._advance(list(self.rows), logits, events)
@@ -318,6 +318,8 @@ class Engine:
 
     def _admit(self, req: Request, events: list[Event]):
         n = len(req.seqs)
+        if not self.rows:  # starting from idle: snapshot the weights (they may have been trained since)
+            self._fused = self.model.fuse_decode_weights() if self.fast else None
         self._ensure_cache(max(self.max_batch, n))
         r0 = len(self.rows)
         T = len(req.prompt_ids)

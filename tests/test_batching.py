@@ -22,11 +22,15 @@ def prompts(engine):
     return [engine.tok.encode(t, bos=True) for t in texts]
 
 
-@pytest.mark.parametrize("arch,kw", [("llama", dict(n_kv_head=2)), ("llama", {}), ("gpt2", {})])
-def test_decode_step_matches_full_forward(arch, kw):
-    """Rows at different lengths decoded in one pass give the logits of a full uncached forward."""
+@pytest.mark.parametrize("arch,kw,fast", [("llama", dict(n_kv_head=2), False), ("llama", dict(n_kv_head=2), True),
+                                          ("llama", {}, True), ("gpt2", {}, False)])
+def test_decode_step_matches_full_forward(arch, kw, fast):
+    """Rows at different lengths decoded in one pass give the logits of a full uncached forward,
+    through the modules and through the fused fast path."""
     torch.manual_seed(0)
     m = GPT(preset("micro", arch=arch, vocab_size=97, **kw)).eval()
+    fused = m.fuse_decode_weights() if fast else None
+    assert (fused is not None) == fast or arch == "gpt2"
     ps = [torch.randint(0, 97, (n,)).tolist() for n in (5, 17, 2)]
     cont = [torch.randint(0, 97, (4,)).tolist() for _ in ps]
     cache = m.new_slot_cache(4, 64)
@@ -36,7 +40,7 @@ def test_decode_step_matches_full_forward(arch, kw):
             m(torch.tensor([p]), cache=cache.row_view(r))
             cache.lens[r] = len(p)
         for t in range(4):
-            logits = m.decode_step(torch.tensor([c[t] for c in cont]), cache)
+            logits = m.decode_step(torch.tensor([c[t] for c in cont]), cache, fused=fused)
             for r in range(3):
                 ref = m(torch.tensor([ps[r] + cont[r][:t + 1]]))[0, -1]
                 torch.testing.assert_close(logits[r], ref, atol=1e-5, rtol=1e-5)
@@ -118,3 +122,33 @@ def test_incremental_detokenizer_matches_full_decode(engine):
     pieces = [d.push(t) for t in ids]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) + d.flush() == tok.decode(ids) == text
+
+
+def test_fast_path_only_for_plain_modules():
+    """A wrapped projection (as LoRA does) or the GPT-2 shape must go through the modules."""
+    m = GPT(preset("micro", vocab_size=97))
+    assert m.fuse_decode_weights() is not None
+    assert GPT(preset("micro", arch="gpt2", vocab_size=97)).fuse_decode_weights() is None
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    q = m.model.layers[1].self_attn.q_proj
+    m.model.layers[1].self_attn.q_proj = Wrapped(q.in_features, q.out_features, bias=False)
+    assert m.fuse_decode_weights() is None
+
+
+def test_engine_uses_weights_changed_between_calls(engine):
+    """RL trains between generate calls: the fused snapshot must follow the new weights."""
+    ids = prompts(engine)[0]
+    p = SamplingParams(max_new_tokens=8, temperature=0)
+    before = engine.generate(ids, p)[0].token_ids
+    w = engine.model.lm_head.weight
+    with torch.no_grad():
+        saved = w.clone()
+        w.mul_(-1.0)  # a very different model
+        flipped = engine.generate(ids, p)[0].token_ids
+        ref = [int(engine.model(torch.tensor([ids]))[0, -1].argmax())]
+        w.copy_(saved)
+    assert flipped[0] == ref[0] and flipped != before
+    assert engine.generate(ids, p)[0].token_ids == before

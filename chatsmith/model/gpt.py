@@ -441,16 +441,72 @@ class GPT(nn.Module):
         p = self.lm_head.weight
         return SlotCache(self.cfg, n_slots, max_len or self.cfg.max_seq_len, p.device, dtype or p.dtype)
 
-    def decode_step(self, idx, cache: SlotCache, span: int | None = None):
+    def fuse_decode_weights(self):
+        """Per-layer weights for `decode_step`'s fast path: q/k/v stacked into one matrix and gate/up
+        into another, so a layer is 4 matmuls instead of 7 and no module calls (~12% less CPU per
+        token on the tiny preset). None when a layer is not plain Llama (the GPT-2 shape, biases,
+        a projection wrapped by LoRA or anything else): those take the module path. The copies
+        are a snapshot: the engine takes a new one whenever it starts from idle, so weights trained
+        between generate calls (RL) are always the ones used."""
+        cfg = self.cfg
+        if cfg.arch != "llama" or cfg.bias or type(self.lm_head) is not nn.Linear:
+            return None
+        out = []
+        for b in self.model.layers:
+            a, m = b.self_attn, b.mlp
+            mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+            if any(type(x) is not nn.Linear for x in mods) or type(b.input_layernorm) is not RMSNorm \
+                    or type(b.post_attention_layernorm) is not RMSNorm or type(b.self_attn) is not Attention:
+                return None
+            with torch.no_grad():
+                out.append((b.input_layernorm.weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                            a.o_proj.weight.t(), b.post_attention_layernorm.weight,
+                            torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight.t()))
+        return out
+
+    def _decode_fast(self, idx, cache: SlotCache, pos, span: int, fused):
+        """decode_step on fused weights, functional: the same math as the module path."""
+        cfg = self.cfg
+        B = idx.shape[0]
+        H, G, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
+        x = F.embedding(idx, self.model.embed_tokens.weight)  # (B, d): one token per row, no T axis
+        d = x.shape[-1]
+        cos = self.rope_cos[pos].to(x.dtype)[:, None]  # (B, 1, D), broadcast over heads
+        sin = self.rope_sin_signed[pos].to(x.dtype)[:, None]
+        mask = torch.zeros(B, 1, 1, span, dtype=x.dtype, device=x.device).masked_fill_(
+            (cache.positions[:span] > pos[:, None])[:, None, None], float("-inf"))
+        rows = cache.rows[:B]
+        for layer, (n1, wqkv, wo_t, n2, wgu, wd_t) in enumerate(fused):
+            # RMSNorm as the module computes it: in fp32, then the weight in the input's dtype
+            h = n1 * F.rms_norm(x.float(), (d,), eps=eps).to(x.dtype)
+            q, k, v = F.linear(h, wqkv).split((H * D, G * D, G * D), dim=-1)
+            q = apply_rope(q.view(B, H, D), cos, sin)
+            k = apply_rope(k.view(B, G, D), cos, sin)
+            kc, vc = cache.k[layer], cache.v[layer]
+            kc[rows, :, pos] = k.to(kc.dtype)
+            vc[rows, :, pos] = v.view(B, G, D).to(vc.dtype)
+            y = F.scaled_dot_product_attention(q[:, :, None], kc[:B, :, :span].to(q.dtype),
+                                               vc[:B, :, :span].to(q.dtype), attn_mask=mask, enable_gqa=G != H)
+            x = torch.addmm(x, y.view(B, H * D), wo_t)  # x + o_proj(y), one op
+            h = n2 * F.rms_norm(x.float(), (d,), eps=eps).to(x.dtype)
+            gate, up = F.linear(h, wgu).chunk(2, dim=-1)
+            x = torch.addmm(x, F.silu(gate).mul_(up), wd_t)  # x + down(silu(gate) * up)
+        cache.lens[:B] += 1
+        return self.lm_head(self.model.norm(x))
+
+    def decode_step(self, idx, cache: SlotCache, span: int | None = None, fused=None):
         """Logits (B, V) for one new token per slot row 0..B-1 (idx: (B,)), each at its own position
         cache.lens[b]; advances those lengths by one. `span` = max(lens[:B]) + 1 when the caller
-        knows it (saves a device sync); attention covers only that many positions."""
+        knows it (saves a device sync); attention covers only that many positions. `fused`: the
+        result of `fuse_decode_weights()` for the fast path (None: through the modules)."""
         B = idx.shape[0]
         pos = cache.lens[:B]
         if span is None:
             span = int(pos.max()) + 1
         if span > cache.max_len:
             raise ValueError(f"KV cache full: position {span - 1} >= {cache.max_len}")
+        if fused is not None and not self.training:
+            return self._decode_fast(idx, cache, pos, span, fused)
         x = self.model.embed_tokens(idx)[:, None]  # (B, 1, d)
         cos = sin = None
         if self.cfg.arch == "gpt2":
