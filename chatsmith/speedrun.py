@@ -230,9 +230,9 @@ def run(a) -> dict:
 
     banner(f"6/{n_stages} reinforcement learning (GRPO, verifiable reward)")
     rl_dir = run_dir / "rl"
-    rl_cfg = rlhf.RLConfig(algo="grpo", rollout_prompts=8, group_size=8, max_new_tokens=40, ppo_epochs=1,
+    rl_cfg = rlhf.RLConfig(algo="grpo", rollout_prompts=8, group_size=8, max_new_tokens=48, ppo_epochs=1,
                            minibatches=2, kl_coef=0.02, families="arithmetic,word_problem,number_sense", eval_prompts=100)
-    cfg = TrainConfig(out=str(rl_dir), max_minutes=minutes_for("rl", spent), lr=3e-5, warmup_steps=5,
+    cfg = TrainConfig(out=str(rl_dir), max_minutes=minutes_for("rl", spent), lr=1e-4, warmup_steps=5,
                       schedule="constant", weight_decay=0.0, eval_every=10**6, save_every=20,
                       resume=resume(rl_dir), **{**common, "log_every": 2})
     t = time.time()
