@@ -302,11 +302,11 @@ def plot_losses(stages: list[Stage], out: Path) -> Path | None:
                       key=lambda k: (k != "loss", k))
         for k in keys:
             x, y = _series(s.rows, k)
-            evalish = k != "loss" and len(x) < len([r for r in s.rows if "loss" in r]) / 2
-            ax.plot(x, y, "o-" if evalish else "-", label=k, markersize=3, linewidth=1.2)
+            # eval losses and short series get markers: a single point drawn as a line is invisible
+            ax.plot(x, y, "o-" if k != "loss" or len(x) < 12 else "-", label=k, markersize=3, linewidth=1.2)
         ax.set_title(f"{s.name} ({s.kind})" if s.kind != s.name else s.name)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
+        ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, out / "loss.png")
@@ -536,7 +536,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     if table.cells:
         md.append(md_table(["metric", *cols], [[m, *(fmt(cells.get(c)) for c in cols)]
                                                for m, cells in table.cells.items()]))
-        md += ["", "Losses are nats per token; bits-per-byte compares models with different tokenizers "
+        md += ["", "Language-model losses are nats per token (a reward model's, per pair); bits-per-byte compares models with different tokenizers "
                "(and the n-gram baseline). \"held-out\" rows come from the stages' before/after files "
                "(`*_eval.json`), task rows from `chatsmith eval` (`eval*/metrics.json`). A dash: the stage "
                "has no such metric.", ""]
