@@ -188,11 +188,9 @@ async def load_level(base: str, clients: int, total: int, max_tokens: int, time_
 
 
 def start_server(model_dir: Path, port: int, threads: int | None):
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    extra = ["--threads", str(threads)] if threads else []
     proc = subprocess.Popen([sys.executable, "-m", "chatsmith", "serve", str(model_dir), "--host", "127.0.0.1",
-                             "--port", str(port), "--max-queue", "256"], cwd=ROOT, env=env,
+                             "--port", str(port), "--max-queue", "256", *extra], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import httpx
 

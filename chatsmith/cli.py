@@ -179,6 +179,9 @@ def build_parser() -> Parser:
                     help="require 'Authorization: Bearer KEY' (default: $CHATSMITH_API_KEY, else no key)")
     sv.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
     sv.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
+    sv.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (KV-cache slots)")
+    sv.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's; 1 is faster for small models on a busy machine)")
     sv.add_argument("--device", default="cpu")
 
     # generate
@@ -438,7 +441,10 @@ def cmd_serve(a):
     from chatsmith.serve.app import serve
     from chatsmith.train.trainer import resolve_device
 
-    serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device))
+    if a.max_batch < 1 or (a.threads is not None and a.threads < 1):
+        raise UserError("--max-batch and --threads must be at least 1")
+    serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device),
+          max_batch=a.max_batch, threads=a.threads)
 
 
 def cmd_lm_eval_tasks(a):

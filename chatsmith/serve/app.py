@@ -700,12 +700,14 @@ def create_app(model_dir: str | Path, api_key: str | None = None, model_name: st
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, max_queue: int = 64, device: str = "cpu", max_batch: int = 32):
+          model_name: str | None = None, max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
+          threads: int | None = None):
+    import torch
     import uvicorn
 
-    import torch
-
     torch.seed()  # requests without a seed should differ from one server start to the next
+    if threads:
+        torch.set_num_threads(threads)
     app = create_app(model_dir, api_key, model_name, max_queue, device, max_batch)
     print(f"serving {model_dir} as '{app.state.server.model_name}' on http://{host}:{port}/v1 "
           f"(chat page: http://{host}:{port}/)", flush=True)
