@@ -468,6 +468,16 @@ def evaluate_policy(stage: RLStage, model, items: list[PromptItem], seed: int = 
             total += torch.tensor(fn(its, texts, finished), dtype=torch.float32)
         res["heldout_reward"] = float(total.mean())
     res["ended_share"] = float(np.mean(finished))
+    per_fam: dict[str, int] = {}
+    res["samples"] = []
+    for it, t in zip(its, texts):  # two per family
+        f = it.meta.get("family", "all")
+        if per_fam.get(f, 0) < 2:
+            per_fam[f] = per_fam.get(f, 0) + 1
+            res["samples"].append({"family": f, "prompt": it.messages[-1]["content"], "reply": t})
+    if model is stage.ref:  # the reference against itself: 0 by definition
+        res["kl_to_ref"] = 0.0
+        return res
     # KL on sampled replies (greedy ones are not samples of π)
     sub = items[: min(len(items), 32)]
     _, _, _, sseqs = stage.sample(model, sub, seed + 1, temperature=1.0)
@@ -477,7 +487,6 @@ def evaluate_policy(stage: RLStage, model, items: list[PromptItem], seed: int = 
     lp = token_logprobs(model(x), y).cpu()
     ref = token_logprobs(stage.ref(x), y).cpu()
     res["kl_to_ref"] = float(((lp - ref) * b["mask"]).sum(1).mean())
-    res["samples"] = [{"prompt": it.messages[-1]["content"], "reply": t} for it, t in list(zip(its, texts))[:6]]
     return res
 
 
