@@ -223,3 +223,30 @@ def test_peft_loads_our_adapters_with_the_same_logits(tmp_path):
     x = torch.randint(0, 300, (2, 16))
     with torch.no_grad():
         assert torch.allclose(hf(x).logits, load_model(adapters)(x), atol=1e-5, rtol=0)
+
+
+def test_export_hf_of_an_adapter_dir_is_the_merged_model(lora_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "hf"
+    assert cli("export", lora_run, "--format", "hf", "--out", out) == 0
+    assert (out / "model.safetensors").exists()
+    hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ours = load_model(lora_run)
+    x = torch.randint(0, ours.cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(hf(x).logits, ours(x), atol=1e-4, rtol=0)
+
+
+def test_adapters_on_top_of_adapters_load_as_a_chain(tmp_path):
+    from chatsmith.checkpoint import save_checkpoint
+
+    _, adapters, _ = saved_adapters(tmp_path)
+    model = load_model(adapters)  # merged: the next stage's --init
+    apply_lora(model, rank=2, alpha=2, targets="o_proj")
+    randomise_b(model)
+    save_checkpoint(tmp_path / "second", model)
+    acfg = json.loads((tmp_path / "second" / ADAPTER_CONFIG).read_text())
+    assert acfg["base_model_name_or_path"] == str(adapters.resolve())
+    x = torch.randint(0, 300, (2, 10))
+    assert torch.allclose(load_model(tmp_path / "second")(x), model.eval()(x), atol=1e-5, rtol=0)

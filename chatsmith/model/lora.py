@@ -78,7 +78,9 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        # (alpha/r) applied to the rank-r activations A x: the same product, scaled on a tensor that
+        # is r wide instead of out_features wide
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self.lora_dropout(x)) * self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) B A, the (out x in) update, computed in fp32."""
