@@ -95,37 +95,22 @@ def compare_with_ngram(base: Path, corpus: Path, order: int = 3, seen_tokens: in
     return res
 
 
-def judge(rm_dir: Path, model_dirs: dict[str, Path], heldout: Path, n: int = 64, max_new_tokens: int = 48) -> dict:
-    """Greedy replies of each model to the first n held-out prompts, scored by the reward model; the
-    win rate of the last model over the first (ties count half)."""
-    from chatsmith.checkpoint import load_model
-    from chatsmith.data.chat_formats import read_conversations
-    from chatsmith.engine import Engine, SamplingParams
-    from chatsmith.tokenizer import Tokenizer
-    from chatsmith.train.reward import load_reward_model
+def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 64, max_new_tokens: int = 48) -> dict:
+    """`chatsmith eval DPO --tasks reward --reward-model RM --compare SFT` on the first n held-out
+    prompts (the split is shuffled, so every family is in): greedy replies of both models scored by
+    the reward model, DPO's win rate with ties counted half."""
+    from chatsmith.eval.tasks import run_eval
 
-    records, _ = read_conversations([str(heldout)])
-    rng = __import__("random").Random(0)
-    records = rng.sample(records, min(n, len(records)))
-    prompts = [r.messages[:-1] for r in records]
-    rm = load_reward_model(rm_dir)
-    scores, replies = {}, {}
-    for name, d in model_dirs.items():
-        tok = Tokenizer.load(d)
-        eng = Engine(load_model(d), tok)
-        outs = eng.generate_many([tok.render_chat(p, add_generation_prompt=True)[0] for p in prompts],
-                                 SamplingParams(max_new_tokens=max_new_tokens, temperature=0))
-        replies[name] = [c.text for c in outs]
-        scores[name] = rm.score([p + [{"role": "assistant", "content": c.text}] for p, c in zip(prompts, outs)])
-    (a, sa), (b, sb) = list(scores.items())[0], list(scores.items())[-1]
-    wins = sum(1.0 if y > x else 0.5 if y == x else 0.0 for x, y in zip(sa, sb))
-    res = {"prompts": len(prompts), f"{b}_win_rate_vs_{a}": wins / len(prompts),
-           **{f"{k}_mean_reward": sum(v) / len(v) for k, v in scores.items()},
-           "examples": [{"prompt": p[-1]["content"], **{k: replies[k][i] for k in replies}}
-                        for i, p in enumerate(prompts[:4])]}
-    print(f"reward-model judge on {len(prompts)} held-out prompts: {b} preferred over {a} on "
-          f"{wins / len(prompts):.0%}", file=sys.stderr)
-    return res
+    res = run_eval(dpo_dir, ["reward"], out=dpo_dir / "eval", limit=n, max_new_tokens=max_new_tokens,
+                   heldout=str(heldout), reward_model=str(rm_dir), compare=str(sft_dir), quiet=True)
+    r = res["tasks"]["reward"]
+    out = {"prompts": r["n"], "dpo_win_rate_vs_sft": r["win_rate"], "win_rate_ci95": r["win_rate_ci95"],
+           "wins": r["wins"], "ties": r["ties"], "losses": r["losses"], "dpo_mean_reward": r["mean_reward"],
+           "sft_mean_reward": r["mean_reward_b"],
+           "examples": [{"prompt": e["prompt"], "sft": e["reply_b"], "dpo": e["reply"]} for e in r["samples"]]}
+    print(f"reward-model judge on {r['n']} held-out prompts: dpo preferred over sft on {r['win_rate']:.0%} "
+          f"(± {r['win_rate_ci95']:.0%}; {r['wins']} wins, {r['ties']} ties, {r['losses']} losses)", file=sys.stderr)
+    return out
 
 
 def run(a) -> dict:
@@ -253,7 +238,7 @@ def run(a) -> dict:
 
     banner(f"8/{n_stages} judge: DPO vs SFT by the reward model")
     t = time.time()
-    stages["judge"] = judge(rm_dir, {"sft": sft_dir, "dpo": dpo_dir}, chat / "heldout.jsonl")
+    stages["judge"] = judge(rm_dir, sft_dir, dpo_dir, chat / "heldout.jsonl")
     stages["judge"]["seconds"] = round(time.time() - t, 1)
 
     banner(f"9/{n_stages} samples and report")
