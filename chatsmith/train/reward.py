@@ -158,7 +158,8 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     summary["data"] = {"pairs": len(examples), "skipped_bad": skipped, "dropped_too_long": dropped,
                        "heldout": len(held)}
     if held and trainer.master:
-        after = stage.evaluate(trainer.unwrapped)
+        # the trainer evaluated the final model already (at the last step, or when the budget ran out)
+        after = trainer.last_eval if "heldout_accuracy" in trainer.last_eval else stage.evaluate(trainer.unwrapped)
         res = {"untrained_head": before, "reward": after}
         (out / "reward_eval.json").write_text(json.dumps(res, indent=2) + "\n")
         summary["eval"] = res
