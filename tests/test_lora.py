@@ -79,8 +79,11 @@ def test_bad_rank_and_target_name_the_problem():
 
     with pytest.raises(UserError, match=r"k_proj.*64 -> 32.*at most 32"):
         apply_lora(micro_gpt(), rank=33, base_dir="unused")
-    with pytest.raises(UserError, match=r"'qproj'.*valid names: down_proj, gate_proj, k_proj"):
+    with pytest.raises(UserError, match=r"'qproj'.*valid names: down_proj, gate_proj, k_proj, o_proj, q_proj, "
+                                         r"up_proj, v_proj \(or all-linear\)"):
         apply_lora(micro_gpt(), rank=2, targets="qproj", base_dir="unused")
+    with pytest.raises(UserError, match="lm_head is an output head.*--lora-modules-to-save lm_head"):
+        apply_lora(micro_gpt(), rank=2, targets="q_proj,lm_head", base_dir="unused")
 
 
 @pytest.fixture(scope="module")

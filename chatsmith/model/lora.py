@@ -169,8 +169,12 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=
     save = _split_names(modules_to_save)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     leaf = lambda n: n.rpartition(".")[2]  # noqa: E731
-    valid = sorted({leaf(n) for n in linears})
+    valid = sorted({leaf(n) for n in linears} - set(OUTPUT_HEADS))
     wanted = _split_names(targets)
+    heads = [t for t in wanted if t in OUTPUT_HEADS]
+    if heads:  # GPT's fused loss reads lm_head.weight directly, so an adapter there would be skipped
+        raise UserError(f"--lora-targets: {', '.join(heads)} is an output head, not a LoRA target; train it in "
+                        f"full with --lora-modules-to-save {','.join(heads)}")
     if not wanted:
         raise UserError(f"--lora-targets is empty; name some of: {', '.join(valid)} (or {ALL_LINEAR})")
     if wanted == [ALL_LINEAR]:
@@ -219,8 +223,10 @@ def apply_lora_from_config(model: nn.Module, cfg) -> nn.Module:
         raise UserError("--lora-rank trains adapters on top of a saved model, but this stage's model was not "
                         "loaded from a model directory (pretraining from scratch has to train every weight); "
                         "use it with a stage that starts from --init DIR")
-    return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
-                      cfg.lora_modules_to_save, seed=cfg.seed, base_dir=base)
+    apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout,
+               cfg.lora_modules_to_save, seed=cfg.seed, base_dir=base)
+    model.lora_spec.fingerprint()  # of the base as it is now, before training starts
+    return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
