@@ -31,7 +31,7 @@ SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach"
 RESERVE_S = 30  # left at the end for the samples, the report and the summary
 # Shares of the training time (what is left after the fixed costs below). Pretraining gets the most:
 # every later stage starts from it. RL gets enough rollouts to move exact match.
-SHARES = {"pretrain": 0.47, "sft": 0.27, "reward": 0.06, "rl": 0.14, "dpo": 0.06}
+SHARES = {"pretrain": 0.42, "sft": 0.32, "reward": 0.06, "rl": 0.14, "dpo": 0.06}
 BASELINE_S = 40  # two 3-gram models counted from the shards + scoring the whole val split three times
 SFT_EVAL_S = 45  # held-out generation before and after SFT (measured ~20-40 s for tiny on 2 cores)
 RL_EVAL_S = 30  # held-out greedy answers before and after RL, and the KL estimate
