@@ -86,7 +86,8 @@ def run(a):
     tok = Tokenizer.load(a.model)
     if not tok.has_chat:  # our chat tokens, or an imported model's own chat template
         raise UserError(f"{a.model} has no chat tokens in its tokenizer: it cannot chat")
-    session = ChatSession(Engine(model, tok), params, a.system)
+    # one conversation: one KV-cache row, not the engine's default 32 (12 GB for SmolLM2's 8k context)
+    session = ChatSession(Engine(model, tok, max_batch=1), params, a.system)
     interactive = sys.stdin.isatty()
     out = sys.stdout
 

@@ -403,7 +403,9 @@ def cmd_generate(a):
     params.validate()
     model = load_model(a.model, device=resolve_device(a.device))
     tok = Tokenizer.load(a.model)
-    engine = Engine(model, tok)
+    # one user: KV-cache rows for its sequences only, not the engine's default 32 rows of the full
+    # context (12 GB for SmolLM2's 8k context in fp32)
+    engine = Engine(model, tok, max_batch=1)
     ids = tok.encode(a.prompt, bos=True)
     torch.manual_seed(params.seed if params.seed is not None else torch.seed())
     n = params.num_return_sequences
