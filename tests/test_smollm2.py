@@ -81,7 +81,8 @@ def test_serve(smol):
     from chatsmith.serve.app import create_app
 
     d, _ = smol
-    with TestClient(create_app(d, model_name="smollm2")) as c:
+    # 2 KV-cache slots: each holds SmolLM2's whole 8k context (the default 32 would take 12 GB)
+    with TestClient(create_app(d, model_name="smollm2", max_batch=2)) as c:
         r = c.post("/v1/chat/completions", json={
             "model": "smollm2", "temperature": 0, "max_tokens": 12,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
