@@ -216,6 +216,9 @@ class Engine:
         self.rows: list[Seq] = []  # row r of the cache holds self.rows[r]
         self.lens: list[int] = []  # tokens in each row's slot (a Python mirror: no device sync)
         self.waiting: deque[Request] = deque()
+        # slot length; None = the model's context. generate_many sets it to what its prompts need, so
+        # a long-context model (SmolLM2: 8k) does not preallocate rows x 8k of cache for short replies
+        self.slot_len: int | None = None
         self.fast = True  # fused decode weights when the model is plain (see GPT.fuse_decode_weights)
         self._fused = None
 
@@ -270,10 +273,11 @@ class Engine:
 
     # --- the slot cache --------------------------------------------------------------------------
     def _ensure_cache(self, rows: int):
-        if self.cache is not None and self.cache.n_slots >= rows:
+        length = self.slot_len or self.model.cfg.max_seq_len
+        if self.cache is not None and self.cache.n_slots >= rows and self.cache.max_len >= length:
             return
         assert not self.rows, "the cache can only grow while no request is running"
-        self.cache = self.model.new_slot_cache(rows, self.model.cfg.max_seq_len)
+        self.cache = self.model.new_slot_cache(rows, length)
 
     def _fits(self, n: int) -> bool:
         if not self.rows:  # an idle engine takes any request, growing the cache for n > max_batch
@@ -502,13 +506,16 @@ class Engine:
         p1 = dataclasses.replace(p, num_return_sequences=1)
         if p.num_beams > 1:
             return [self._beam(ids, p1)[0] for ids in prompts]
-        saved = self.max_batch
-        self.max_batch = max(1, max_batch) if not self.rows else saved
+        saved, saved_len = self.max_batch, self.slot_len
+        if not self.rows:
+            self.max_batch = max(1, max_batch)
+            need = max((len(ids) for ids in prompts), default=1) + p.max_new_tokens
+            self.slot_len = min(self.model.cfg.max_seq_len, need)
         try:
             reqs = [self.add_request(ids, p1, stream_id=i) for i, ids in enumerate(prompts)]
             self.run_until_done(reqs)
         finally:
-            self.max_batch = saved
+            self.max_batch, self.slot_len = saved, saved_len
         return [r.completions[0] for r in reqs]
 
     @torch.no_grad()
