@@ -23,7 +23,11 @@ def score_documents(model, tok, texts, batch_windows: int = 16) -> dict:
     windows = []  # (input ids, target ids, number of leading targets already counted)
     n_bytes = 0
     for text in texts:
-        ids = [tok.bos_id, *tok.encode(text)]
+        # the first token is scored given BOS, as the model saw documents start in training; a model
+        # trained without BOS (imported, add_bos_token false) gets its end-of-text token as that
+        # context instead, as lm-evaluation-harness does
+        first = tok.bos_id if getattr(tok, "add_bos", True) else tok.eos_id
+        ids = [first, *tok.encode(text)]
         n_bytes += len(text.encode())
         start = 0
         while True:
