@@ -76,6 +76,18 @@ def build_parser() -> Parser:
     b.add_argument("--seed", type=int, default=1337)
     b.add_argument("--max-doc-chars", type=int, default=20000, help="longer documents are cut at paragraphs")
 
+    sp = dsub.add_parser("pairs", help="on-policy preference pairs: a model's samples ranked by a reward model",
+                         formatter_class=fmt)
+    sp.add_argument("--model", required=True, help="the policy whose replies are sampled (e.g. the SFT model)")
+    sp.add_argument("--reward-model", required=True, help="the reward model that ranks them")
+    sp.add_argument("--prompts", nargs="+", required=True, help="chat files; a trailing assistant turn is dropped")
+    sp.add_argument("--out", required=True, help="the pairs JSONL to write (TRL conversational format)")
+    sp.add_argument("--limit", type=int, default=1000, help="prompts used (the first N)")
+    sp.add_argument("--samples", type=int, default=2, help="replies per prompt; the best and worst form the pair")
+    sp.add_argument("--max-new-tokens", type=int, default=48)
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=0)
+
     # tokenizer
     tk = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer", formatter_class=fmt)
     tsub = tk.add_subparsers(dest="tok_verb", metavar="ACTION", parser_class=Parser)
@@ -137,6 +149,8 @@ def build_parser() -> Parser:
     dp.add_argument("--init", required=True, help="the policy to start from; also the frozen reference")
     dp.add_argument("--heldout", nargs="+", help="held-out pairs: implicit-reward accuracy and margin")
     dp.add_argument("--beta", type=float, default=0.1, help="KL strength: scale of the implicit reward")
+    dp.add_argument("--rpo-alpha", type=float, default=0.0, help="weight of an NLL term on the chosen reply "
+                    "(RPO); 0 is plain DPO")
     dp.add_argument("--skip-bad", action="store_true", help="skip and count bad or over-long pairs")
     dp.add_argument("--epochs", type=float, default=None)
     add_dataclass_flags(dp, TrainConfig, skip=("preset",))
@@ -294,6 +308,14 @@ def build_parser() -> Parser:
     return top
 
 
+def cmd_data_pairs(a):
+    from chatsmith.data.preferences import sample_pairs
+
+    res = sample_pairs(a.model, a.reward_model, a.prompts, a.out, limit=a.limit, samples=a.samples,
+                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+    print(f"{res['pairs']} pairs from {res['prompts']} prompts written to {a.out}")
+
+
 def cmd_data_build(a):
     from chatsmith.data.corpus import build_corpus
 
@@ -372,7 +394,7 @@ def cmd_dpo(a):
     from chatsmith.train import dpo
 
     summary = dpo.run(dataclass_from_args(TrainConfig, a), a.data, a.init, heldout=a.heldout, beta=a.beta,
-                      skip_bad=a.skip_bad, epochs=a.epochs)
+                      skip_bad=a.skip_bad, epochs=a.epochs, rpo_alpha=a.rpo_alpha)
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
 
 
@@ -511,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("RANK", 0)) > 0:  # under torchrun rank 0 alone prints results
             sys.stdout = open(os.devnull, "w")
         handler = {
-            "data": lambda: cmd_data_build(a),
+            "data": lambda: cmd_data_pairs(a) if a.data_verb == "pairs" else cmd_data_build(a),
             "tokenizer": lambda: cmd_tokenizer_train(a),
             "pretrain": lambda: cmd_pretrain(a),
             "generate": lambda: cmd_generate(a),

@@ -6,7 +6,8 @@
     chat     -> RUN/sft                         (chatsmith sft on the built-in dialogues)
     reward   -> RUN/reward                      (chatsmith reward on the built-in preference pairs)
     RL       -> RUN/rl                          (chatsmith rlhf --algo grpo --reward exact)
-    DPO      -> RUN/dpo                         (chatsmith dpo on the built-in preference pairs)
+    DPO      -> RUN/dpo                         (chatsmith data pairs: SFT samples ranked by the reward
+                                                model, then chatsmith dpo on them)
     judge    -> DPO vs SFT win rate on held-out prompts, by the reward model
     report   -> RUN/samples.txt, RUN/speedrun.json, RUN/report.md + plots
 
@@ -31,7 +32,7 @@ SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach"
 RESERVE_S = 30  # left at the end for the samples, the report and the summary
 # Shares of the training time (what is left after the fixed costs below). Pretraining gets the most:
 # every later stage starts from it. RL gets enough rollouts to move exact match.
-SHARES = {"pretrain": 0.42, "sft": 0.32, "reward": 0.06, "rl": 0.14, "dpo": 0.06}
+SHARES = {"pretrain": 0.40, "sft": 0.31, "reward": 0.06, "rl": 0.10, "dpo": 0.13}
 BASELINE_S = 40  # two 3-gram models counted from the shards + scoring the whole val split three times
 SFT_EVAL_S = 45  # held-out generation before and after SFT (measured ~20-40 s for tiny on 2 cores)
 RL_EVAL_S = 30  # held-out greedy answers before and after RL, and the KL estimate
@@ -228,13 +229,23 @@ def run(a) -> dict:
 
     banner(f"7/{n_stages} direct preference optimization")
     dpo_dir = run_dir / "dpo"
-    cfg = TrainConfig(out=str(dpo_dir), max_minutes=minutes_for("dpo", spent), batch_size=8, lr=5e-5,
-                      warmup_steps=10, min_lr_ratio=0.0, weight_decay=0.0, eval_every=10**6, save_every=1000,
+    t = time.time()
+    # on-policy pairs: the SFT model's own replies ranked by the reward model (the off-policy built-in
+    # pairs taught DPO what not to say and lost to SFT under the judge: 45% in a 15-minute run)
+    pairs = chat / "pairs_onpolicy.jsonl"
+    if not pairs.exists():
+        from chatsmith.data.preferences import sample_pairs
+        info = sample_pairs(str(sft_dir), str(rm_dir), [str(chat / "train.jsonl")], pairs, limit=600)
+        print(f"on-policy pairs: {info['pairs']} from {info['prompts']} prompts", file=sys.stderr)
+    pair_s = time.time() - t
+    cfg = TrainConfig(out=str(dpo_dir), max_minutes=max(minutes_for("dpo", spent) - pair_s / 60, 0.33),
+                      batch_size=8, lr=5e-5, warmup_steps=10, min_lr_ratio=0.0, weight_decay=0.0, eval_every=10**6, save_every=1000,
                       resume=resume(dpo_dir), **common)
     t = time.time()
-    stages["dpo"] = dpo.run(cfg, [str(chat / "pairs_train.jsonl")], str(sft_dir),
+    stages["dpo"] = dpo.run(cfg, [str(pairs)], str(sft_dir),
                             heldout=[str(chat / "pairs_heldout.jsonl")], beta=0.1, skip_bad=True)
     stages["dpo"]["seconds"] = round(time.time() - t, 1)
+    stages["dpo"]["pair_sampling_seconds"] = round(pair_s, 1)
 
     banner(f"8/{n_stages} judge: DPO vs SFT by the reward model")
     t = time.time()

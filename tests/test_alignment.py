@@ -174,6 +174,17 @@ def test_reward_model_learns_to_prefer_a_reply(base_model, prefer_yes, tmp_path)
     with pytest.raises(UserError, match="no reward head"):
         load_reward_model(base_model)
 
+    # on-policy pairs: the base model's own samples, ranked by this reward model
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": q}]} for q, _ in YES_NO])
+    assert cli("data", "pairs", "--model", base_model, "--reward-model", out, "--prompts", prompts,
+               "--out", tmp_path / "onpolicy.jsonl", "--samples", 3, "--max-new-tokens", 8) == 0
+    pairs, _ = read_pairs([str(tmp_path / "onpolicy.jsonl")])
+    assert pairs and all(p.meta["recipe"] == "rm_ranked" and p.meta["margin"] > 0 for p in pairs)
+    for p in pairs[:3]:
+        conv = [p.prompt + [{"role": "assistant", "content": r}] for r in (p.chosen, p.rejected)]
+        sc, sr = rm.score(conv)
+        assert sc > sr
+
 
 def test_dpo_raises_the_chosen_replys_likelihood(base_model, prefer_yes, tmp_path):
     out = tmp_path / "dpo"
@@ -185,6 +196,11 @@ def test_dpo_raises_the_chosen_replys_likelihood(base_model, prefer_yes, tmp_pat
     assert m[-1]["loss"] < 0.3 and m[-1]["reward_accuracy"] == 1.0
     ev = json.loads((out / "train_summary.json").read_text())
     assert ev["heldout_reward_accuracy"] == 1.0 and ev["heldout_reward_margin"] > 0
+    # RPO: + α · NLL of the chosen reply, logged as chosen_nll, which must fall
+    assert cli("dpo", "--data", prefer_yes / "train.jsonl", "--init", base_model, "--out", tmp_path / "rpo",
+               "--max-steps", 10, "--lr", "1e-3", "--rpo-alpha", "1.0", *TRAIN) == 0
+    r = rows(tmp_path / "rpo")
+    assert r[-1]["chosen_nll"] < r[0]["chosen_nll"]
 
     from chatsmith.train.policy import completion_batch, sequence_logprobs
     tok = Tokenizer.load(base_model)

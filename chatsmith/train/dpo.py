@@ -37,9 +37,10 @@ class DPOStage:
     name = "dpo"
     show = ("reward_accuracy", "reward_margin")
 
-    def __init__(self, examples, heldout, ref, cfg: TrainConfig, beta: float, pad_id: int, world: int = 1):
+    def __init__(self, examples, heldout, ref, cfg: TrainConfig, beta: float, pad_id: int, world: int = 1,
+                 rpo_alpha: float = 0.0):
         self.examples, self.heldout, self.ref, self.cfg = examples, heldout, ref, cfg
-        self.beta, self.pad_id, self.world = beta, pad_id, world
+        self.beta, self.pad_id, self.world, self.rpo_alpha = beta, pad_id, world, rpo_alpha
 
     def _batch(self, ex) -> dict:
         b = completion_batch([(e[0], e[1]) for e in ex] + [(e[2], e[3]) for e in ex], self.pad_id)
@@ -58,8 +59,16 @@ class DPOStage:
         ref_c, ref_r = batch["ref"].chunk(2)
         loss, rc, rr = dpo_loss(pi_c, pi_r, ref_c, ref_r, self.beta)
         rc, rr = rc.detach(), rr.detach()
-        return loss, {"reward_accuracy": float((rc > rr).float().mean()), "reward_margin": float((rc - rr).mean()),
-                      "reward_chosen": float(rc.mean()), "reward_rejected": float(rr.mean())}
+        stats = {"reward_accuracy": float((rc > rr).float().mean()), "reward_margin": float((rc - rr).mean()),
+                 "reward_chosen": float(rc.mean()), "reward_rejected": float(rr.mean())}
+        if self.rpo_alpha > 0:
+            # RPO (Pang et al. 2024): + α · NLL of the chosen reply per token. Pure DPO only pushes the
+            # two replies apart and often lowers both likelihoods; this keeps the chosen one likely.
+            n_c = batch["mask"].chunk(2)[0].sum(-1).clamp(min=1)
+            nll = -(pi_c / n_c).mean()
+            stats["chosen_nll"] = float(nll.detach())
+            loss = loss + self.rpo_alpha * nll
+        return loss, stats
 
     def tokens(self, batch) -> int:
         return int(batch["mask"].sum())
@@ -85,9 +94,11 @@ class DPOStage:
 
 
 def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None = None, beta: float = 0.1,
-        skip_bad: bool = False, epochs: float | None = None) -> dict:
+        skip_bad: bool = False, epochs: float | None = None, rpo_alpha: float = 0.0) -> dict:
     from chatsmith.data.preferences import encode_pairs, read_pairs
 
+    if rpo_alpha < 0:
+        raise UserError("--rpo-alpha must be >= 0 (0 is plain DPO)")
     if beta <= 0:
         raise UserError("--beta must be > 0 (it scales the implicit reward; 0.1 is usual)")
     out = Path(cfg.out)
@@ -106,8 +117,9 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.max_steps is None and cfg.max_minutes is None:
         cfg.max_steps = max(1, int((epochs or 1.0) * len(examples) / (cfg.batch_size * cfg.grad_accum * world)))
-    stage = DPOStage(examples, held, ref, cfg, beta, tok.pad_id, world)
-    trainer = Trainer(model, stage, cfg, tokenizer_dir=init, extra_config={"stage": "dpo", "beta": beta})
+    stage = DPOStage(examples, held, ref, cfg, beta, tok.pad_id, world, rpo_alpha)
+    trainer = Trainer(model, stage, cfg, tokenizer_dir=init,
+                      extra_config={"stage": "dpo", "beta": beta, "rpo_alpha": rpo_alpha})
     ref.to(trainer.device)
     summary = trainer.fit()
     summary["data"] = {"pairs": len(examples), "skipped_bad": skipped, "dropped_too_long": dropped,
