@@ -170,6 +170,19 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} cannot be read ({e}); the file is truncated or corrupt") from None
 
 
+def check_state_dict(expected: dict, sd: dict, where: str, config_name: str):
+    """UserError naming `where` unless `sd` has exactly the tensors, and shapes, that `expected` (the
+    state dict of a model built from the config) has."""
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{where} does not match {config_name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in expected.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise UserError(f"{where}: tensor {k} has shape {tuple(sd[k].shape)}, {config_name} implies "
+                            f"{tuple(v.shape)}")
+
+
 def load_model(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> GPT:
     """A GPT from a checkpoint directory, with every file checked and named on failure.
     A LoRA adapter directory loads its base model with the adapters merged in."""
@@ -180,16 +193,7 @@ def load_model(path: str | os.PathLike, device="cpu", dtype=torch.float32) -> GP
     sd = from_hf_state_dict(cfg, load_tensors(d / "model.safetensors"))
     with torch.device("meta"):
         model = GPT(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{d / 'model.safetensors'} does not match config.json: "
-                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for k, v in expected.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise UserError(f"{d / 'model.safetensors'}: tensor {k} has shape {tuple(sd[k].shape)}, "
-                            f"config.json implies {tuple(v.shape)}")
+    check_state_dict(model.state_dict(), sd, str(d / "model.safetensors"), "config.json")
     model = GPT(cfg)  # real init: buffers (rotary tables) are built here
     model.load_state_dict(sd, strict=True)
     if cfg.tie_embeddings:

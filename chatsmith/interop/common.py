@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from chatsmith.checkpoint import atomic_dir, write_model_files
+from chatsmith.checkpoint import atomic_dir, check_state_dict, write_model_files
 from chatsmith.config import ModelConfig
 from chatsmith.errors import UserError
 from chatsmith.model.gpt import GPT
@@ -25,15 +25,7 @@ def build_model(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor], source: str) -
         raise UserError(f"{source}: tensor {e} is missing for a {cfg.arch} model with {cfg.n_layer} layers") from None
     with torch.device("meta"):
         expected = GPT(cfg).state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{source}: the weights do not match the config: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
-    for k, v in expected.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise UserError(f"{source}: tensor {k} has shape {tuple(sd[k].shape)}, the config implies "
-                            f"{tuple(v.shape)}")
+    check_state_dict(expected, sd, f"{source}: the weights", "the config")
     model = GPT(cfg)  # a real init (rotary tables and any other buffers built as the model builds them)
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     if cfg.tie_embeddings:
