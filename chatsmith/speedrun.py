@@ -303,6 +303,10 @@ def run(a) -> dict:
         print("RL (GRPO, exact-match reward), held-out exact match: " + ", ".join(
             f"{f} {rl_ev['init']['exact_match'][f]:.0%} -> {v:.0%}" for f, v in rl_ev["rl"]["exact_match"].items())
             + f"; KL to the SFT model {rl_ev['rl']['kl_to_ref']:.2f} nats/reply")
+        if "top_answer" in rl_ev["rl"]:  # a gain made by repeating one answer is not arithmetic
+            print(f"  most common final answer: {rl_ev['init'].get('top_answer')} on "
+                  f"{rl_ev['init'].get('top_answer_share', 0):.0%} of SFT replies, {rl_ev['rl']['top_answer']} "
+                  f"on {rl_ev['rl']['top_answer_share']:.0%} after RL")
     j = stages["judge"]
     print(f"DPO vs SFT, judged by the reward model: DPO preferred on {j['dpo_win_rate_vs_sft']:.0%} of "
           f"{j['prompts']} held-out prompts")

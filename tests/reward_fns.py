@@ -20,3 +20,11 @@ def not_a_number(prompt, reply, meta):
 
 def nan(prompt, reply, meta):
     return math.nan
+
+
+def only_the_king(prompt, reply, meta):
+    """A sparse reward: only the prompt about the king can earn anything (odd word counts do), so
+    most GRPO groups carry no signal."""
+    if "king" not in prompt[-1]["content"]:
+        return 0.0
+    return float(len(reply.split()) % 2)

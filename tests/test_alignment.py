@@ -14,7 +14,8 @@ from chatsmith.errors import UserError
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.train.dpo import dpo_loss
 from chatsmith.train.reward import bradley_terry_loss, load_reward_model
-from chatsmith.train.rlhf import gae, group_advantages, k3_kl, ppo_losses, value_loss
+from chatsmith.train.rlhf import (RLConfig, RLStage, answer_collapse, gae, group_advantages, k3_kl, ppo_losses,
+                                  value_loss)
 from conftest import cli
 
 # --------------------------------------------------------------------------- loss functions
@@ -303,6 +304,71 @@ def test_rl_flag_errors(base_model, rl_prompts, tmp_path, capsys):
     assert cli("rlhf", "--init", base_model, "--prompts", rl_prompts, "--reward", "exact",
                "--out", tmp_path / "o") == 2
     assert "known answers" in capsys.readouterr().err
+
+
+def test_dynamic_sampling_keeps_only_groups_with_signal():
+    """GRPO's filter (DAPO): groups whose rewards are all equal are dropped, more prompts are drawn
+    until the batch is full, and the logged reward still averages everything that was drawn."""
+    draws = iter([[0, 0, 1, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1, 0, 1], [1, 0, 0, 0, 1, 1, 1, 1]])
+    stage = RLStage.__new__(RLStage)
+    stage.rl = RLConfig(algo="grpo", rollout_prompts=2, group_size=4, max_resample=4)
+
+    def draw(scores, tag):
+        n = len(scores)
+        return ([f"{tag}{i}" for i in range(n)], [""] * n, [True] * n, [([1], 1)] * n,
+                torch.tensor(scores, dtype=torch.float32), {"reward": sum(scores) / n})
+
+    stage.sample_scored = lambda rng: draw(next(draws), "b")
+    items, _, _, _, scores, parts, drawn = stage.informative_groups(None, draw(next(draws), "a"))
+    assert items == ["a0", "a1", "a2", "a3", "b4", "b5", "b6", "b7"]  # a's first and b's second group
+    assert scores.tolist() == [0, 0, 1, 0, 0, 1, 0, 1]
+    assert drawn == {"sampled": 16, "kept": 8} and parts["reward"] == 7 / 16
+    # nothing informative in any draw: the last draw is kept whole, the reward still averaged
+    draws = iter([[0] * 8] * 3)
+    stage.rl.max_resample = 2
+    items, *_, parts, drawn = stage.informative_groups(None, draw(next(draws), "a"))
+    assert len(items) == 8 and drawn == {"sampled": 24, "kept": 8} and parts["reward"] == 0
+
+
+def test_answer_collapse_names_the_most_common_answer():
+    got = answer_collapse(["3 × 0 = 0. The answer is 0.", "The answer is 0", "7", "The answer is ."])
+    assert got == {"top_answer": "0", "top_answer_share": 0.5}
+
+
+def test_grpo_skips_groups_without_signal(base_model, rl_prompts, tmp_path):
+    out = tmp_path / "sparse"
+    assert cli("rlhf", "--algo", "grpo", "--init", base_model, "--prompts", rl_prompts, "--out", out,
+               "--max-steps", 3, *RL[:-1], "reward_fns:only_the_king", "--rollout-prompts", 2,
+               "--max-resample", 3, "--minibatches", 1, "--ppo-epochs", 1) == 0
+    m = [r for r in rows(out) if "reward" in r]
+    # 7 of the 8 prompts can never earn a reward: at most 1 group of the 2-prompt draws is kept
+    assert m and all(0 < r["kept_share"] <= 0.5 for r in m)
+
+
+def test_rl_resume_restores_what_the_stage_adapted(base_model, tmp_path):
+    """The adaptive KL coefficient, REINFORCE's baseline and the discriminator (weights, moments,
+    accuracy history) come back from the checkpoint, not from their starting values."""
+    from chatsmith.data.tasks import generate_tasks
+    tasks = list({t["question"]: t for t in generate_tasks("arithmetic", 30, seed=4, difficulty=1)}.values())[:12]
+    write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": t["question"]},
+                                                     {"role": "assistant", "content": t["worked"]}]} for t in tasks])
+    out = tmp_path / "r"
+    args = ["rlhf", "--algo", "reinforce", "--init", base_model, "--prompts", tmp_path / "p.jsonl", "--out", out,
+            "--reward", "discriminator", "--rollout-prompts", 4, "--group-size", 1, "--max-new-tokens", 6,
+            "--kl-target", "0.01", "--kl-horizon", 10, "--log-every", 1, "--save-every", 2, "--keep-last", 5]
+    assert cli(*args, "--max-steps", 2) == 0
+    ckpt = sorted((out / "checkpoints").iterdir())[-1]
+    st = json.loads((ckpt / "trainer_state.json").read_text())["stage_state"]
+    assert st["kl_coef"] != 0.05 and st["baseline"] is not None and len(st["disc_history"]) == 2
+    assert cli(*args, "--max-steps", 4, "--resume") == 0
+    assert len(json.loads((out / "rl_eval.json").read_text())["discriminator_accuracy"]) == 4
+    # the same 4 steps without the interruption: the resumed run goes on exactly as it would have
+    straight = tmp_path / "straight"
+    assert cli(*[straight if a == out else a for a in args], "--max-steps", 4) == 0
+    got, want = ({r["step"]: r for r in rows(d) if "reward" in r} for d in (out, straight))
+    for step in (3, 4):
+        for key in ("kl_coef", "disc_accuracy", "reward"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-4, abs=1e-6), (step, key)
 
 
 def test_discriminator_learns_real_from_fake(base_model):

@@ -62,7 +62,8 @@ def test_generate_tasks_rejects_bad_arguments():
     ("37 + 48 = 85. The answer is 85.", True), ("Answer: 85", True), ("答案是 85。", True),
     ("It is 85!", True), ("８５", True), ("The answer is **85**.", True),
     ("58", False), ("", False), ("eighty-five", False), ("850", False), ("1,085", False),
-    ("The answer is 58. Hmm, 85 maybe", False),
+    ("The answer is 58. Hmm, 85 maybe", False), ("37 + 48 = 85. The answer is .", False),
+    ("85 > 0。答案是 。", False),
 ])
 def test_check_answer_numeric(reply, ok):
     assert check_answer("arithmetic", reply, ["85"]) is ok

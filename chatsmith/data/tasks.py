@@ -105,20 +105,21 @@ def check_answer(family: str, reply: str, answers: list[str]) -> bool:
     """Whether ``reply`` gives one of the accepted ``answers``.
 
     Numeric families (and any question whose accepted answers are all numbers) compare the
-    final number of the reply: the number after the last "The answer is" when there is one,
-    else the last number anywhere, so "37 + 48 = 85. The answer is 85." and " 85 " pass and
-    "58" fails. Other families compare whole normalised strings, ignoring a leading article
-    ("the Nile" = "Nile") and an answer marker ("The answer is Paris." = "Paris"). Never
-    raises on odd input: a reply that is not a string, or no answers, is simply wrong.
+    final number of the reply: the number after the last "The answer is" when there is one
+    (no number there is wrong), else the last number anywhere, so "37 + 48 = 85. The answer
+    is 85." and " 85 " pass and "58" and "85. The answer is ." fail. Other families compare
+    whole normalised strings, ignoring a leading article ("the Nile" = "Nile") and an answer
+    marker ("The answer is Paris." = "Paris"). Never raises on odd input: a reply that is not
+    a string, or no answers, is simply wrong.
     """
     if not isinstance(reply, str) or not answers:
         return False
     answers = [str(a) for a in answers]
     numeric = family in NUMERIC_FAMILIES or all(_is_number(normalise(a)) for a in answers)
     if numeric:
+        # no fallback to numbers before the marker: "48 > 0. The answer is ." states no answer,
+        # and crediting its stray 0 taught RL policies to end on an empty answer
         got = extract_number(final_answer(reply))
-        if got is None:
-            got = extract_number(reply)
         return got is not None and any(_same_number(got, normalise(a)) for a in answers)
     candidates = _text_variants(reply) | _text_variants(final_answer(reply))
     return any(candidates & _text_variants(a) for a in answers)

@@ -77,6 +77,9 @@ class RLConfig:
     eval_prompts: int = 50  # held-out prompts per family for the evaluation
     disc_lr: float = 1e-4  # discriminator learning rate
     disc_steps: int = 1  # discriminator updates per rollout
+    # grpo: draw up to this many more rollouts to fill the batch with groups whose rewards differ
+    # (DAPO's dynamic sampling); 0 trains on every group, including those with no signal
+    max_resample: int = 4
 
 
 @dataclass
@@ -306,6 +309,34 @@ class RLStage:
         self.per_rollout = 1 if rl.algo == "reinforce" else rl.ppo_epochs * rl.minibatches
         self._k, self._ro = -1, None
 
+    # checkpointed with the policy (see Trainer): what the stage adapts as it runs --------------
+    def state(self) -> tuple[dict, dict]:
+        """(JSON, tensors): the adaptive KL coefficient, REINFORCE's baseline, and a
+        discriminator's weights, optimizer moments and accuracy history; a resumed run goes on
+        with them rather than with their starting values."""
+        js, tensors = {"kl_coef": self.kl_coef, "baseline": self.baseline}, {}
+        for fn in self.rewards:
+            if isinstance(fn, Discriminator):
+                js["disc_history"] = fn.history
+                tensors.update({f"disc.model.{k}": v for k, v in fn.model.state_dict().items()})
+                for i, st in fn.opt.state_dict()["state"].items():
+                    tensors.update({f"disc.optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+                                    for k, v in st.items()})
+        return js, tensors
+
+    def load_state(self, js: dict, tensors: dict):
+        self.kl_coef = js.get("kl_coef", self.kl_coef)
+        self.baseline = js.get("baseline", self.baseline)
+        for fn in self.rewards:
+            if isinstance(fn, Discriminator) and any(k.startswith("disc.model.") for k in tensors):
+                fn.model.load_state_dict({k[11:]: v for k, v in tensors.items() if k.startswith("disc.model.")})
+                sd = fn.opt.state_dict()
+                for i in {int(k.split(".")[2]) for k in tensors if k.startswith("disc.optim.")}:
+                    sd["state"][i] = {k.split(".", 3)[3]: v for k, v in tensors.items()
+                                      if k.startswith(f"disc.optim.{i}.")}
+                fn.opt.load_state_dict(sd)
+                fn.history = list(js.get("disc_history", []))
+
     # rollout phase ----------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, model, items: list[PromptItem], seed: int, temperature: float, n: int = 1):
@@ -340,10 +371,11 @@ class RLStage:
     def make_rollout(self, k: int, rank: int) -> dict:
         rl = self.rl
         rng = np.random.default_rng([self.cfg.seed, k, rank])
-        pick = rng.choice(len(self.items), size=rl.rollout_prompts, replace=len(self.items) < rl.rollout_prompts)
-        items, texts, finished, seqs = self.sample(self.policy, [self.items[i] for i in pick],
-                                                   int(rng.integers(2**31)), rl.temperature, rl.group_size)
-        scores, parts = self.score(items, texts, finished)
+        items, texts, finished, seqs, scores, parts = self.sample_scored(rng)
+        drawn = {"sampled": len(items), "kept": len(items)}
+        if rl.algo == "grpo" and rl.max_resample > 0:
+            items, texts, finished, seqs, scores, parts, drawn = self.informative_groups(
+                rng, (items, texts, finished, seqs, scores, parts))
         dev = next(self.policy.parameters()).device
         b = completion_batch(seqs, self.tok.pad_id)
         x, y, mask = b["x"].to(dev), b["y"].to(dev), b["mask"].to(dev)
@@ -378,13 +410,59 @@ class RLStage:
         if rl.kl_target > 0:  # adaptive KL controller (Ziegler et al. 2019, §2.2)
             err = max(-0.2, min(0.2, float(kl_seq.mean()) / rl.kl_target - 1))
             self.kl_coef *= 1 + err * len(seqs) / rl.kl_horizon
-        stats = {"reward": float(scores.mean()), "kl": float(kl_seq.mean()), "kl_coef": self.kl_coef,
+        stats = {"reward": parts.pop("reward"), "kl": float(kl_seq.mean()), "kl_coef": self.kl_coef,
                  "response_len": float(mask.sum(1).mean()), "ended_share": float(np.mean(finished)), **parts}
+        if rl.algo == "grpo" and rl.max_resample > 0:
+            stats["kept_share"] = drawn["kept"] / drawn["sampled"]
         for fn in self.rewards:
             if isinstance(fn, Discriminator):
                 stats["disc_accuracy"] = fn.last_accuracy
         ro["stats"] = stats
         return ro
+
+    def sample_scored(self, rng):
+        """One draw: rollout_prompts random prompts, group_size samples each, scored. The logged
+        reward (`parts`) is the mean over everything drawn, before any filtering."""
+        rl = self.rl
+        pick = rng.choice(len(self.items), size=rl.rollout_prompts, replace=len(self.items) < rl.rollout_prompts)
+        items, texts, finished, seqs = self.sample(self.policy, [self.items[i] for i in pick],
+                                                   int(rng.integers(2**31)), rl.temperature, rl.group_size)
+        scores, parts = self.score(items, texts, finished)
+        parts["reward"] = float(scores.mean())
+        return items, texts, finished, seqs, scores, parts
+
+    def informative_groups(self, rng, first):
+        """DAPO's dynamic sampling (Yu et al. 2025, §3.2): a group whose G rewards are all equal has
+        zero advantage everywhere and only costs a forward and backward pass, so such groups are
+        dropped and more prompts are drawn, up to max_resample times, until rollout_prompts
+        informative groups are collected. With a sparse reward (a weak model, a hard task) most
+        groups carry no signal, and this keeps the optimizer's batch full of ones that do. When no
+        draw has any, the last draw is kept whole (the step then only follows the KL term)."""
+        rl, G = self.rl, self.rl.group_size
+        kept = [[], [], [], [], []]  # items, texts, finished, seqs, scores of the informative groups
+        sampled, reward_sum, part_sums = 0, 0.0, {}
+        draw = first
+        for attempt in range(rl.max_resample + 1):
+            if attempt:
+                draw = self.sample_scored(rng)
+            items, texts, finished, seqs, scores, parts = draw
+            sampled += len(items)
+            for key, v in parts.items():
+                part_sums[key] = part_sums.get(key, 0.0) + v * len(items)
+            spread = scores.view(-1, G).std(1, unbiased=False) > 1e-6
+            for g in torch.nonzero(spread).flatten().tolist():
+                rows = range(g * G, (g + 1) * G)
+                for col, seq in zip(kept, (items, texts, finished, seqs, scores.tolist())):
+                    col.extend(seq[i] for i in rows)
+            if len(kept[0]) >= rl.rollout_prompts * G:
+                break
+        parts = {key: v / sampled for key, v in part_sums.items()}
+        if not kept[0]:
+            return (*draw[:5], parts, {"sampled": sampled, "kept": len(draw[0])})
+        n = rl.rollout_prompts * G
+        items, texts, finished, seqs, scores = (col[:n] for col in kept)
+        return (items, texts, finished, seqs, torch.tensor(scores), parts,
+                {"sampled": sampled, "kept": len(items)})
 
     # optimisation phase -----------------------------------------------------------------
     def batch(self, step: int, micro: int, rank: int):
@@ -396,7 +474,9 @@ class RLStage:
         n = ro["x"].shape[0]
         epoch, mb = divmod(j, 1 if self.rl.algo == "reinforce" else self.rl.minibatches)
         perm = np.random.default_rng([self.cfg.seed, k, epoch, rank]).permutation(n)
-        parts = np.array_split(perm, 1 if self.rl.algo == "reinforce" else self.rl.minibatches)[mb]
+        # a filtered GRPO rollout can hold fewer rows than minibatches: then some repeat
+        n_mb = min(n, 1 if self.rl.algo == "reinforce" else self.rl.minibatches)
+        parts = np.array_split(perm, n_mb)[mb % n_mb]
         idx = torch.as_tensor(parts)
         out = {key: v[idx] for key, v in ro.items() if torch.is_tensor(v)}
         # trim the padding columns this minibatch does not need
@@ -461,6 +541,7 @@ def evaluate_policy(stage: RLStage, model, items: list[PromptItem], seed: int = 
     if fams:
         res["exact_match"] = {f: float(np.mean(v)) for f, v in sorted(fams.items())}
         res["exact_match_all"] = float(np.mean([x for v in fams.values() for x in v]))
+        res.update(answer_collapse([t for it, t in zip(its, texts) if it.meta.get("answers")]))
     scorers = [fn for fn in stage.rewards if not isinstance(fn, Discriminator)]
     if scorers:
         total = torch.zeros(len(texts))
@@ -488,6 +569,21 @@ def evaluate_policy(stage: RLStage, model, items: list[PromptItem], seed: int = 
     ref = token_logprobs(stage.ref(x), y).cpu()
     res["kl_to_ref"] = float(((lp - ref) * b["mask"]).sum(1).mean())
     return res
+
+
+def answer_collapse(texts: list[str]) -> dict:
+    """The most common final answer among the replies and its share. A policy that cannot solve
+    the task can still raise exact match by learning the answer that is right most often ("0"
+    for products with a zero factor); a share far above the data's own shows that is happening."""
+    from collections import Counter
+
+    from chatsmith.data.tasks import extract_number, final_answer
+
+    counts = Counter(extract_number(final_answer(t)) for t in texts)
+    if not counts:
+        return {}
+    top, n = counts.most_common(1)[0]
+    return {"top_answer": top, "top_answer_share": n / len(texts)}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -569,6 +665,9 @@ def print_rl_table(res: dict):
         va, vb = a.get("exact_match", {}).get(fam), b.get("exact_match", {}).get(fam)
         print(f"{'exact match: ' + fam:32s} {'-' if va is None else f'{va:.0%}':>8s} "
               f"{'-' if vb is None else f'{vb:.0%}':>8s}", file=sys.stderr)
-    for key in ("heldout_reward", "kl_to_ref", "ended_share"):
+    if "top_answer" in a or "top_answer" in b:
+        print(f"{'most common final answer':32s} {str(a.get('top_answer')):>8s} {str(b.get('top_answer')):>8s}",
+              file=sys.stderr)
+    for key in ("heldout_reward", "kl_to_ref", "ended_share", "top_answer_share"):
         if key in a or key in b:
             print(f"{key:32s} {a.get(key, float('nan')):8.3f} {b.get(key, float('nan')):8.3f}", file=sys.stderr)

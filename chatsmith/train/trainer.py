@@ -5,6 +5,8 @@ A stage is a small object with
     loss(model, batch)       -> (loss tensor, {name: float})
     evaluate(model)          -> {name: float}        (optional)
     tokens(batch)            -> int                   (tokens in the batch, for tokens/s)
+    state() / load_state(json_dict, tensors)          (optional: what the stage itself learns
+                                                       as it goes, saved with each checkpoint)
 and the trainer supplies everything else: AdamW, warmup + cosine/WSD schedule, gradient
 accumulation and clipping, bf16 autocast, optional torch.compile, DDP under torchrun, a progress
 line, metrics.jsonl, atomic checkpoints every N steps (last K kept), exact resume and a time budget.
@@ -219,13 +221,16 @@ class Trainer:
         for i, st in self.optimizer.state_dict()["state"].items():
             for k, v in st.items():
                 t[f"optim.{i}.{k}"] = _full(v) if torch.is_tensor(v) else torch.tensor(v)
+        if hasattr(self.stage, "state"):
+            t.update({f"stage.{k}": v.detach().cpu().clone() for k, v in self.stage.state()[1].items()})
         return t
 
     def _trainer_state(self) -> dict:
         return {"step": self.step, "max_steps": self.max_steps, "tokens_seen": self.tokens_seen,
                 "elapsed_seconds": round(self.elapsed_before + self._run_seconds(), 3),
                 "world_size": self.world, "stage": getattr(self.stage, "name", "train"),
-                "last_eval": self.last_eval, "train_config": asdict(self.cfg)}
+                "last_eval": self.last_eval, "train_config": asdict(self.cfg),
+                **({"stage_state": self.stage.state()[0]} if hasattr(self.stage, "state") else {})}
 
     def save(self):
         """Everyone reaches here; only rank 0 writes (under FSDP every rank first helps gather)."""
@@ -281,6 +286,9 @@ class Trainer:
             self.tokens_seen = state["tokens_seen"]
             self.elapsed_before = state["elapsed_seconds"]
             self.last_eval = state.get("last_eval", {})
+            if hasattr(self.stage, "load_state"):
+                self.stage.load_state(state.get("stage_state", {}),
+                                      {k[6:]: v for k, v in tensors.items() if k.startswith("stage.")})
             self._truncate_metrics(self.step)
             self.log(f"resumed from {ckpt} at step {self.step}")
             return True
