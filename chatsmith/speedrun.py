@@ -32,11 +32,11 @@ SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach"
 RESERVE_S = 30  # left at the end for the samples, the report and the summary
 # Shares of the training time (what is left after the fixed costs below). Pretraining gets the most:
 # every later stage starts from it. RL gets enough rollouts to move exact match.
-SHARES = {"pretrain": 0.40, "sft": 0.31, "reward": 0.06, "rl": 0.10, "dpo": 0.13}
+SHARES = {"pretrain": 0.40, "sft": 0.28, "reward": 0.06, "rl": 0.10, "dpo": 0.16}
 BASELINE_S = 40  # two 3-gram models counted from the shards + scoring the whole val split three times
 SFT_EVAL_S = 45  # held-out generation before and after SFT (measured ~20-40 s for tiny on 2 cores)
 RL_EVAL_S = 30  # held-out greedy answers before and after RL, and the KL estimate
-JUDGE_S = 25  # SFT and DPO replies to held-out prompts, scored by the reward model
+JUDGE_S = 25  # SFT and DPO replies to 200 held-out prompts, scored by the reward model (~10 s)
 FIXED_S = RESERVE_S + BASELINE_S + SFT_EVAL_S + RL_EVAL_S + JUDGE_S
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
 
@@ -96,7 +96,7 @@ def compare_with_ngram(base: Path, corpus: Path, order: int = 3, seen_tokens: in
     return res
 
 
-def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 64, max_new_tokens: int = 48) -> dict:
+def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 200, max_new_tokens: int = 48) -> dict:
     """`chatsmith eval DPO --tasks reward --reward-model RM --compare SFT` on the first n held-out
     prompts (the split is shuffled, so every family is in): greedy replies of both models scored by
     the reward model, DPO's win rate with ties counted half."""
@@ -230,12 +230,14 @@ def run(a) -> dict:
     banner(f"7/{n_stages} direct preference optimization")
     dpo_dir = run_dir / "dpo"
     t = time.time()
-    # on-policy pairs: the SFT model's own replies ranked by the reward model (the off-policy built-in
-    # pairs taught DPO what not to say and lost to SFT under the judge: 45% in a 15-minute run)
+    # on-policy pairs: the best and the worst of 4 SFT replies by the reward model, and DPO with the
+    # chosen reply's NLL added (RPO). Measured on one SFT model, judged on 200 held-out prompts:
+    # off-policy built-in pairs 45%; best/worst of 2 47%, with RPO 48%; best/worst of 4 27% (plain DPO
+    # pushed both replies down and drifted off what the model can say), with RPO 58%
     pairs = chat / "pairs_onpolicy.jsonl"
     if not pairs.exists():
         from chatsmith.data.preferences import sample_pairs
-        info = sample_pairs(str(sft_dir), str(rm_dir), [str(chat / "train.jsonl")], pairs, limit=600)
+        info = sample_pairs(str(sft_dir), str(rm_dir), [str(chat / "train.jsonl")], pairs, limit=600, samples=4)
         print(f"on-policy pairs: {info['pairs']} from {info['prompts']} prompts", file=sys.stderr)
     pair_s = time.time() - t
     cfg = TrainConfig(out=str(dpo_dir), max_minutes=max(minutes_for("dpo", spent) - pair_s / 60, 0.33),
@@ -243,7 +245,7 @@ def run(a) -> dict:
                       resume=resume(dpo_dir), **common)
     t = time.time()
     stages["dpo"] = dpo.run(cfg, [str(pairs)], str(sft_dir),
-                            heldout=[str(chat / "pairs_heldout.jsonl")], beta=0.1, skip_bad=True)
+                            heldout=[str(chat / "pairs_heldout.jsonl")], beta=0.1, skip_bad=True, rpo_alpha=1.0)
     stages["dpo"]["seconds"] = round(time.time() - t, 1)
     stages["dpo"]["pair_sampling_seconds"] = round(pair_s, 1)
 
