@@ -48,7 +48,7 @@ from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.train.policy import completion_batch, entropy, masked_mean, token_logprobs
-from chatsmith.train.trainer import Trainer
+from chatsmith.train.trainer import Trainer, load_optimizer_tensors, optimizer_tensors
 
 ALGOS = ("ppo", "grpo", "reinforce")
 
@@ -319,9 +319,7 @@ class RLStage:
             if isinstance(fn, Discriminator):
                 js["disc_history"] = fn.history
                 tensors.update({f"disc.model.{k}": v for k, v in fn.model.state_dict().items()})
-                for i, st in fn.opt.state_dict()["state"].items():
-                    tensors.update({f"disc.optim.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
-                                    for k, v in st.items()})
+                tensors.update(optimizer_tensors(fn.opt, "disc_optim"))
         return js, tensors
 
     def load_state(self, js: dict, tensors: dict):
@@ -330,11 +328,7 @@ class RLStage:
         for fn in self.rewards:
             if isinstance(fn, Discriminator) and any(k.startswith("disc.model.") for k in tensors):
                 fn.model.load_state_dict({k[11:]: v for k, v in tensors.items() if k.startswith("disc.model.")})
-                sd = fn.opt.state_dict()
-                for i in {int(k.split(".")[2]) for k in tensors if k.startswith("disc.optim.")}:
-                    sd["state"][i] = {k.split(".", 3)[3]: v for k, v in tensors.items()
-                                      if k.startswith(f"disc.optim.{i}.")}
-                fn.opt.load_state_dict(sd)
+                load_optimizer_tensors(fn.opt, tensors, "disc_optim", next(fn.model.parameters()).device)
                 fn.history = list(js.get("disc_history", []))
 
     # rollout phase ----------------------------------------------------------------------
@@ -440,7 +434,7 @@ class RLStage:
         draw has any, the last draw is kept whole (the step then only follows the KL term)."""
         rl, G = self.rl, self.rl.group_size
         kept = [[], [], [], [], []]  # items, texts, finished, seqs, scores of the informative groups
-        sampled, reward_sum, part_sums = 0, 0.0, {}
+        sampled, part_sums = 0, {}
         draw = first
         for attempt in range(rl.max_resample + 1):
             if attempt:

@@ -84,6 +84,21 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as flat named tensors ("PREFIX.{i}.{name}"), for safetensors."""
+    return {f"{prefix}.{i}.{k}": _full(v) if torch.is_tensor(v) else torch.tensor(v)
+            for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str, device):
+    """The inverse of optimizer_tensors: moments move to `device`, the step counters stay where they are."""
+    sd = opt.state_dict()
+    for i in sd["state"].keys() | {int(k.split(".")[1]) for k in tensors if k.startswith(f"{prefix}.")}:
+        keys = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{prefix}.{i}.")}
+        sd["state"][i] = {k: v.to(device) if k != "step" else v for k, v in keys.items()}
+    opt.load_state_dict(sd)
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device):
     """None = plain fp32; else the dtype autocast runs matmuls in (weights stay fp32)."""
     if cfg.dtype == "bf16":
@@ -218,9 +233,7 @@ class Trainer:
         t: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             t["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        for i, st in self.optimizer.state_dict()["state"].items():
-            for k, v in st.items():
-                t[f"optim.{i}.{k}"] = _full(v) if torch.is_tensor(v) else torch.tensor(v)
+        t.update(optimizer_tensors(self.optimizer, "optim"))
         if hasattr(self.stage, "state"):
             t.update({f"stage.{k}": v.detach().cpu().clone() for k, v in self.stage.state()[1].items()})
         return t
@@ -273,11 +286,7 @@ class Trainer:
             else:
                 from chatsmith.model.hf import from_hf_state_dict
                 self.unwrapped.load_state_dict(from_hf_state_dict(self.unwrapped.cfg, weights), strict=True)
-            opt_sd = self.optimizer.state_dict()
-            for i in opt_sd["state"].keys() | {int(k.split(".")[1]) for k in tensors if k.startswith("optim.")}:
-                keys = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"optim.{i}.")}
-                opt_sd["state"][i] = {k: v.to(self.device) if k != "step" else v for k, v in keys.items()}
-            self.optimizer.load_state_dict(opt_sd)
+            load_optimizer_tensors(self.optimizer, tensors, "optim", self.device)
             torch.set_rng_state(tensors["rng.torch"])
             if "rng.cuda" in tensors and self.device.type == "cuda":
                 torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
