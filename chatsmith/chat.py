@@ -77,7 +77,7 @@ def run(a):
     from chatsmith.checkpoint import load_model
     from chatsmith.engine import Engine, SamplingParams
     from chatsmith.tokenizer import Tokenizer
-    from chatsmith.train.trainer import resolve_device
+    from chatsmith.runtime import resolve_device
 
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                             top_k=a.top_k, seed=a.seed)

@@ -13,18 +13,18 @@ then renamed into place, so a kill at any instant leaves either the old or the n
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from chatsmith import atomic
+from chatsmith.atomic import atomic_dir
 from chatsmith.config import ModelConfig
 from chatsmith.errors import UserError
 from chatsmith.model.gpt import GPT
@@ -33,20 +33,6 @@ from chatsmith.model.lora import ADAPTER_CONFIG, has_lora, is_adapter_dir, load_
 
 MODEL_FILES = ("config.json", "model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
 
 
 def write_model_files(d: Path, model: GPT, tokenizer_dir: Path | None = None, extra_config: dict | None = None):
@@ -60,42 +46,16 @@ def write_model_files(d: Path, model: GPT, tokenizer_dir: Path | None = None, ex
         save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     hf = cfg.to_hf()
     hf["chatsmith"] = {"model": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, **(extra_config or {})}
-    _write_json(d / "config.json", hf)
+    atomic.write_json(d / "config.json", hf)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
            "pad_token_id": cfg.pad_token_id, "do_sample": True, "temperature": 0.8, "top_p": 0.95,
            "max_new_tokens": 256}
-    _write_json(d / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
+    atomic.write_json(d / "generation_config.json", {k: v for k, v in gen.items() if v is not None})
     if tokenizer_dir is not None:
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_dir) / name
             if src.exists() and src.resolve() != (d / name).resolve():
                 shutil.copyfile(src, d / name)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """Yields a temporary sibling directory to fill; on success every file in it is fsynced and it
-    is renamed to `path` (an old `path` is moved aside first and removed); on failure it is removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if path.exists():
-            old = path.parent / f".old-{path.name}-{os.getpid()}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(path: str | os.PathLike, model: GPT, tokenizer_dir=None, trainer_state: dict | None = None,
@@ -107,7 +67,7 @@ def save_checkpoint(path: str | os.PathLike, model: GPT, tokenizer_dir=None, tra
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       str(tmp / "optimizer.safetensors"))
         if trainer_state is not None:
-            _write_json(tmp / "trainer_state.json", trainer_state)
+            atomic.write_json(tmp / "trainer_state.json", trainer_state)
     return Path(path)
 
 
@@ -118,12 +78,7 @@ def publish(src: Path, out: Path, names=None):
     files = sorted((p for p in src.iterdir() if p.is_file() and (names is None or p.name in names)),
                    key=lambda p: (p.name == "config.json", p.name == ADAPTER_CONFIG))
     for f in files:
-        tmp = out / f".tmp-{f.name}"
-        shutil.copyfile(f, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out / f.name)
-    _fsync_dir(out)
+        atomic.copy_file(f, out / f.name)
 
 
 _STEP_RE = re.compile(r"^step-(\d+)$")

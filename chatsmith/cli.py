@@ -309,7 +309,7 @@ def build_parser() -> Parser:
 
 
 def cmd_data_pairs(a):
-    from chatsmith.data.preferences import sample_pairs
+    from chatsmith.train.dpo import sample_pairs
 
     res = sample_pairs(a.model, a.reward_model, a.prompts, a.out, limit=a.limit, samples=a.samples,
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
@@ -419,7 +419,7 @@ def cmd_generate(a):
     from chatsmith.checkpoint import load_model
     from chatsmith.engine import Engine, SamplingParams
     from chatsmith.tokenizer import Tokenizer
-    from chatsmith.train.trainer import resolve_device
+    from chatsmith.runtime import resolve_device
 
     params = dataclass_from_args(SamplingParams, a, stop=a.stop)
     params.validate()
@@ -463,7 +463,7 @@ def cmd_ngram(a):
 
 def cmd_serve(a):
     from chatsmith.serve.app import serve
-    from chatsmith.train.trainer import resolve_device
+    from chatsmith.runtime import resolve_device
 
     if a.max_batch < 1 or (a.threads is not None and a.threads < 1):
         raise UserError("--max-batch and --threads must be at least 1")

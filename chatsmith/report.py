@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatsmith import atomic
 from chatsmith.errors import UserError
 
 # stages in pipeline order; others follow alphabetically
@@ -564,8 +565,6 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     if notes:
         md += ["## Notes", "", *notes, ""]
     path = out_dir / "report.md"
-    tmp = path.with_name(f".tmp-report-{os.getpid()}.md")
-    tmp.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic.write_text(path, "\n".join(md).rstrip() + "\n")
     print(f"report written to {path} ({len(plots)} plots)", file=sys.stderr)
     return path

@@ -236,7 +236,7 @@ def run(a) -> dict:
     # pushed both replies down and drifted off what the model can say), with RPO 58%
     pairs = chat / "pairs_onpolicy.jsonl"
     if not pairs.exists():
-        from chatsmith.data.preferences import sample_pairs
+        from chatsmith.train.dpo import sample_pairs
         info = sample_pairs(str(sft_dir), str(rm_dir), [str(chat / "train.jsonl")], pairs, limit=600, samples=4)
         print(f"on-policy pairs: {info['pairs']} from {info['prompts']} prompts", file=sys.stderr)
     pair_s = time.time() - t

@@ -18,7 +18,9 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from chatsmith.data.corpus import iter_input_documents
 from chatsmith.errors import UserError
+from chatsmith.messages import ROLES
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT_TOKENS = [
@@ -28,7 +30,6 @@ CHAT_TOKENS = [
 ]
 RESERVED = [f"<|reserved_{i}|>" for i in range(7)]  # room for tools etc. without a vocab change
 SPECIAL_TOKENS = [BOS, EOS, PAD, *CHAT_TOKENS, *RESERVED]
-ROLES = ("system", "user", "assistant")
 
 # The chat template, as Jinja for the ecosystem (transformers' apply_chat_template, vLLM, …).
 # `render_chat` below is the same thing in Python, plus the loss mask; a test keeps them equal.
@@ -276,8 +277,6 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int = 
 
 def iter_texts(paths: list[str | os.PathLike], limit_chars: int | None = None) -> Iterator[str]:
     """Document texts from corpus JSONL files (`text` field) or plain text files, streamed."""
-    from chatsmith.data.corpus import iter_input_documents
-
     seen = 0
     for _source, text in iter_input_documents([str(p) for p in paths]):
         yield text
@@ -312,3 +311,33 @@ def train_command(inputs: list[str], vocab_size: int, out: str, val: list[str] |
         stats["val_bytes_per_token"] = round(bytes_per_token(tok, iter_texts(val)), 4)
     Path(out, "tokenizer_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def render_truncated(tok: Tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]] | None:
+    """The longest prefix of the conversation that ends after an assistant turn and fits in
+    max_len tokens (+1 for the shifted target); None when not even the first reply fits."""
+    best = None
+    for end in range(len(messages), 0, -1):
+        if messages[end - 1]["role"] != "assistant":
+            continue
+        ids, mask = tok.render_chat(messages[:end])
+        if len(ids) <= max_len + 1:
+            best = (ids, mask)
+            break
+    return best
+
+
+def encode_records(tok: Tokenizer, records, max_len: int) -> tuple[list, dict]:
+    examples, truncated, dropped = [], 0, 0
+    for r in records:
+        full = tok.render_chat(r.messages)
+        if len(full[0]) <= max_len + 1:
+            examples.append(full)
+            continue
+        cut = render_truncated(tok, r.messages, max_len)
+        if cut is None:
+            dropped += 1
+        else:
+            truncated += 1
+            examples.append(cut)
+    return examples, {"truncated_at_turn": truncated, "dropped_too_long": dropped}

@@ -203,7 +203,7 @@ def test_dpo_raises_the_chosen_replys_likelihood(base_model, prefer_yes, tmp_pat
     r = rows(tmp_path / "rpo")
     assert r[-1]["chosen_nll"] < r[0]["chosen_nll"]
 
-    from chatsmith.train.policy import completion_batch, sequence_logprobs
+    from chatsmith.batching import completion_batch, sequence_logprobs
     tok = Tokenizer.load(base_model)
 
     def logp(model, reply):

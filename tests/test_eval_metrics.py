@@ -67,7 +67,7 @@ def test_document_loss_perplexity_and_bits_per_byte_by_hand():
 
 
 def test_assistant_loss_counts_masked_tokens_only():
-    from chatsmith.train.sft import assistant_loss
+    from chatsmith.eval.chat import assistant_loss
 
     # (ids, mask): the mask marks the tokens that are learnt (targets), as render_chat returns it
     ex = [([0, 2, 3, 4, 4], [0, 0, 0, 1, 1]), ([0, 3, 2], [0, 1, 1]), ([0, 4, 2, 3, 2, 2], [0, 0, 1, 0, 1, 0])]

@@ -100,7 +100,7 @@ def test_bad_record_names_file_and_line_or_is_skipped(base_model, sft_data, tmp_
 
 
 def test_long_conversations_are_cut_at_turn_boundaries(base_model, tmp_path):
-    from chatsmith.train.sft import render_truncated
+    from chatsmith.tokenizer import render_truncated
 
     tok = Tokenizer.load(base_model)
     long = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from chatsmith.errors import UserError
+from chatsmith.messages import ALIASES, ROLES
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "dialogue", "chatterbot")
 
@@ -62,8 +63,8 @@ SUFFIXES = JSONL_SUFFIXES + JSON_SUFFIXES + YAML_SUFFIXES
 
 MAX_EXAMPLES = 5  # skipped-record messages kept in the report
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "human": "user",
-          "assistant": "assistant", "gpt": "assistant"}
+# our roles, OpenAI's other names for them (messages.ALIASES) and ShareGPT's human / gpt
+_ROLES = {**{r: r for r in ROLES}, **ALIASES, "human": "user", "gpt": "assistant"}
 _TOOL_ROLES = {"tool", "function", "function_call", "observation", "ipython", "tool_call",
                "tool_response"}
 

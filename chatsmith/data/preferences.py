@@ -34,10 +34,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatsmith import atomic
 from chatsmith.data.corpus import iter_jsonl
 from chatsmith.errors import UserError
+from chatsmith.messages import ROLES, MessageError, check_messages
 
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass
@@ -52,15 +53,11 @@ class Pair:
 def _messages(v, where: str, key: str) -> list[dict]:
     if isinstance(v, str):
         return [{"role": "assistant" if key != "prompt" else "user", "content": v}]
-    if not isinstance(v, list) or not v:
-        raise UserError(f"{where}: \"{key}\" must be a string or a non-empty list of messages")
-    out = []
-    for i, m in enumerate(v):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise UserError(f"{where}: \"{key}\"[{i}] must be an object with \"role\" (one of "
-                            f"{', '.join(ROLES)}) and a string \"content\"")
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
+    try:
+        return check_messages(v, f'"{key}"', parts=False)
+    except MessageError as e:
+        raise UserError(f"{where}: {e} (each turn is an object with \"role\", one of {', '.join(ROLES)}, "
+                        f"and a string \"content\")") from None
 
 
 def parse_pair(obj, where: str) -> Pair:
@@ -204,70 +201,9 @@ def build_preferences(chat_dir: str | os.PathLike, seed: int = 1337) -> dict:
             raise UserError(f"{src} is missing: build the dialogues first (`chatsmith data build`)")
         records = [obj for _, obj in iter_jsonl(src, "dialogue file")]
         pairs = synthesise_pairs(records, seed + (split == "heldout"))
-        tmp = d / f".tmp-pairs_{split}.jsonl"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for p in pairs:
-                f.write(json.dumps(p, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / f"pairs_{split}.jsonl")
+        atomic.write_jsonl(d / f"pairs_{split}.jsonl", pairs)
         by = {}
         for p in pairs:
             by[p["recipe"]] = by.get(p["recipe"], 0) + 1
         counts[split] = {"pairs": len(pairs), "recipes": by}
     return counts
-
-
-def sample_pairs(model_dir: str, reward_model: str, prompts: list[str], out: str | os.PathLike,
-                 limit: int = 1000, samples: int = 2, max_new_tokens: int = 48, temperature: float = 1.0,
-                 seed: int = 0, min_margin: float = 0.0) -> dict:
-    """On-policy pairs (DATA.md's "model samples ranked" recipe): `samples` replies of the model to
-    each of the first `limit` prompts, scored by the reward model; the best and the worst reply form a
-    pair (recipe "rm_ranked") when their scores differ by more than `min_margin`. DPO on such pairs
-    optimises what the reward model prefers among what the policy actually says, where the built-in
-    off-policy pairs only say what not to say."""
-    from chatsmith.checkpoint import load_model
-    from chatsmith.data.chat_formats import read_conversations
-    from chatsmith.engine import Engine, SamplingParams
-    from chatsmith.tokenizer import Tokenizer
-    from chatsmith.train.reward import load_reward_model
-
-    if samples < 2:
-        raise UserError("--samples must be at least 2: a pair needs two replies")
-    records, _ = read_conversations(prompts, prompts=True)
-    items = []
-    for r in records[:limit]:
-        msgs = r.messages[:-1] if r.messages[-1]["role"] == "assistant" else r.messages
-        if msgs and msgs[-1]["role"] == "user":
-            items.append(msgs)
-    tok = Tokenizer.load(model_dir)
-    model = load_model(model_dir)
-    ctx = model.cfg.max_seq_len
-    ids = [tok.render_chat(m, add_generation_prompt=True)[0] for m in items]
-    keep = [i for i, x in enumerate(ids) if len(x) < ctx - 8]
-    items, ids = [items[i] for i in keep], [ids[i] for i in keep]
-    outs = Engine(model, tok).generate_many([x for x in ids for _ in range(samples)],
-                                            SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                           seed=seed), max_batch=64)
-    rm = load_reward_model(reward_model)
-    texts = [c.text for c in outs]
-    scores = rm.score([m + [{"role": "assistant", "content": t}]
-                       for m, t in zip([m for m in items for _ in range(samples)], texts)])
-    pairs = []
-    for i, m in enumerate(items):
-        group = sorted(zip(scores[i * samples:(i + 1) * samples], texts[i * samples:(i + 1) * samples]))
-        (lo, worst), (hi, best) = group[0], group[-1]
-        if hi - lo > min_margin and best.strip() and worst.strip() and best != worst:
-            pairs.append({"prompt": m, "chosen": [{"role": "assistant", "content": best}],
-                          "rejected": [{"role": "assistant", "content": worst}], "recipe": "rm_ranked",
-                          "margin": round(hi - lo, 4)})
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p in pairs:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
-    return {"prompts": len(items), "pairs": len(pairs), "samples": samples}

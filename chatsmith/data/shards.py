@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from chatsmith import atomic
 from chatsmith.errors import UserError
 from chatsmith.tokenizer import Tokenizer
 
@@ -75,9 +76,7 @@ def write_shards(splits: dict[str, list[str]], tok: Tokenizer, out: str | os.Pat
         meta["splits"][split] = {"tokens": n_tok, "bytes": n_bytes, "documents": n_docs,
                                  "sources": [str(p) for p in paths]}
     meta["seconds"] = round(time.time() - t0, 1)
-    tmp = out / ".tmp-meta.json"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "meta.json")
+    atomic.write_json(out / "meta.json", meta)
     return meta
 
 

@@ -6,16 +6,34 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 
+from chatsmith.batching import collate
+from chatsmith.data.tasks import check_answer
 from chatsmith.engine import Engine, SamplingParams
+from chatsmith.tokenizer import encode_records
+
+
+@torch.no_grad()
+def assistant_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
+    """Mean cross-entropy (nats) over assistant tokens, summed over examples, not averaged per batch."""
+    device = next(model.parameters()).device
+    total = count = 0.0
+    for i in range(0, len(examples), batch_size):
+        ex = examples[i:i + batch_size]
+        b = collate([ids for ids, _ in ex], pad_id, masks=[m for _, m in ex])
+        logits = model(b["x"].to(device)).float()
+        y = b["y"].masked_fill(b["mask"] == 0, -100).to(device)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
+                                               reduction="sum")
+        total += ce.item()
+        count += (y != -100).sum().item()
+    return total / max(count, 1)
 
 
 @torch.no_grad()
 def chat_metrics(model, tok, records, per_family: int = 20, max_new_tokens: int = 48, pad_id: int = 0,
                  n_samples: int = 3) -> dict:
-    from chatsmith.data.tasks import check_answer
-    from chatsmith.train.sft import assistant_loss, encode_records
-
     was_training = model.training
     model.eval()
     examples, _ = encode_records(tok, records, model.cfg.max_seq_len)

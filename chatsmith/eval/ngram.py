@@ -348,7 +348,7 @@ class NGramLM:
             if any(out.iterdir()) and not (out / META_FILE).exists():
                 raise UserError(f"{out} exists and is not an n-gram model directory; refusing to "
                                 f"replace it (choose another --out or remove it)")
-        from chatsmith.checkpoint import atomic_dir
+        from chatsmith.atomic import atomic_dir
 
         with atomic_dir(out) as tmp:
             with open(tmp / ARRAYS_FILE, "wb") as f:

@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 
 from chatsmith.data.tasks import check_answer, final_answer, normalise
+from chatsmith.batching import continuation_logprobs
 from chatsmith.errors import UserError
 
 MODES = ("zero-shot", "k-shot", "cot")
@@ -471,44 +472,6 @@ def score_references(hyps: list[str], refs: list[list[str]]) -> dict:
             "brevity_penalty": bleu.bp, "sacrebleu": sacrebleu.__version__}
 
 
-@torch.no_grad()
-def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int = 0,
-                          batch_size: int = 16) -> tuple[list[float], int]:
-    """Sum of log p(continuation tokens | context) for each (context ids, continuation ids) pair,
-    and how many contexts were cut from the left to fit the model's context."""
-    device = next(model.parameters()).device
-    ctx = model.cfg.max_seq_len
-    seqs, truncated = [], 0
-    for c, x in pairs:
-        if not x:
-            raise ValueError("empty continuation")
-        if len(x) > ctx:
-            raise UserError(f"a choice is {len(x)} tokens, longer than the model's context ({ctx})")
-        ids = c + x
-        if len(ids) > ctx + 1:
-            ids, truncated = ids[-(ctx + 1):], truncated + 1
-        seqs.append((ids, len(x)))
-    out = [0.0] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    was_training = model.training
-    model.eval()
-    for b in range(0, len(order), batch_size):
-        group = order[b:b + batch_size]
-        T = max(len(seqs[i][0]) for i in group) - 1
-        inp = torch.full((len(group), T), pad_id, dtype=torch.long)
-        for r, i in enumerate(group):
-            ids = seqs[i][0]
-            inp[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-        logp = model(inp.to(device)).float().log_softmax(-1)
-        for r, i in enumerate(group):
-            ids, n = seqs[i]
-            L = len(ids)
-            tgt = torch.tensor(ids[L - n:], device=device)
-            out[i] = logp[r, L - n - 1:L - 1].gather(-1, tgt[:, None]).sum().item()
-    model.train(was_training)
-    return out, truncated
-
-
 def pick_choices(items: list[Item], logprobs: list[list[float]]) -> dict:
     """Accuracy by the highest summed log-likelihood, and by the highest per-byte log-likelihood
     of the choice text (acc_norm); ties go to the first choice."""
@@ -895,7 +858,7 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
                         "(--tasks reward, or reward:PROMPTS.jsonl) and --reward-model DIR")
     scorer = engine_b = None
     if has_reward:  # load the judge (and model B) before anything is generated: bad paths fail fast
-        from chatsmith.train.trainer import resolve_device
+        from chatsmith.runtime import resolve_device
 
         if isinstance(reward_model, (str, os.PathLike)):
             from chatsmith.train.reward import load_reward_model
@@ -912,7 +875,7 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
 
     if model is None:
         from chatsmith.checkpoint import load_model
-        from chatsmith.train.trainer import resolve_device
+        from chatsmith.runtime import resolve_device
 
         model = load_model(model_dir, device=resolve_device(device))
     if tok is None:

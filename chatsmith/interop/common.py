@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from chatsmith.checkpoint import atomic_dir, check_state_dict, write_model_files
+from chatsmith.atomic import atomic_dir
+from chatsmith.checkpoint import check_state_dict, write_model_files
 from chatsmith.config import ModelConfig
 from chatsmith.errors import UserError
 from chatsmith.model.gpt import GPT

@@ -46,7 +46,8 @@ def export(model_dir: str, fmt: str, out: str | None = None, gguf_type: str = "f
 def export_hf(d: Path, out: Path) -> Path:
     """A clean Hugging Face directory: config, weights, tokenizer, generation config; no training
     state. Our checkpoints already are HF directories; this drops the rest and checks the load."""
-    from chatsmith.checkpoint import atomic_dir, load_model, write_model_files
+    from chatsmith.atomic import atomic_dir
+    from chatsmith.checkpoint import load_model, write_model_files
 
     if out.resolve() == d.resolve():
         raise UserError("--out must differ from the model directory")

@@ -11,7 +11,6 @@ forward pass and no memory for the whole dataset.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,12 +18,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from chatsmith import atomic, runtime
+from chatsmith.batching import completion_batch, epoch_batch, sequence_logprobs
 from chatsmith.checkpoint import load_model
 from chatsmith.config import TrainConfig
+from chatsmith.data.chat_formats import read_conversations
+from chatsmith.data.preferences import encode_pairs, read_pairs
+from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.tokenizer import Tokenizer
-from chatsmith.train.policy import completion_batch, sequence_logprobs
-from chatsmith.train.trainer import Trainer, shuffled_index
+from chatsmith.train.reward import load_reward_model
+from chatsmith.train.trainer import Trainer
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
@@ -50,9 +54,9 @@ class DPOStage:
         return b
 
     def batch(self, step: int, micro: int, rank: int):
-        B, n = self.cfg.batch_size, len(self.examples)
-        first = ((step * self.cfg.grad_accum + micro) * self.world + rank) * B
-        return self._batch([self.examples[shuffled_index(self.cfg.seed, g, n)] for g in range(first, first + B)])
+        i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, self.world)
+        return self._batch([self.examples[j] for j in epoch_batch(self.cfg.seed, i, self.cfg.batch_size,
+                                                                   len(self.examples))])
 
     def loss(self, model, batch):
         pi_c, pi_r = sequence_logprobs(model, batch).chunk(2)
@@ -95,8 +99,6 @@ class DPOStage:
 
 def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None = None, beta: float = 0.1,
         skip_bad: bool = False, epochs: float | None = None, rpo_alpha: float = 0.0) -> dict:
-    from chatsmith.data.preferences import encode_pairs, read_pairs
-
     if rpo_alpha < 0:
         raise UserError("--rpo-alpha must be >= 0 (0 is plain DPO)")
     if beta <= 0:
@@ -114,7 +116,7 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
         held, _ = encode_pairs(tok, held_pairs, max_len, skip_bad=True)
     print(f"dpo data: {len(examples)} pairs ({skipped} bad records and {dropped} too long skipped); "
           f"held-out: {len(held)}; beta {beta}", file=sys.stderr)
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = runtime.world_size()
     if cfg.max_steps is None and cfg.max_minutes is None:
         cfg.max_steps = max(1, int((epochs or 1.0) * len(examples) / (cfg.batch_size * cfg.grad_accum * world)))
     stage = DPOStage(examples, held, ref, cfg, beta, tok.pad_id, world, rpo_alpha)
@@ -125,5 +127,46 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     summary["data"] = {"pairs": len(examples), "skipped_bad": skipped, "dropped_too_long": dropped,
                        "heldout": len(held), "beta": beta}
     if trainer.master:
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic.write_json(out / "train_summary.json", summary)
     return summary
+
+
+def sample_pairs(model_dir: str, reward_model: str, prompts: list[str], out: str | os.PathLike,
+                 limit: int = 1000, samples: int = 2, max_new_tokens: int = 48, temperature: float = 1.0,
+                 seed: int = 0, min_margin: float = 0.0) -> dict:
+    """On-policy pairs (DATA.md's "model samples ranked" recipe): `samples` replies of the model to
+    each of the first `limit` prompts, scored by the reward model; the best and the worst reply form a
+    pair (recipe "rm_ranked") when their scores differ by more than `min_margin`. DPO on such pairs
+    optimises what the reward model prefers among what the policy actually says, where the built-in
+    off-policy pairs only say what not to say."""
+    if samples < 2:
+        raise UserError("--samples must be at least 2: a pair needs two replies")
+    records, _ = read_conversations(prompts, prompts=True)
+    items = []
+    for r in records[:limit]:
+        msgs = r.messages[:-1] if r.messages[-1]["role"] == "assistant" else r.messages
+        if msgs and msgs[-1]["role"] == "user":
+            items.append(msgs)
+    tok = Tokenizer.load(model_dir)
+    model = load_model(model_dir)
+    ctx = model.cfg.max_seq_len
+    ids = [tok.render_chat(m, add_generation_prompt=True)[0] for m in items]
+    keep = [i for i, x in enumerate(ids) if len(x) < ctx - 8]
+    items, ids = [items[i] for i in keep], [ids[i] for i in keep]
+    outs = Engine(model, tok).generate_many([x for x in ids for _ in range(samples)],
+                                            SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                           seed=seed), max_batch=64)
+    rm = load_reward_model(reward_model)
+    texts = [c.text for c in outs]
+    scores = rm.score([m + [{"role": "assistant", "content": t}]
+                       for m, t in zip([m for m in items for _ in range(samples)], texts)])
+    pairs = []
+    for i, m in enumerate(items):
+        group = sorted(zip(scores[i * samples:(i + 1) * samples], texts[i * samples:(i + 1) * samples]))
+        (lo, worst), (hi, best) = group[0], group[-1]
+        if hi - lo > min_margin and best.strip() and worst.strip() and best != worst:
+            pairs.append({"prompt": m, "chosen": [{"role": "assistant", "content": best}],
+                          "rejected": [{"role": "assistant", "content": worst}], "recipe": "rm_ranked",
+                          "margin": round(hi - lo, 4)})
+    atomic.write_jsonl(out, pairs)
+    return {"prompts": len(items), "pairs": len(pairs), "samples": samples}

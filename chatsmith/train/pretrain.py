@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from chatsmith import atomic, runtime
 from chatsmith.config import TrainConfig, preset
+from chatsmith.data.corpus import build_corpus
 from chatsmith.data.shards import TokenShards, write_shards
 from chatsmith.errors import UserError
 from chatsmith.model.gpt import GPT
 from chatsmith.tokenizer import Tokenizer, bytes_per_token, iter_texts, train_tokenizer
-from chatsmith.train.trainer import Trainer, rank0_first
+from chatsmith.train.trainer import Trainer
 
 
 class PretrainStage:
@@ -37,9 +38,8 @@ class PretrainStage:
         # one independent stream per micro-batch of the global batch, numbered across ranks
         # (micro-major), so the global batch of a step is the same for any split of
         # world x grad_accum: 2 processes with --grad-accum 1 see what 1 process with 2 sees
-        world = int(os.environ.get("WORLD_SIZE", 1))
-        x, y = self.train.batch(self.cfg.batch_size, self.seq_len, self.cfg.seed,
-                                (step * self.cfg.grad_accum + micro) * world + rank, 0)
+        i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, runtime.world_size())
+        x, y = self.train.batch(self.cfg.batch_size, self.seq_len, self.cfg.seed, i, 0)
         return {"x": x, "y": y}
 
     def loss(self, model, batch):
@@ -100,7 +100,7 @@ def prepare_data(inputs: list[str] | None, data: str | None, tokenizer: str | No
     else:
         m = write_shards(corpus, tok, shard_dir)
         m["inputs"] = corpus
-        meta.write_text(json.dumps(m, indent=2) + "\n")
+        atomic.write_json(meta, m)
     return shard_dir, tok_dir
 
 
@@ -111,8 +111,6 @@ def _corpus_splits(inputs: list[str], out: Path) -> dict[str, list[str]]:
         if not (d / "val.jsonl").exists():
             raise UserError(f"{d} has train.jsonl but no val.jsonl")
         return {"train": [str(d / "train.jsonl")], "val": [str(d / "val.jsonl")]}
-    from chatsmith.data.corpus import build_corpus
-
     cdir = out / "corpus"
     build_corpus(cdir, inputs=inputs, sources=[])
     return {"train": [str(cdir / "train.jsonl")], "val": [str(cdir / "val.jsonl")]}
@@ -131,7 +129,7 @@ def run(cfg: TrainConfig, inputs=None, data=None, tokenizer=None, vocab_size: in
         model_overrides: dict | None = None) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with rank0_first(cfg.device):  # under torchrun rank 0 builds tokenizer and shards, the others reuse them
+    with runtime.rank0_first(cfg.device):  # under torchrun rank 0 builds tokenizer and shards, the others reuse them
         shard_dir, tok_dir = prepare_data(inputs, data, tokenizer, out, vocab_size)
     tok = Tokenizer.load(tok_dir)
     model = build_model(cfg.preset, tok, cfg.seed, **(model_overrides or {}))

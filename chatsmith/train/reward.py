@@ -11,7 +11,6 @@ r(chosen) > r(rejected)) is the metric that matters.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,25 +18,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from chatsmith import atomic, runtime
+from chatsmith.batching import epoch_batch, pad
 from chatsmith.checkpoint import load_model, read_config
 from chatsmith.config import TrainConfig
+from chatsmith.data.preferences import encode_pairs, read_pairs
 from chatsmith.errors import UserError
+from chatsmith.messages import heldout_overlap
 from chatsmith.tokenizer import Tokenizer
-from chatsmith.train.trainer import Trainer, shuffled_index
+from chatsmith.train.trainer import Trainer
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Mean of -log σ(r_c - r_r); logsigmoid keeps it finite for large margins."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
-
-
-def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids (N, T) and each row's last real position (N,)."""
-    T = max(len(s) for s in seqs)
-    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        x[i, :len(s)] = torch.tensor(s)
-    return x, torch.tensor([len(s) - 1 for s in seqs])
 
 
 def last_scores(model, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -55,10 +49,9 @@ class RewardStage:
 
     def batch(self, step: int, micro: int, rank: int):
         # epoch-wise seeded shuffle: a pure function of (seed, step) for exact resume
-        B, n = self.cfg.batch_size, len(self.examples)
-        first = ((step * self.cfg.grad_accum + micro) * self.world + rank) * B
-        ex = [self.examples[shuffled_index(self.cfg.seed, g, n)] for g in range(first, first + B)]
-        x, last = pad_batch([e[0] for e in ex] + [e[2] for e in ex], self.pad_id)
+        i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, self.world)
+        ex = [self.examples[j] for j in epoch_batch(self.cfg.seed, i, self.cfg.batch_size, len(self.examples))]
+        x, last = pad([e[0] for e in ex] + [e[2] for e in ex], self.pad_id)
         return {"x": x, "last": last}
 
     def loss(self, model, batch):
@@ -84,7 +77,7 @@ def pair_accuracy(model, examples, pad_id: int, batch_size: int = 16) -> dict:
     correct, margins, losses = 0, [], []
     for i in range(0, len(examples), batch_size):
         ex = examples[i:i + batch_size]
-        x, last = pad_batch([e[0] for e in ex] + [e[2] for e in ex], pad_id)
+        x, last = pad([e[0] for e in ex] + [e[2] for e in ex], pad_id)
         rc, rr = last_scores(model, x.to(device), last).chunk(2)
         correct += int((rc > rr).sum())
         margins.append((rc - rr).cpu())
@@ -113,7 +106,7 @@ class RewardModel:
                     raise UserError("a conversation to score must end with an assistant reply")
                 ids, _ = self.tok.render_chat(conv)
                 seqs.append(ids[-ctx:])  # over-long: keep the end, where the reply is
-            x, last = pad_batch(seqs, self.tok.pad_id)
+            x, last = pad(seqs, self.tok.pad_id)
             out += last_scores(self.model, x.to(self.device), last).tolist()
         return out
 
@@ -126,8 +119,6 @@ def load_reward_model(path: str | os.PathLike, device="cpu") -> RewardModel:
 
 def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None = None,
         skip_bad: bool = False, epochs: float | None = None) -> dict:
-    from chatsmith.data.preferences import encode_pairs, read_pairs
-
     out = Path(cfg.out)
     model = load_model(init)
     tok = Tokenizer.load(init)
@@ -137,8 +128,7 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     held = []
     if heldout:
         held_pairs, _ = read_pairs(heldout, skip_bad)
-        train_keys = {json.dumps(p.prompt, ensure_ascii=False) for p in pairs}
-        leaked = sum(json.dumps(p.prompt, ensure_ascii=False) in train_keys for p in held_pairs)
+        leaked = heldout_overlap([p.prompt for p in pairs], [p.prompt for p in held_pairs])
         if leaked:
             print(f"warning: {leaked} held-out prompts also appear in the training pairs", file=sys.stderr)
         held, _ = encode_pairs(tok, held_pairs, max_len, skip_bad=True)
@@ -146,7 +136,7 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
           f"held-out: {len(held)}", file=sys.stderr)
     if not examples:
         raise UserError("no preference pair fits the context")
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = runtime.world_size()
     if cfg.max_steps is None and cfg.max_minutes is None:
         cfg.max_steps = max(1, int((epochs or 1.0) * len(examples) / (cfg.batch_size * cfg.grad_accum * world)))
     torch.manual_seed(cfg.seed)  # the new head's init, reproducibly
@@ -161,9 +151,9 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
         # the trainer evaluated the final model already (at the last step, or when the budget ran out)
         after = trainer.last_eval if "heldout_accuracy" in trainer.last_eval else stage.evaluate(trainer.unwrapped)
         res = {"untrained_head": before, "reward": after}
-        (out / "reward_eval.json").write_text(json.dumps(res, indent=2) + "\n")
+        atomic.write_json(out / "reward_eval.json", res)
         summary["eval"] = res
         print(f"held-out pairwise accuracy: {before['heldout_accuracy']:.1%} (untrained head) -> "
               f"{after['heldout_accuracy']:.1%}", file=sys.stderr)
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic.write_json(out / "train_summary.json", summary)
     return summary

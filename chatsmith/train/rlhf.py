@@ -47,7 +47,7 @@ from chatsmith.config import TrainConfig
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.tokenizer import Tokenizer
-from chatsmith.train.policy import completion_batch, entropy, masked_mean, token_logprobs
+from chatsmith.batching import completion_batch, entropy, masked_mean, pad, token_logprobs
 from chatsmith.train.trainer import Trainer, load_optimizer_tensors, optimizer_tensors
 
 ALGOS = ("ppo", "grpo", "reinforce")
@@ -187,9 +187,9 @@ class Discriminator:
         self.history: list[float] = []
 
     def _logits(self, convs):
-        from chatsmith.train.reward import last_scores, pad_batch
+        from chatsmith.train.reward import last_scores
         ctx = self.model.cfg.max_seq_len
-        x, last = pad_batch([self.tok.render_chat(c)[0][-ctx:] for c in convs], self.tok.pad_id)
+        x, last = pad([self.tok.render_chat(c)[0][-ctx:] for c in convs], self.tok.pad_id)
         return last_scores(self.model, x.to(self.model.lm_head.weight.device), last)
 
     def __call__(self, items, texts, finished):

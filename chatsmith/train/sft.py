@@ -8,62 +8,21 @@ assistant's replies and end tokens; the loss is the mean cross-entropy over thos
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from chatsmith import atomic, runtime
+from chatsmith.batching import collate, epoch_batch
 from chatsmith.checkpoint import load_model
 from chatsmith.config import TrainConfig
+from chatsmith.data.chat_formats import read_conversations
 from chatsmith.errors import UserError
-from chatsmith.tokenizer import Tokenizer
-from chatsmith.train.trainer import Trainer, shuffled_index
-
-
-def render_truncated(tok: Tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]] | None:
-    """The longest prefix of the conversation that ends after an assistant turn and fits in
-    max_len tokens (+1 for the shifted target); None when not even the first reply fits."""
-    best = None
-    for end in range(len(messages), 0, -1):
-        if messages[end - 1]["role"] != "assistant":
-            continue
-        ids, mask = tok.render_chat(messages[:end])
-        if len(ids) <= max_len + 1:
-            best = (ids, mask)
-            break
-    return best
-
-
-def encode_records(tok: Tokenizer, records, max_len: int) -> tuple[list, dict]:
-    examples, truncated, dropped = [], 0, 0
-    for r in records:
-        full = tok.render_chat(r.messages)
-        if len(full[0]) <= max_len + 1:
-            examples.append(full)
-            continue
-        cut = render_truncated(tok, r.messages, max_len)
-        if cut is None:
-            dropped += 1
-        else:
-            truncated += 1
-            examples.append(cut)
-    return examples, {"truncated_at_turn": truncated, "dropped_too_long": dropped}
-
-
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
-    """Right-pad to the longest; x = ids[:-1], y = ids[1:], mask aligned with y."""
-    T = max(len(ids) for ids, _ in examples) - 1
-    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    y = torch.full((len(examples), T), -100, dtype=torch.long)
-    m = torch.zeros((len(examples), T), dtype=torch.long)
-    for i, (ids, mask) in enumerate(examples):
-        n = len(ids) - 1
-        x[i, :n] = torch.tensor(ids[:-1])
-        y[i, :n] = torch.tensor(ids[1:])
-        m[i, :n] = torch.tensor(mask[1:])
-    return {"x": x, "y": y, "mask": m}
+from chatsmith.eval.chat import assistant_loss, chat_metrics
+from chatsmith.messages import heldout_overlap
+from chatsmith.tokenizer import Tokenizer, encode_records
+from chatsmith.train.trainer import Trainer
 
 
 class SFTStage:
@@ -73,17 +32,17 @@ class SFTStage:
         self.examples, self.heldout, self.cfg, self.pad_id, self.world = examples, heldout, cfg, pad_id, world
 
     def batch(self, step: int, micro: int, rank: int):
-        B = self.cfg.batch_size
-        first = ((step * self.cfg.grad_accum + micro) * self.world + rank) * B
-        n = len(self.examples)
-        return collate([self.examples[shuffled_index(self.cfg.seed, first + j, n)] for j in range(B)], self.pad_id)
+        i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, self.world)
+        ex = [self.examples[j] for j in epoch_batch(self.cfg.seed, i, self.cfg.batch_size, len(self.examples))]
+        return {**collate([ids for ids, _ in ex], self.pad_id, masks=[m for _, m in ex]),
+                "n_tokens": sum(len(ids) - 1 for ids, _ in ex)}
 
     def loss(self, model, batch):
         _, loss = model(batch["x"], batch["y"], loss_mask=batch["mask"])
         return loss, {}
 
     def tokens(self, batch) -> int:
-        return int((batch["y"] != -100).sum())
+        return batch["n_tokens"]
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
@@ -92,28 +51,9 @@ class SFTStage:
         return {"heldout_loss": assistant_loss(model, self.heldout, self.pad_id, self.cfg.batch_size)}
 
 
-@torch.no_grad()
-def assistant_loss(model, examples, pad_id: int, batch_size: int = 16) -> float:
-    """Mean cross-entropy (nats) over assistant tokens, summed over examples, not averaged per batch."""
-    device = next(model.parameters()).device
-    total = count = 0.0
-    for i in range(0, len(examples), batch_size):
-        b = collate(examples[i:i + batch_size], pad_id)
-        logits = model(b["x"].to(device)).float()
-        y = b["y"].masked_fill(b["mask"] == 0, -100).to(device)
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
-                                               reduction="sum")
-        total += ce.item()
-        count += (y != -100).sum().item()
-    return total / max(count, 1)
-
-
 def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None = None, fmt: str | None = None,
         skip_bad: bool = False, epochs: float | None = None, eval_samples: int = 20,
         eval_max_new_tokens: int = 48) -> dict:
-    from chatsmith.data.chat_formats import read_conversations
-    from chatsmith.eval.chat import chat_metrics
-
     out = Path(cfg.out)
     model = load_model(init)
     tok = Tokenizer.load(init)
@@ -129,8 +69,7 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     held_records = []
     if heldout:
         held_records, _ = read_conversations(heldout, format=fmt, skip_bad=skip_bad, seed=cfg.seed)
-        train_hashes = {json.dumps(r.messages, ensure_ascii=False) for r in records}
-        leaked = sum(json.dumps(r.messages, ensure_ascii=False) in train_hashes for r in held_records)
+        leaked = heldout_overlap([r.messages for r in records], [r.messages for r in held_records])
         if leaked:
             raise UserError(f"{leaked} held-out conversations also appear in the training data: the "
                             f"held-out figures would be meaningless; remove them from one side")
@@ -139,12 +78,12 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
           f"{trunc['truncated_at_turn']} truncated at a turn boundary, {trunc['dropped_too_long']} too long "
           f"for the context dropped); held-out: {len(held_examples)}", file=sys.stderr)
     if cfg.max_steps is None and cfg.max_minutes is None:
-        per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", 1))
+        per_step = cfg.batch_size * cfg.grad_accum * runtime.world_size()
         cfg.max_steps = max(1, int((epochs or 1.0) * len(examples) / per_step))
     gen_eval = lambda m: chat_metrics(m, tok, held_records, per_family=eval_samples,  # noqa: E731
                                       max_new_tokens=eval_max_new_tokens, pad_id=tok.pad_id)
     before = gen_eval(model) if held_records and not cfg.resume else None
-    stage = SFTStage(examples, held_examples, cfg, tok.pad_id, int(os.environ.get("WORLD_SIZE", 1)))
+    stage = SFTStage(examples, held_examples, cfg, tok.pad_id, runtime.world_size())
     trainer = Trainer(model, stage, cfg, tokenizer_dir=init, extra_config={"stage": "sft"})
     summary = trainer.fit()
     summary["data"] = {"records": report.records, "skipped_bad": report.skipped, **trunc,
@@ -154,11 +93,11 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
         ev_f = out / "sft_eval.json"
         prev = json.loads(ev_f.read_text()) if ev_f.exists() else {}
         res = {"base": before or prev.get("base"), "sft": after}
-        ev_f.write_text(json.dumps(res, indent=2) + "\n")
+        atomic.write_json(ev_f, res)
         summary["eval"] = res
         print_eval_table(res)
     if trainer.master:  # under torchrun rank 0 alone writes
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic.write_json(out / "train_summary.json", summary)
     return summary
 
 

@@ -20,63 +20,22 @@ run's arithmetic bit for bit on the same machine.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from chatsmith import atomic, runtime
 from chatsmith.checkpoint import list_checkpoints, load_tensors, prune_checkpoints, publish, save_checkpoint
 from chatsmith.config import TrainConfig
 from chatsmith.errors import UserError
 
 FIT_AFTER = 5  # steps timed before the schedule is fitted to --max-minutes
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for, but this PyTorch has no MPS backend")
-    if name == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(name)
-
-
-def init_distributed(device: str = "auto") -> tuple[int, int]:
-    """(rank, world size) under torchrun (which sets RANK/WORLD_SIZE/MASTER_ADDR...), after joining
-    the process group once: NCCL between GPUs, gloo on CPU. A plain `python` run is (0, 1)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    if world > 1 and not dist.is_initialized():
-        dev = resolve_device(device)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return rank, world
-
-
-@contextlib.contextmanager
-def rank0_first(device: str = "auto"):
-    """Rank 0 runs the block first (building shared files: tokenizer, token shards), the other ranks
-    wait at a barrier and then run it and find the files made; without torchrun it just runs."""
-    rank, world = init_distributed(device)
-    if world > 1 and rank != 0:
-        dist.barrier()
-    yield
-    if world > 1 and rank == 0:
-        dist.barrier()
 
 
 def _full(t):
@@ -99,15 +58,6 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     opt.load_state_dict(sd)
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device):
-    """None = plain fp32; else the dtype autocast runs matmuls in (weights stay fp32)."""
-    if cfg.dtype == "bf16":
-        return torch.bfloat16
-    if cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
 def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
     """Linear warmup, then cosine to min_lr (Loshchilov & Hutter 2017), or warmup-stable-decay
     (Hu et al. 2024: constant, then a linear decay over the last `decay_fraction` of steps)."""
@@ -126,33 +76,6 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
 
 
-@functools.lru_cache(maxsize=4)
-def _epoch_permutation(seed: int, epoch: int, n: int):
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def shuffled_index(seed: int, g: int, n: int) -> int:
-    """The g-th example of an endless epoch-wise shuffled stream over n examples: a pure function
-    of (seed, g), so batches are reproducible and exact resume needs no data-loader state."""
-    return int(_epoch_permutation(seed, g // n, n)[g % n])
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to keep freed memory instead of returning big blocks to the OS. By default every
-    activation tensor above the mmap threshold is mapped and unmapped each step, and its pages fault
-    in again on the next; keeping them measured +14% tokens/s for both chatsmith and transformers
-    on the 2-core reference machine (bench/train_throughput.py --malloc-keep sets the same through
-    MALLOC_MMAP_MAX_ / MALLOC_TRIM_THRESHOLD_). The cost: the process keeps its peak memory."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...): nothing to tune
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
 def fmt_time(s: float) -> str:
     s = int(max(s, 0))
     h, m = divmod(s, 3600)
@@ -167,17 +90,16 @@ class Trainer:
         self.tokenizer_dir = tokenizer_dir
         self.extra_config = extra_config or {}
         # torchrun sets these; a plain `python` run is world size 1
-        self.world = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        self.device = resolve_device(cfg.device)
-        init_distributed(cfg.device)
+        self.world, self.rank = runtime.world_size(), runtime.rank()
+        self.device = runtime.resolve_device(cfg.device)
+        runtime.init_distributed(cfg.device)
         self.fsdp = bool(getattr(cfg, "fsdp", False)) and self.world > 1
         if self.fsdp and cfg.lora_rank > 0:
             raise UserError("--fsdp with --lora-rank is not supported: LoRA trains few weights, use plain DDP")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.master = self.rank == 0
-        self.amp = autocast_dtype(cfg, self.device)
+        self.amp = runtime.autocast_dtype(cfg.dtype, self.device)
         if cfg.lora_rank > 0:  # freeze the model, add adapters: the optimizer below sees only those
             from chatsmith.model.lora import apply_lora_from_config
             apply_lora_from_config(model, cfg)
@@ -309,9 +231,7 @@ class Trainer:
         if not (self.master and f.exists()):
             return
         keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, f)
+        atomic.write_text(f, "".join(ln + "\n" for ln in keep))
 
     def _fit_schedule(self, per_step: float, budget: float):
         per_step *= 1 + 0.35 * self.cfg.eval_batches / self.cfg.eval_every  # room for evals still to come
@@ -388,7 +308,7 @@ class Trainer:
     def fit(self):
         cfg = self.cfg
         if self.device.type == "cpu":
-            keep_freed_memory()
+            runtime.keep_freed_memory()
         self.out.mkdir(parents=True, exist_ok=True)
         self.unwrapped = self.model
         self.t_start = time.time()
@@ -533,7 +453,7 @@ class Trainer:
                    "seconds": round(self.elapsed_before + self._run_seconds(), 1),
                    "interrupted": interrupted, **self.last_eval}
         if self.master:
-            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic.write_json(self.out / "train_summary.json", summary)
         if getattr(self, "_tb", None) is not None:
             self._tb.close()
             self._tb = None

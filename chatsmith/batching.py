@@ -1,0 +1,149 @@
+"""Batches of token sequences and their log-probabilities: one collator, one sequence log-prob.
+
+Every stage that trains or scores on variable-length sequences (SFT, the reward model, DPO, RL,
+evaluation) pads them here, to the right. For next-token work a sequence `ids` becomes
+
+    x = ids[:-1]    the model's input
+    y = ids[1:]     the targets
+    mask            1 on the targets that count (assistant tokens, a completion), 0 elsewhere
+
+so log π(completion | prompt) = Σ_t mask_t · log softmax(model(x))_t[y_t]. Padding sits after every
+real token, so in a causal model it can never influence them; padded targets carry mask 0.
+
+Data order: `epoch_batch` draws examples from an endless, epoch-wise shuffled stream that is a pure
+function of (seed, position), so a batch is a pure function of its global index
+(`runtime.micro_batch_index`) and exact resume needs no data-loader state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from chatsmith.errors import UserError
+
+
+# --- data order ---------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def shuffled_index(seed: int, g: int, n: int) -> int:
+    """The g-th example of an endless epoch-wise shuffled stream over n examples: a pure function
+    of (seed, g), so batches are reproducible and exact resume needs no data-loader state."""
+    return int(_epoch_permutation(seed, g // n, n)[g % n])
+
+
+def epoch_batch(seed: int, index: int, size: int, n: int) -> list[int]:
+    """Example indices of micro-batch number `index` (a global index, see runtime.micro_batch_index)."""
+    first = index * size
+    return [shuffled_index(seed, g, n) for g in range(first, first + size)]
+
+
+# --- padding ------------------------------------------------------------------------------------
+
+def pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids (N, T) and each row's last real position (N,)."""
+    T = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        x[i, :len(s)] = torch.tensor(s)
+    return x, torch.tensor([len(s) - 1 for s in seqs])
+
+
+def collate(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None,
+            prompt_lens: list[int] | None = None) -> dict:
+    """Sequences -> a next-token batch {x, y, mask} of shape (N, T), T = longest - 1.
+
+    mask over y: `masks[i][1:]` when per-token masks are given (SFT: 1 on assistant tokens);
+    1 from the first completion token on when `prompt_lens` are given (DPO, RL, scoring a
+    continuation: y[p-1] is the first token after a prompt of p tokens); else 1 on every real token.
+    """
+    T = max(len(ids) for ids in seqs) - 1
+    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    y = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T))
+    for i, ids in enumerate(seqs):
+        n = len(ids) - 1
+        x[i, :n] = torch.tensor(ids[:-1])
+        y[i, :n] = torch.tensor(ids[1:])
+        if masks is not None:
+            mask[i, :n] = torch.tensor(masks[i][1:], dtype=mask.dtype)
+        elif prompt_lens is not None:
+            p = prompt_lens[i]
+            if not 0 < p < len(ids):
+                raise UserError(f"sequence {i}: the prompt ({p} tokens) must be followed by a completion")
+            mask[i, p - 1:n] = 1.0
+        else:
+            mask[i, :n] = 1.0
+    return {"x": x, "y": y, "mask": mask}
+
+
+def completion_batch(seqs: list[tuple[list[int], int]], pad_id: int) -> dict:
+    """(ids, prompt_len) pairs -> collate(...) with the mask on the completion tokens."""
+    return collate([ids for ids, _ in seqs], pad_id, prompt_lens=[p for _, p in seqs])
+
+
+# --- log-probabilities ---------------------------------------------------------------------------
+
+def token_logprobs(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[y] per position (N, T), in fp32 without materialising a second (N, T, V)."""
+    logits = logits.float()
+    return logits.gather(-1, y.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution per position (N, T), nats."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_mean(v: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    if dim is None:
+        return (v * mask).sum() / mask.sum().clamp(min=1)
+    return (v * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def sequence_logprobs(model, batch: dict) -> torch.Tensor:
+    """Σ over masked target tokens of log π(token | prefix), per row (N,)."""
+    lp = token_logprobs(model(batch["x"]), batch["y"])
+    return (lp * batch["mask"]).sum(-1)
+
+
+@torch.no_grad()
+def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int = 0,
+                          batch_size: int = 16) -> tuple[list[float], int]:
+    """log p(continuation | context) for each (context ids, continuation ids) pair, and how many
+    contexts were cut from the left to fit the model's context. Sorted by length into batches so
+    little padding is computed; returned in the order given."""
+    device = next(model.parameters()).device
+    ctx = model.cfg.max_seq_len
+    seqs, truncated = [], 0
+    for c, x in pairs:
+        if not x:
+            raise ValueError("empty continuation")
+        if len(x) > ctx:
+            raise UserError(f"a choice is {len(x)} tokens, longer than the model's context ({ctx})")
+        ids = c + x
+        if len(ids) > ctx + 1:
+            ids, truncated = ids[-(ctx + 1):], truncated + 1
+        seqs.append((ids, len(ids) - len(x)))
+    out = [0.0] * len(seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    was_training = model.training
+    model.eval()
+    for b in range(0, len(order), batch_size):
+        group = order[b:b + batch_size]
+        batch = {k: v.to(device) for k, v in completion_batch([seqs[i] for i in group], pad_id).items()}
+        for i, lp in zip(group, sequence_logprobs(model, batch).tolist()):
+            out[i] = lp
+    model.train(was_training)
+    return out, truncated
+
+
+__all__ = ["shuffled_index", "epoch_batch", "pad", "collate", "completion_batch", "token_logprobs", "entropy",
+           "masked_mean", "sequence_logprobs", "continuation_logprobs"]
