@@ -163,8 +163,8 @@ def worker(a) -> dict:
 def default_model(d: Path, preset_name: str) -> Path:
     """A random-init chatsmith model directory (no tokenizer needed: the bench feeds random ids)."""
     from chatsmith.checkpoint import save_checkpoint
-    from chatsmith.config import preset
-    from chatsmith.model.gpt import GPT
+    from chatsmith.model.registry import preset
+    from chatsmith.model.decoder import GPT
 
     import torch
 

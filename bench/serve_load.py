@@ -37,8 +37,8 @@ def random_tiny_model(out: Path, seed: int = 0) -> Path:
     import torch
 
     from chatsmith.checkpoint import write_model_files
-    from chatsmith.config import preset
-    from chatsmith.model.gpt import GPT
+    from chatsmith.model.registry import preset
+    from chatsmith.model.decoder import GPT
     from chatsmith.tokenizer import train_tokenizer
 
     rng = random.Random(seed)

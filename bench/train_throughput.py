@@ -47,8 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chatsmith.config import PRESETS, preset  # noqa: E402
-from chatsmith.model.gpt import GPT  # noqa: E402
+from chatsmith.model.registry import preset, presets  # noqa: E402
+from chatsmith.model.decoder import GPT  # noqa: E402
 
 CONFIGS = {  # name -> (autocast dtype or None, compiled)
     "fp32": (None, False),
@@ -65,7 +65,7 @@ NOISY_BUSY, NOISY_SPREAD = 0.05, 0.10
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    p.add_argument("--preset", default="tiny", choices=presets())
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=None, help="default: the preset's context length")

@@ -51,7 +51,8 @@ def dataclass_from_args(cls, args, **extra):
 
 
 def build_parser() -> Parser:
-    from chatsmith.config import PRESETS, TrainConfig
+    from chatsmith.config import TrainConfig
+    from chatsmith.model.registry import presets
     from chatsmith.engine import SamplingParams
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -109,7 +110,7 @@ def build_parser() -> Parser:
     pt.add_argument("--arch", choices=["llama", "gpt2"], default=None, help="override the preset's shape")
     add_dataclass_flags(pt, TrainConfig)
     pt.set_defaults(preset="tiny")
-    pt.epilog = f"presets: {', '.join(PRESETS)}"
+    pt.epilog = f"presets: {', '.join(presets())}"
 
     # sft
     ft = sub.add_parser("sft", help="supervised fine-tuning on dialogues (loss on assistant tokens)",
@@ -488,9 +489,9 @@ def cmd_report(a):
 
 
 def cmd_lora(a):
-    from chatsmith.model.lora import merge_command
+    from chatsmith.checkpoint import merge_adapters
 
-    print(f"merged model written to {merge_command(a.adapter_dir, a.out_dir)}")
+    print(f"merged model written to {merge_adapters(a.adapter_dir, a.out_dir)}")
 
 
 def cmd_import(a):

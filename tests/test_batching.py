@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from chatsmith.checkpoint import load_model
-from chatsmith.config import preset
 from chatsmith.engine import Detokenizer, Engine, SamplingParams
-from chatsmith.model.gpt import GPT
+from chatsmith.model.decoder import GPT
+from chatsmith.model.registry import preset
 from chatsmith.tokenizer import Tokenizer
 
 

@@ -465,10 +465,8 @@ def test_reward_task_with_a_real_reward_head(model_dir, tmp_path):
     from chatsmith.checkpoint import write_model_files
 
     model = load_model(model_dir)
-    if not hasattr(model, "add_score_head"):
-        pytest.skip("the model has no score head yet")
     torch.manual_seed(0)
-    model.add_score_head()
+    model.add_head("score")
     rm = tmp_path / "rm"
     rm.mkdir()
     write_model_files(rm, model, model_dir, {"stage": "reward"})

@@ -9,11 +9,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from chatsmith.checkpoint import load_model
-from chatsmith.config import preset
-from chatsmith.model.gpt import GPT
-from chatsmith.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, adapter_state_dict, apply_lora,
-                                  load_adapter_model, merge_lora)
+from chatsmith.checkpoint import load_adapter_model, load_model
+from chatsmith.model.decoder import GPT
+from chatsmith.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, adapter_state_dict, apply_lora, merge_lora
+from chatsmith.model.registry import preset
 from conftest import cli
 
 LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

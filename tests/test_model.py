@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from chatsmith.checkpoint import load_model, save_checkpoint
-from chatsmith.config import preset
 from chatsmith.errors import UserError
-from chatsmith.model.gpt import GPT
+from chatsmith.model.decoder import GPT
+from chatsmith.model.registry import preset
 
 SHAPES = {
     "llama": {},

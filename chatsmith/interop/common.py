@@ -1,4 +1,4 @@
-"""What every importer shares: tensors in HF names -> a checked GPT -> an atomically written
+"""What every importer shares: tensors in HF names -> a checked model -> an atomically written
 chatsmith directory."""
 
 from __future__ import annotations
@@ -10,28 +10,15 @@ from pathlib import Path
 import torch
 
 from chatsmith.atomic import atomic_dir
-from chatsmith.checkpoint import check_state_dict, write_model_files
-from chatsmith.config import ModelConfig
+from chatsmith.checkpoint import model_from_hf_state, write_model_files
 from chatsmith.errors import UserError
-from chatsmith.model.gpt import GPT
-from chatsmith.model.hf import from_hf_state_dict
+from chatsmith.model.decoder import GPT, DecoderConfig
 
 
-def build_model(cfg: ModelConfig, hf_sd: dict[str, torch.Tensor], source: str) -> GPT:
-    """A GPT holding `hf_sd` (HF tensor names); every missing, unexpected or misshapen tensor is a
+def build_model(cfg: DecoderConfig, hf_sd: dict[str, torch.Tensor], source: str) -> GPT:
+    """A decoder holding `hf_sd` (HF tensor names); every missing, unexpected or misshapen tensor is a
     UserError naming `source`, raised before anything is written."""
-    try:
-        sd = from_hf_state_dict(cfg, hf_sd)
-    except KeyError as e:
-        raise UserError(f"{source}: tensor {e} is missing for a {cfg.arch} model with {cfg.n_layer} layers") from None
-    with torch.device("meta"):
-        expected = GPT(cfg).state_dict()
-    check_state_dict(expected, sd, f"{source}: the weights", "the config")
-    model = GPT(cfg)  # a real init (rotary tables and any other buffers built as the model builds them)
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model.eval()
+    return model_from_hf_state(cfg, hf_sd, f"{source}: the weights").eval()
 
 
 def write_imported(out_dir: str | Path, model: GPT, tokenizer_files: dict[str, bytes | str | dict] | None,

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatsmith.config import ModelConfig
+from chatsmith.checkpoint import load_model
 from chatsmith.errors import UserError
 from chatsmith.interop.common import build_model, write_imported
+from chatsmith.model.decoder import DecoderConfig, to_hf_state_dict
 
 SUPPORTED_IN = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 EXPORT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
@@ -89,7 +90,7 @@ def _tensor_map(n_layer: int) -> dict[str, str]:
     return m
 
 
-def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict | None, dict]:
+def read_gguf(path: str | Path) -> tuple[DecoderConfig, dict[str, torch.Tensor], dict | None, dict]:
     """-> (config, tensors in HF Llama names, tokenizer files or None, metadata summary)."""
     gguf = _gguf()
     p = Path(path)
@@ -126,7 +127,7 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], d
     vocab = int(_field(r, A + "vocab_size", len(tokens) if tokens else int(emb.shape[1])))
     n_layer = int(_field(r, A + "block_count"))
     has_bias = "blk.0.attn_q.bias" in names
-    cfg = ModelConfig(
+    cfg = DecoderConfig(
         arch="llama", vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv, d_model=d,
         d_ff=int(_field(r, A + "feed_forward_length")), max_seq_len=int(_field(r, A + "context_length", 2048)),
         rope_theta=float(_field(r, A + "rope.freq_base", 10000.0)),
@@ -165,7 +166,7 @@ def _int_or_none(v):
     return None if v is None else int(v)
 
 
-def gguf_tokenizer(r, p: Path, cfg: ModelConfig) -> dict | None:
+def gguf_tokenizer(r, p: Path, cfg: DecoderConfig) -> dict | None:
     """tokenizer.json + tokenizer_config.json rebuilt from GGUF metadata (byte-level BPE only)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -287,13 +288,13 @@ def gguf_vocab(model_dir: Path, vocab_size: int):
 def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16") -> Path:
     """A chatsmith (Llama-shaped) model directory -> one GGUF file for llama.cpp / Ollama."""
     gguf = _gguf()
-    from chatsmith.checkpoint import load_model
-
     d, out = Path(model_dir), Path(out)
     if qtype not in EXPORT_TYPES:
         raise UserError(f"--gguf-type must be one of {', '.join(EXPORT_TYPES)}, got {qtype!r}")
     model = load_model(d)
     cfg = model.cfg
+    if not isinstance(cfg, DecoderConfig):
+        raise UserError(f"{d} is not a decoder (GPT) model; GGUF export is for decoder models")
     if cfg.arch != "llama":
         raise UserError(f"{d} is a GPT-2-shaped model; chatsmith writes GGUF for the Llama shape only "
                         f"(export it with --format hf and convert it with llama.cpp's convert_hf_to_gguf.py)")
@@ -338,8 +339,6 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16") -> P
         tpl = tcfg.get("chat_template")
         if tpl:
             w.add_chat_template(tpl)
-        from chatsmith.model.hf import to_hf_state_dict
-
         names = {h: g for g, h in _tensor_map(cfg.n_layer).items()}
         for hname, t in to_hf_state_dict(model).items():
             if hname not in names:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from chatsmith.config import ModelConfig
+from chatsmith.model.decoder import DecoderConfig
 from chatsmith.errors import UserError
 from chatsmith.interop.common import build_model, write_imported
 
@@ -29,7 +29,7 @@ def _read_json(f: Path) -> dict:
         raise UserError(f"{f} cannot be read as JSON ({e})") from None
 
 
-def read_hf_config(d: Path) -> ModelConfig:
+def read_hf_config(d: Path) -> DecoderConfig:
     raw = _read_json(d / "config.json")
     mt = raw.get("model_type")
     if mt not in ("llama", "gpt2"):
@@ -50,7 +50,7 @@ def read_hf_config(d: Path) -> ModelConfig:
         if raw.get("scale_attn_weights") is False:
             raise UserError(f"{d}: scale_attn_weights=false is not supported")
     try:
-        return ModelConfig.from_hf(raw)
+        return DecoderConfig.from_hf(raw)
     except (KeyError, TypeError) as e:
         raise UserError(f"{d / 'config.json'} lacks or has unexpected fields ({e})") from None
 

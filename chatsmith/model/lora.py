@@ -8,7 +8,7 @@ A starts random (Kaiming-uniform, like nn.Linear) and B at zero, so at step 0 th
 the base model, and only B A -- r * (in + out) numbers per layer instead of in * out -- is learned.
 The optimizer then holds moments for the adapters alone, which is where the memory saving comes from.
 After training, W = W0 + (alpha / r) B A folds the update back in (`merge_lora`): the merged model
-is an ordinary GPT, as fast as the base and loadable by anything that loads the base.
+is an ordinary model, as fast as the base and loadable by anything that loads the base.
 
 Files follow PEFT's layout, so `peft.PeftModel.from_pretrained(LlamaForCausalLM(base), DIR)` reads
 a chatsmith adapter directory of the Llama shape:
@@ -19,7 +19,7 @@ a chatsmith adapter directory of the Llama shape:
 
 The rest of a chatsmith adapter directory (config.json, tokenizer, generation config) is what a
 full model directory has, so tools that read those find them; `checkpoint.load_model` on it loads
-the base and returns the merged model.
+the base and returns the merged model (`checkpoint.merge_adapters` writes that as a full directory).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,14 +35,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from chatsmith.errors import UserError
+from chatsmith.model.heads import HEADS, head_attrs
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's names: PeftModel -> LoraModel -> the wrapped model
 ALL_LINEAR = "all-linear"
-# heads that map to the vocabulary or to a scalar: adapting them makes no sense (a rank-r update
-# of a d -> 1 layer is the layer), so "all-linear" means the transformer blocks' projections
-OUTPUT_HEADS = ("lm_head", "score")
 
 
 class LoRALinear(nn.Module):
@@ -152,8 +149,9 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=
     """Wrap the target nn.Linear layers of `model` in LoRALinear, in place, and freeze every parameter
     but the adapters and the modules in `modules_to_save`. Returns the model.
 
-    targets: leaf module names ("q_proj,v_proj" or a list), or "all-linear" (every projection in the
-    transformer blocks: q/k/v/o and gate/up/down on the Llama shape; not lm_head or score).
+    targets: leaf module names ("q_proj,v_proj" or a list), or "all-linear": every nn.Linear inside the
+    model's `blocks()` (q/k/v/o and gate/up/down on the Llama shape). Heads (lm_head, score: they map
+    to the vocabulary or to a scalar, where a rank-r update is the layer) are never targets.
     modules_to_save: leaf names of modules trained in full (names absent from the model are ignored,
     so the default "score" only matters for models with a reward/value head).
     """
@@ -167,18 +165,20 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, targets=
     if not 0.0 <= dropout < 1.0:
         raise UserError(f"--lora-dropout must be in [0, 1), got {dropout:g}")
     save = _split_names(modules_to_save)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # the model says where its repeated layers are (FamilyModel.blocks) and what its heads are
+    in_blocks = {id(m) for b in model.blocks() for m in b.modules()}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) in in_blocks}
     leaf = lambda n: n.rpartition(".")[2]  # noqa: E731
-    valid = sorted({leaf(n) for n in linears} - set(OUTPUT_HEADS))
+    valid = sorted({leaf(n) for n in linears})
     wanted = _split_names(targets)
-    heads = [t for t in wanted if t in OUTPUT_HEADS]
-    if heads:  # GPT's fused loss reads lm_head.weight directly, so an adapter there would be skipped
+    heads = [t for t in wanted if t in head_attrs(HEADS)]
+    if heads:  # the fused LM loss reads lm_head.weight directly, so an adapter there would be skipped
         raise UserError(f"--lora-targets: {', '.join(heads)} is an output head, not a LoRA target; train it in "
                         f"full with --lora-modules-to-save {','.join(heads)}")
     if not wanted:
         raise UserError(f"--lora-targets is empty; name some of: {', '.join(valid)} (or {ALL_LINEAR})")
     if wanted == [ALL_LINEAR]:
-        names = [n for n in linears if leaf(n) not in OUTPUT_HEADS and leaf(n) not in save]
+        names = [n for n in linears if leaf(n) not in save]
     else:
         unknown = [t for t in wanted if t not in valid]
         if unknown:
@@ -342,79 +342,6 @@ def read_adapter_config(d: Path) -> dict:
     return acfg
 
 
-def _chatsmith_block(d: Path) -> dict:
-    try:
-        return json.loads((d / "config.json").read_text()).get("chatsmith") or {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def load_adapter_model(path, merge: bool = True, _depth: int = 0):
-    """Base model + adapters from an adapter directory: merged into a plain GPT (default), or with the
-    LoRA layers in place (merge=False, e.g. to continue training them). fp32 on the CPU."""
-    from chatsmith.checkpoint import load_model, load_tensors, read_config
-    from chatsmith.model.gpt import GPT
-
-    d = Path(path)
-    acfg = read_adapter_config(d)
-    base_dir = Path(acfg["base_model_name_or_path"])
-    if not base_dir.is_absolute():
-        base_dir = d / base_dir
-    if not (base_dir / "config.json").exists() and not is_adapter_dir(base_dir):
-        raise UserError(f"the LoRA adapters in {d} need their base model {base_dir}, which is not there; "
-                        f"put it back or point base_model_name_or_path in {d / ADAPTER_CONFIG} at a copy")
-    if _depth > 8 or base_dir.resolve() == d.resolve():
-        raise UserError(f"{d / ADAPTER_CONFIG}: base_model_name_or_path leads back to itself")
-    want = (_chatsmith_block(d).get("lora") or {}).get("base_fingerprint")
-    if want and weights_fingerprint(base_dir) != want:
-        print(f"warning: the base model {base_dir} has changed since the adapters in {d} were trained on it; "
-              f"the result will not be the fine-tuned model", file=sys.stderr)
-    weights = load_tensors(d / ADAPTER_WEIGHTS)
-    base = (load_adapter_model(base_dir, True, _depth + 1) if is_adapter_dir(base_dir)
-            else load_model(base_dir))
-    # a PEFT-written adapter dir has no config.json: the model is the base's shape
-    cfg = read_config(d) if (d / "config.json").exists() else base.cfg
-    model = base
-    if cfg != base.cfg:  # e.g. a reward model: the base's trunk + a `score` head the adapters file holds
-        model = GPT(cfg)
-        missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-        own = {k.removeprefix(PEFT_PREFIX) for k in weights}
-        if unexpected or set(missing) - own:
-            raise UserError(f"{d / 'config.json'} does not fit the base model {base_dir}: missing "
-                            f"{sorted(set(missing) - own)[:3]}, unexpected {unexpected[:3]}")
-        if cfg.tie_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
-    apply_lora(model, acfg["r"], acfg.get("lora_alpha", acfg["r"]), acfg["target_modules"],
-               acfg.get("lora_dropout", 0.0), acfg.get("modules_to_save") or [], base_dir=str(base_dir))
-    load_adapter_state_dict(model, weights, where=str(d / ADAPTER_WEIGHTS))
-    if merge:
-        merge_lora(model)
-    model.source_dir = str(d.resolve())
-    return model.eval()
-
-
-def merge_command(adapter_dir, out_dir) -> Path:
-    """`chatsmith lora merge ADAPTER_DIR OUT_DIR`: base + adapters -> a full model directory, written
-    atomically (a failure leaves OUT_DIR as it was)."""
-    from chatsmith.checkpoint import atomic_dir, load_model, write_model_files
-
-    d, out = Path(adapter_dir), Path(out_dir)
-    if not is_adapter_dir(d):
-        raise UserError(f"{d} holds no LoRA adapters ({ADAPTER_CONFIG} is missing)")
-    acfg = read_adapter_config(d)
-    base = Path(acfg["base_model_name_or_path"])
-    if out.resolve() in (d.resolve(), base.resolve()):
-        raise UserError(f"OUT_DIR {out} would overwrite the adapters or their base model: choose a new directory")
-    model = load_model(d)
-    extra = {k: v for k, v in _chatsmith_block(d).items() if k not in ("model", "lora")}
-    extra["merged_lora"] = {"adapters": str(d.resolve()), "base": str(base.resolve()), "r": acfg["r"],
-                            "lora_alpha": acfg.get("lora_alpha"), "target_modules": acfg["target_modules"]}
-    tok = d if (d / "tokenizer.json").exists() else base
-    with atomic_dir(out) as tmp:
-        write_model_files(tmp, model, tokenizer_dir=tok, extra_config=extra)
-    return out
-
-
 def summary(model: nn.Module) -> str:
     spec = lora_spec(model)
     n_all = sum(p.numel() for p in model.parameters())
@@ -426,4 +353,4 @@ def summary(model: nn.Module) -> str:
 
 __all__ = ["LoRALinear", "LoraSpec", "apply_lora", "apply_lora_from_config", "merge_lora", "has_lora",
            "lora_spec", "adapter_state_dict", "load_adapter_state_dict", "write_adapter_files",
-           "load_adapter_model", "is_adapter_dir", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+           "is_adapter_dir", "read_adapter_config", "weights_fingerprint", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from chatsmith import atomic, runtime
-from chatsmith.config import TrainConfig, preset
+from chatsmith.config import TrainConfig
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.shards import TokenShards, write_shards
 from chatsmith.errors import UserError
-from chatsmith.model.gpt import GPT
+from chatsmith.model import registry
 from chatsmith.tokenizer import Tokenizer, bytes_per_token, iter_texts, train_tokenizer
 from chatsmith.train.trainer import Trainer
 
@@ -116,13 +116,13 @@ def _corpus_splits(inputs: list[str], out: Path) -> dict[str, list[str]]:
     return {"train": [str(cdir / "train.jsonl")], "val": [str(cdir / "val.jsonl")]}
 
 
-def build_model(preset_name: str, tok: Tokenizer, seed: int, **overrides) -> GPT:
+def build_model(preset_name: str, tok: Tokenizer, seed: int, **overrides):
     # pad the vocabulary to a multiple of 64: matmul-friendly, and HF loads it unchanged
     vocab = (tok.vocab_size + 63) // 64 * 64
-    mcfg = preset(preset_name, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+    mcfg = registry.preset(preset_name, vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                   pad_token_id=tok.pad_id, **overrides)
     torch.manual_seed(seed)
-    return GPT(mcfg)
+    return registry.build(mcfg)
 
 
 def run(cfg: TrainConfig, inputs=None, data=None, tokenizer=None, vocab_size: int = 8192,

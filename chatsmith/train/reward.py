@@ -140,7 +140,7 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     if cfg.max_steps is None and cfg.max_minutes is None:
         cfg.max_steps = max(1, int((epochs or 1.0) * len(examples) / (cfg.batch_size * cfg.grad_accum * world)))
     torch.manual_seed(cfg.seed)  # the new head's init, reproducibly
-    model.add_score_head()
+    model.add_head("score")
     stage = RewardStage(examples, held, cfg, tok.pad_id, world)
     before = stage.evaluate(model) if held else {}
     trainer = Trainer(model, stage, cfg, tokenizer_dir=init, extra_config={"stage": "reward"})

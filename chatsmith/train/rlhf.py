@@ -179,7 +179,7 @@ class Discriminator:
     name = "discriminator"
 
     def __init__(self, init: str, tok: Tokenizer, lr: float, steps: int, device):
-        self.model = load_model(init, device=device).add_score_head()
+        self.model = load_model(init, device=device).add_head("score")
         self.model.train()
         self.tok, self.steps = tok, steps
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
@@ -376,7 +376,7 @@ class RLStage:
         was = self.policy.training
         self.policy.eval()
         if rl.algo == "ppo":
-            logits, values = self.policy(x, head="both")
+            logits, values = self.policy(x, head=("lm", "score"))
             values = values.float().cpu()
         else:
             logits = self.policy(x)
@@ -482,7 +482,7 @@ class RLStage:
     def loss(self, model, batch):
         rl, mask = self.rl, batch["mask"]
         if rl.algo == "ppo":
-            logits, v = model(batch["x"], head="both")
+            logits, v = model(batch["x"], head=("lm", "score"))
         else:
             logits = model(batch["x"])
         logp = token_logprobs(logits, batch["y"])
@@ -626,7 +626,7 @@ def run(cfg: TrainConfig, rl: RLConfig, prompts: list[str], init: str, rewards: 
     print(f"rl ({rl.algo}): {info['prompts']} prompts ({info['too_long']} too long, {info['other_families']} "
           f"of other families skipped); held-out {len(held)}", file=sys.stderr)
     if rl.algo == "ppo":
-        policy.add_score_head(std=0.0)  # the value head starts at 0: no opinion before the first rollout
+        policy.add_head("score", std=0.0)  # the value head starts at 0: no opinion before the first rollout
     world = int(os.environ.get("WORLD_SIZE", 1))
     extra = {"stage": "rlhf", "algo": rl.algo, "rl_config": rl.__dict__.copy(), "rewards": rewards}
     # the Trainer moves the policy; the reference and reward models follow it

@@ -24,16 +24,21 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chatsmith import atomic, runtime
-from chatsmith.checkpoint import list_checkpoints, load_tensors, prune_checkpoints, publish, save_checkpoint
+from chatsmith.checkpoint import (list_checkpoints, load_hf_weights, load_tensors, prune_checkpoints, publish,
+                                  save_checkpoint)
 from chatsmith.config import TrainConfig
 from chatsmith.errors import UserError
+from chatsmith.model import registry
+from chatsmith.model.lora import apply_lora_from_config, load_adapter_state_dict, summary as lora_summary
 
 FIT_AFTER = 5  # steps timed before the schedule is fitted to --max-minutes
 
@@ -101,7 +106,6 @@ class Trainer:
         self.master = self.rank == 0
         self.amp = runtime.autocast_dtype(cfg.dtype, self.device)
         if cfg.lora_rank > 0:  # freeze the model, add adapters: the optimizer below sees only those
-            from chatsmith.model.lora import apply_lora_from_config
             apply_lora_from_config(model, cfg)
         self.model = model.to(self.device)
         self.optimizer = self._make_optimizer()
@@ -140,7 +144,7 @@ class Trainer:
     def _tensorboard_row(self, row: dict):
         """The same row as TensorBoard scalars (tag = metrics.jsonl key), rank 0 only."""
         if getattr(self, "_tb", None) is None:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy (tensorboard, protobuf): --tensorboard only
 
             # purge_step: a resumed run drops the events the killed run logged after its checkpoint,
             # as _truncate_metrics does for metrics.jsonl
@@ -171,13 +175,11 @@ class Trainer:
         """Everyone reaches here; only rank 0 writes (under FSDP every rank first helps gather)."""
         model, tensors = self.unwrapped, None
         if self.fsdp:
-            from chatsmith.model.gpt import GPT
-
             sd = {k: _full(v).cpu() for k, v in self.unwrapped.state_dict().items()}
             tensors = self._state_tensors()
             if self.master:  # a CPU model around the gathered weights, for the checkpoint writer
                 with torch.device("meta"):
-                    model = GPT(self.unwrapped.cfg)
+                    model = registry.build(self.unwrapped.cfg)
                 model.load_state_dict(sd, strict=True, assign=True)
         if self.master:
             path = self.out / "checkpoints" / f"step-{self.step:08d}"
@@ -203,11 +205,9 @@ class Trainer:
                 self.log(f"warning: checkpoint {ckpt} is unreadable ({e}); trying an older one")
                 continue
             if self.cfg.lora_rank > 0:
-                from chatsmith.model.lora import load_adapter_state_dict
                 load_adapter_state_dict(self.unwrapped, weights, where=str(ckpt / "adapter_model.safetensors"))
             else:
-                from chatsmith.model.hf import from_hf_state_dict
-                self.unwrapped.load_state_dict(from_hf_state_dict(self.unwrapped.cfg, weights), strict=True)
+                load_hf_weights(self.unwrapped, weights)
             load_optimizer_tensors(self.optimizer, tensors, "optim", self.device)
             torch.set_rng_state(tensors["rng.torch"])
             if "rng.cuda" in tensors and self.device.type == "cuda":
@@ -247,20 +247,19 @@ class Trainer:
 
     # --- FSDP ---------------------------------------------------------------------------------
     def _shard(self):
-        """FSDP2 (fully_shard): each block, then the rest (embeddings, tied head, final norm), keep
+        """FSDP2 (fully_shard): each of the model's blocks(), then the rest (embeddings, heads, norms), keep
         1/world of every weight, gradient and optimizer moment; weights are all-gathered per block
         for compute. The optimizer is rebuilt over the sharded parameters, and moments restored by
         --resume (full tensors, loaded before sharding) are sharded the same way."""
+        # only FSDP runs need these (and they pull in much of torch.distributed)
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import distribute_tensor
 
-        import warnings
-
-        # GPT.forward returns logits as a view; nothing here writes into it in place, which is
-        # what FSDP's warning about returned views is about
+        # the decoder's forward returns logits as a view; nothing here writes into it in place,
+        # which is what FSDP's warning about returned views is about
         warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
         old = self.optimizer.state_dict()["state"]
-        for block in self.unwrapped.model.layers:
+        for block in self.unwrapped.blocks():
             fully_shard(block)
         fully_shard(self.unwrapped)
         self.optimizer = self._make_optimizer(fused=False)  # fused AdamW takes no DTensors
@@ -274,13 +273,10 @@ class Trainer:
     def _unshard(self):
         """Swap the sharded model for a plain one holding the gathered weights (every rank), so code
         after fit (evaluations, generation on rank 0 alone) needs no collectives."""
-        from chatsmith.model.gpt import GPT
-
         sd = {k: _full(v) for k, v in self.unwrapped.state_dict().items()}
-        plain = GPT(self.unwrapped.cfg).to(self.device)
+        plain = registry.build(self.unwrapped.cfg).to(self.device)
         plain.load_state_dict(sd, strict=True)
-        if plain.cfg.tie_embeddings:
-            plain.lm_head.weight = plain.model.embed_tokens.weight
+        plain.tie_weights()
         self.unwrapped = self.model = plain.eval()
 
     # --- the loop ---------------------------------------------------------------------------
@@ -327,19 +323,17 @@ class Trainer:
         if self.fsdp:
             model = self._shard()
         elif self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            # a model with a score head trains only one of its two heads in most stages (reward:
-            # score, SFT: lm_head): DDP must then look for parameters that got no gradient
+            # a model with several heads trains only one of them in most stages (reward: score,
+            # SFT: lm_head): DDP must then look for parameters that got no gradient
             model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                        find_unused_parameters=bool(getattr(self.unwrapped.cfg, "score_head", False)))
+                        find_unused_parameters=len(self.unwrapped.heads) > 1)
         if cfg.compile:
             model = torch.compile(model)
         self.model = model
         model.train()
         n_params = sum(p.numel() for p in self.unwrapped.parameters())
         if cfg.lora_rank > 0:
-            from chatsmith.model.lora import summary
-            self.log(summary(self.unwrapped))
+            self.log(lora_summary(self.unwrapped))
         self.log(f"training {getattr(self.stage, 'name', 'model')}: {n_params / 1e6:.2f}M parameters on "
                  f"{self.device}{' x' + str(self.world) if self.world > 1 else ''}, "
                  f"{'bf16 autocast' if self.amp else 'fp32'}{', compiled' if cfg.compile else ''}")

@@ -1,23 +1,200 @@
-"""The one model: a decoder-only Transformer.
+"""The decoder family: a decoder-only Transformer (GPT), its config, presets and HF mapping.
 
 Default shape is Llama's (pre-norm RMSNorm, rotary positions, SwiGLU MLP, optional grouped-query
 attention); `arch="gpt2"` switches to GPT-2's (LayerNorm with bias, learned positions, GELU MLP).
 Module names follow Hugging Face's LlamaForCausalLM, so for the Llama shape our state dict *is*
-a `transformers` state dict; the GPT-2 shape is converted in `chatsmith.model.hf`.
+a `transformers` state dict; the GPT-2 shape is converted at the bottom of this file.
+
+Heads (chatsmith/model/heads.py) sit on the trunk: "lm" always, "score" for reward models, PPO's
+value function and the discriminator.
 
 Shapes: B batch, T new tokens, S = cached + new tokens, H query heads, G key/value heads, D head dim.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chatsmith.config import ModelConfig
+from chatsmith.errors import UserError
+from chatsmith.model.family import Family, FamilyModel
+from chatsmith.model.heads import HEADS
+
+
+@dataclass
+class DecoderConfig:
+    arch: str = "llama"  # "llama": RMSNorm, rotary, SwiGLU | "gpt2": LayerNorm, learned positions, GELU
+    vocab_size: int = 8192
+    n_layer: int = 6
+    n_head: int = 4
+    n_kv_head: int | None = None  # < n_head: grouped-query attention; None = n_head
+    d_model: int = 256
+    d_ff: int | None = None  # None: 8/3*d rounded up to 64 (SwiGLU) or 4*d (GELU)
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    bias: bool = False  # GPT-2 shape has biases everywhere; Llama none
+    init_std: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # output heads on the trunk (chatsmith/model/heads.py): "lm" (next-token logits), "score" (a
+    # scalar: the reward model's output, PPO's value function, the discriminator's logit)
+    heads: tuple[str, ...] = ("lm",)
+
+    def __post_init__(self):
+        self.heads = tuple(self.heads)
+        unknown = [h for h in self.heads if h not in HEADS]
+        if unknown or "lm" not in self.heads:
+            raise UserError(f"decoder heads must include 'lm' and be among {', '.join(HEADS)}, got {list(self.heads)}")
+        if self.arch not in ("llama", "gpt2"):
+            raise UserError(f"model arch must be 'llama' or 'gpt2', got {self.arch!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model if self.arch == "gpt2" else _round_up(8 * self.d_model // 3, 64)
+        if self.d_model % self.n_head:
+            raise UserError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise UserError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if self.arch == "gpt2" and self.n_kv_head != self.n_head:
+            raise UserError("the gpt2 shape has no grouped-query attention: leave n_kv_head unset")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def score_head(self) -> bool:
+        return "score" in self.heads
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        """The config from its fields as config.json's "chatsmith" block records them; a checkpoint
+        written before heads were modules says `score_head: true/false` instead of `heads`."""
+        d = dict(d)
+        if "score_head" in d:
+            d["heads"] = ("lm", "score") if d.pop("score_head") else ("lm",)
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    # --- Hugging Face config.json -------------------------------------------------------
+    def to_hf(self) -> dict:
+        common = {
+            "vocab_size": self.vocab_size,
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": "float32",
+            "initializer_range": self.init_std,
+        }
+        if self.arch == "gpt2":
+            return {
+                "architectures": ["GPT2LMHeadModel"],
+                "model_type": "gpt2",
+                "n_embd": self.d_model,
+                "n_layer": self.n_layer,
+                "n_head": self.n_head,
+                "n_inner": self.d_ff,
+                "n_positions": self.max_seq_len,
+                "n_ctx": self.max_seq_len,
+                "layer_norm_epsilon": self.norm_eps,
+                "activation_function": "gelu_new",
+                "resid_pdrop": self.dropout,
+                "embd_pdrop": self.dropout,
+                "attn_pdrop": self.dropout,
+                **common,
+            }
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.d_model,
+            "intermediate_size": self.d_ff,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_kv_head,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "hidden_act": "silu",
+            "attention_bias": self.bias,
+            "mlp_bias": self.bias,
+            "attention_dropout": self.dropout,
+            **common,
+        }
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "DecoderConfig":
+        mt = d.get("model_type")
+        ids = {k: d.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        ids = {k: (v[0] if isinstance(v, list) and v else v) for k, v in ids.items()}
+        if mt == "gpt2":
+            return cls(
+                arch="gpt2", vocab_size=d["vocab_size"], n_layer=d["n_layer"], n_head=d["n_head"],
+                d_model=d["n_embd"], d_ff=d.get("n_inner") or 4 * d["n_embd"],
+                max_seq_len=d.get("n_positions", 1024), norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                tie_embeddings=d.get("tie_word_embeddings", True), dropout=d.get("resid_pdrop", 0.0),
+                bias=True, init_std=d.get("initializer_range", 0.02), **ids,
+            )
+        if mt == "llama":
+            rope = d.get("rope_parameters") or {}
+            theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+            if (rope.get("rope_type") or "default") != "default" or d.get("rope_scaling"):
+                raise UserError("this Llama config uses rope scaling, which chatsmith does not implement")
+            n_head = d["num_attention_heads"]
+            if d.get("head_dim") not in (None, d["hidden_size"] // n_head):
+                raise UserError("head_dim != hidden_size / num_attention_heads is not supported")
+            return cls(
+                arch="llama", vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"], n_head=n_head,
+                n_kv_head=d.get("num_key_value_heads") or n_head, d_model=d["hidden_size"],
+                d_ff=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
+                rope_theta=theta, norm_eps=d.get("rms_norm_eps", 1e-6),
+                tie_embeddings=d.get("tie_word_embeddings", False),
+                dropout=d.get("attention_dropout", 0.0), bias=bool(d.get("attention_bias", False)),
+                init_std=d.get("initializer_range", 0.02), **ids,
+            )
+        raise UserError(f"config.json has model_type={mt!r}; chatsmith reads 'llama' and 'gpt2'")
+
+
+def _round_up(x: int, m: int) -> int:
+    return (x + m - 1) // m * m
+
+
+# Named model shapes. vocab_size is taken from the tokenizer when a run starts.
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU: for tests
+    "micro": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64),
+    # the CPU default: ~6.5M parameters with an 8k vocabulary
+    "tiny": dict(n_layer=6, n_head=4, d_model=256, max_seq_len=256),
+    # a bigger CPU / small GPU model: ~28M parameters with an 8k vocabulary
+    "small": dict(n_layer=8, n_head=8, n_kv_head=4, d_model=512, max_seq_len=512),
+    # the GPT-2 (124M) shape, so real GPT-2 checkpoints can be imported and fine-tuned
+    "gpt2-124m": dict(arch="gpt2", n_layer=12, n_head=12, d_model=768, max_seq_len=1024,
+                      vocab_size=50257, bias=True),
+}
+
+
+def preset(name: str, **overrides) -> DecoderConfig:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    kw = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    if kw.get("arch") == "gpt2" and PRESETS[name].get("arch") != "gpt2":
+        # switching a Llama-shaped preset to the GPT-2 shape: no GQA, biases as GPT-2 has them
+        kw["n_kv_head"] = overrides.get("n_kv_head")
+        kw.setdefault("bias", True) if "bias" in overrides else kw.update(bias=True)
+    return DecoderConfig(**kw)
 
 
 class RMSNorm(nn.Module):
@@ -34,7 +211,7 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(dtype)
 
 
-def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+def make_norm(cfg: DecoderConfig, dim: int) -> nn.Module:
     if cfg.arch == "gpt2":
         return nn.LayerNorm(dim, eps=cfg.norm_eps)
     return RMSNorm(dim, cfg.norm_eps)
@@ -58,7 +235,7 @@ def apply_rope(x, cos, sin_signed):
     return x * cos + swap_halves(x) * sin_signed
 
 
-def rope_cache(cfg: ModelConfig, device=None):
+def rope_cache(cfg: DecoderConfig, device=None):
     """cos/sin tables for RoPE (Su et al. 2021): angle(pos, i) = pos * theta^(-2i/D)."""
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
@@ -154,7 +331,7 @@ class KVCache:
     rows with `reorder`.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
+    def __init__(self, cfg: DecoderConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
@@ -185,7 +362,7 @@ class SlotCache:
     (`move_row`), so a step never computes on empty slots.
     """
 
-    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, device, dtype):
+    def __init__(self, cfg: DecoderConfig, n_slots: int, max_len: int, device, dtype):
         shape = (n_slots, cfg.n_kv_head, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
@@ -211,7 +388,7 @@ class SlotCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         H, G, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
@@ -273,7 +450,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.gpt2 = cfg.arch == "gpt2"
         if not self.gpt2:  # SwiGLU (Shazeer 2020): down(silu(gate x) * up x)
@@ -288,7 +465,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         self.input_layernorm = make_norm(cfg, cfg.d_model)
         self.self_attn = Attention(cfg, layer)
@@ -308,7 +485,7 @@ class Block(nn.Module):
 class Trunk(nn.Module):
     """Embeddings + blocks + final norm: the part shared by the LM, value and reward heads."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.arch == "gpt2":
@@ -318,16 +495,15 @@ class Trunk(nn.Module):
         self.norm = make_norm(cfg, cfg.d_model)
 
 
-class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class GPT(FamilyModel):
+    family = "decoder"
+
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
         self.model = Trunk(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        if cfg.score_head:
-            self.score = nn.Linear(cfg.d_model, 1, bias=False)
+        self._build_heads()  # lm_head (+ score): chatsmith/model/heads.py
+        self.tie_weights()
         if cfg.arch == "llama":
             cos, sin = rope_cache(cfg)
             half = cfg.head_dim // 2
@@ -342,6 +518,20 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.layers)
+
+    def tie_weights(self):
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def generation_config(self) -> dict:
+        cfg = self.cfg
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+               "pad_token_id": cfg.pad_token_id, "do_sample": True, "temperature": 0.8, "top_p": 0.95,
+               "max_new_tokens": 256}
+        return {k: v for k, v in gen.items() if v is not None}
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
@@ -380,21 +570,20 @@ class GPT(nn.Module):
             cache.pos += T
         return self.model.norm(x)
 
-    def forward(self, idx, targets=None, cache: KVCache | None = None, loss_mask=None, head: str = "lm"):
+    def forward(self, idx, targets=None, cache: KVCache | None = None, loss_mask=None, head="lm"):
         """Logits (B, T, V); with targets also the mean cross-entropy over unmasked positions.
 
-        head="score" returns the scalar head at every position (B, T) instead (a reward model
-        reads it at a sequence's last token); head="both" returns (logits, scores), one trunk pass
-        for PPO's policy and value. Going through forward keeps DDP and torch.compile in the loop.
+        head names the head(s) to read (chatsmith/model/heads.py): "lm" (default), "score" (the
+        scalar head at every position, (B, T): a reward model reads it at a sequence's last token),
+        or a tuple such as ("lm", "score") for one trunk pass feeding several (PPO's policy and
+        value). Going through forward keeps DDP and torch.compile in the loop.
 
         targets use -100 for positions to ignore (the PyTorch / HF convention); `loss_mask`
         (B, T) of 0/1 is an alternative used by stages that train on part of a sequence.
         """
         h = self.hidden_states(idx, cache)
-        if head == "score":
-            return self.score(h).squeeze(-1)
-        if head == "both":
-            return self.lm_head(h), self.score(h).squeeze(-1)
+        if head != "lm":
+            return self.run_heads(h, head)
         if targets is None:
             return self.lm_head(h)
         if loss_mask is not None:
@@ -417,21 +606,6 @@ class GPT(nn.Module):
         logits, loss = LMHeadCrossEntropy.apply(h2, w, targets.reshape(-1), None if amp == w.dtype else amp,
                                                 block)
         return logits.view(*h.shape[:-1], -1), loss
-
-    def add_score_head(self, std: float | None = None) -> "GPT":
-        """Give the model a scalar head (d_model -> 1) if it has none, initialised N(0, std) (0: zeros,
-        so a value function starts at 0). Used to turn a chat model into a reward model, a
-        discriminator, or a PPO policy with a value head."""
-        if not self.cfg.score_head:
-            self.cfg = replace(self.cfg, score_head=True)
-            p = self.lm_head.weight
-            self.score = nn.Linear(self.cfg.d_model, 1, bias=False, device=p.device, dtype=p.dtype)
-            std = self.cfg.init_std if std is None else std
-            if std > 0:
-                nn.init.normal_(self.score.weight, std=std)
-            else:
-                nn.init.zeros_(self.score.weight)
-        return self
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.lm_head.weight
@@ -524,3 +698,78 @@ class GPT(nn.Module):
             x = block.decode(x, cos, sin, cache, pos, mask)
         cache.lens[:B] += 1
         return self.lm_head(self.model.norm(x))[:, 0]
+
+
+# --- Hugging Face weight layouts ----------------------------------------------------------------
+# Llama shape: our module names are LlamaForCausalLM's, so the state dict maps 1:1.
+# GPT-2 shape: HF stores q/k/v fused in `c_attn` and uses Conv1D, whose weight is (in, out), the
+# transpose of nn.Linear's; we convert both ways here.
+
+def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
+    cfg: DecoderConfig = model.cfg
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)  # tied: HF re-ties it on load; safetensors refuses shared storage
+    if cfg.arch == "llama":
+        return {k: v.contiguous() for k, v in sd.items()}
+    out = {"transformer.wte.weight": sd["model.embed_tokens.weight"],
+           "transformer.wpe.weight": sd["model.embed_positions.weight"],
+           "transformer.ln_f.weight": sd["model.norm.weight"],
+           "transformer.ln_f.bias": sd["model.norm.bias"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    if "score.weight" in sd:
+        out["score.weight"] = sd["score.weight"]
+    for i in range(cfg.n_layer):
+        p, h = f"model.layers.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+            out[h + theirs + ".weight"] = sd[p + ours + ".weight"]
+            out[h + theirs + ".bias"] = sd[p + ours + ".bias"]
+        a = p + "self_attn."
+        out[h + "attn.c_attn.weight"] = torch.cat([sd[a + n + "_proj.weight"] for n in "qkv"], 0).t()
+        out[h + "attn.c_attn.bias"] = torch.cat([sd[a + n + "_proj.bias"] for n in "qkv"], 0)
+        out[h + "attn.c_proj.weight"] = sd[a + "o_proj.weight"].t()
+        out[h + "attn.c_proj.bias"] = sd[a + "o_proj.bias"]
+        out[h + "mlp.c_fc.weight"] = sd[p + "mlp.up_proj.weight"].t()
+        out[h + "mlp.c_fc.bias"] = sd[p + "mlp.up_proj.bias"]
+        out[h + "mlp.c_proj.weight"] = sd[p + "mlp.down_proj.weight"].t()
+        out[h + "mlp.c_proj.bias"] = sd[p + "mlp.down_proj.bias"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(cfg: DecoderConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF tensors -> our state dict (lm_head filled from the embedding when tied)."""
+    if cfg.arch == "llama":
+        out = dict(sd)
+    else:
+        sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
+        d = cfg.d_model
+        out = {"model.embed_tokens.weight": sd["wte.weight"],
+               "model.embed_positions.weight": sd["wpe.weight"],
+               "model.norm.weight": sd["ln_f.weight"], "model.norm.bias": sd["ln_f.bias"]}
+        for name in ("lm_head.weight", "score.weight"):
+            if name in sd:
+                out[name] = sd[name]
+        for i in range(cfg.n_layer):
+            p, h = f"model.layers.{i}.", f"h.{i}."
+            for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+                out[p + ours + ".weight"] = sd[h + theirs + ".weight"]
+                out[p + ours + ".bias"] = sd[h + theirs + ".bias"]
+            w, b = sd[h + "attn.c_attn.weight"].t(), sd[h + "attn.c_attn.bias"]
+            for j, n in enumerate("qkv"):
+                out[p + f"self_attn.{n}_proj.weight"] = w[j * d:(j + 1) * d]
+                out[p + f"self_attn.{n}_proj.bias"] = b[j * d:(j + 1) * d]
+            out[p + "self_attn.o_proj.weight"] = sd[h + "attn.c_proj.weight"].t()
+            out[p + "self_attn.o_proj.bias"] = sd[h + "attn.c_proj.bias"]
+            out[p + "mlp.up_proj.weight"] = sd[h + "mlp.c_fc.weight"].t()
+            out[p + "mlp.up_proj.bias"] = sd[h + "mlp.c_fc.bias"]
+            out[p + "mlp.down_proj.weight"] = sd[h + "mlp.c_proj.weight"].t()
+            out[p + "mlp.down_proj.bias"] = sd[h + "mlp.c_proj.bias"]
+    if cfg.tie_embeddings or "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+FAMILY = Family(name="decoder", config=DecoderConfig, model=GPT, hf_model_types=("llama", "gpt2"),
+                to_hf_state_dict=to_hf_state_dict, from_hf_state_dict=from_hf_state_dict,
+                presets=PRESETS, preset=preset)
