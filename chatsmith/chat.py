@@ -11,7 +11,12 @@ from __future__ import annotations
 import json
 import sys
 
+from chatsmith.checkpoint import load_model
+from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
+from chatsmith.flags import Verb
+from chatsmith.runtime import resolve_device
+from chatsmith.tokenizer import Tokenizer
 
 HELP = """commands:
   /reset          start a new conversation (keeps the system prompt)
@@ -74,11 +79,6 @@ class ChatSession:
 
 
 def run(a):
-    from chatsmith.checkpoint import load_model
-    from chatsmith.engine import Engine, SamplingParams
-    from chatsmith.tokenizer import Tokenizer
-    from chatsmith.runtime import resolve_device
-
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                             top_k=a.top_k, seed=a.seed)
     params.validate()
@@ -169,3 +169,17 @@ def run(a):
             print("(stopped)")
         if dropped:
             print(f"(context full: the {dropped} oldest turns were dropped)")
+
+
+def add_arguments(p):
+    p.add_argument("model", help="model directory (an SFT/aligned model)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+
+
+VERB = Verb("chat", "talk to a chat model in the terminal", add_arguments, run)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from chatsmith import atomic
 from chatsmith.errors import UserError
+from chatsmith.flags import Verb
 
 # stages in pipeline order; others follow alphabetically
 ORDER = ["data", "tokenizer", "ngram", "base", "pretrain", "sft", "reward", "rl", "rlhf", "ppo", "grpo", "reinforce",
@@ -568,3 +569,14 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     atomic.write_text(path, "\n".join(md).rstrip() + "\n")
     print(f"report written to {path} ({len(plots)} plots)", file=sys.stderr)
     return path
+
+
+# --- the verb -------------------------------------------------------------------------------------
+
+def _arguments(p):
+    p.add_argument("run_dir", help="a speedrun directory, a folder of stage directories, or one model directory")
+    p.add_argument("--out", default=None, help="folder for report.md and the plots (default: RUN_DIR)")
+
+
+VERB = Verb("report", "report.md + PNG plots for a run directory (or one training output)", _arguments,
+            lambda a: print(write_report(a.run_dir, a.out)))

@@ -20,12 +20,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-from chatsmith.config import TrainConfig
+import numpy as np
+
+from chatsmith import atomic
+from chatsmith.checkpoint import load_model
+from chatsmith.data.corpus import build_corpus
+from chatsmith.data.dialogues import build_dialogues
+from chatsmith.data.preferences import build_preferences
+from chatsmith.data.sources import available_sources
+from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
+from chatsmith.eval.lm import score_documents
+from chatsmith.eval.ngram import NGramLM
+from chatsmith.eval.tasks import run_eval
+from chatsmith.flags import Verb, train_config
+from chatsmith.report import write_report
+from chatsmith.tokenizer import Tokenizer, train_command
+from chatsmith.train import dpo, pretrain, reward, rlhf, sft
 
 SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach", "The committee said that",
                   "床前明月光"]
@@ -38,6 +54,17 @@ SFT_EVAL_S = 45  # held-out generation before and after SFT (measured ~20-40 s f
 RL_EVAL_S = 30  # held-out greedy answers before and after RL, and the KL estimate
 JUDGE_S = 25  # SFT and DPO replies to 200 held-out prompts, scored by the reward model (~10 s)
 FIXED_S = RESERVE_S + BASELINE_S + SFT_EVAL_S + RL_EVAL_S + JUDGE_S
+# What the speedrun sets differently from each stage's own DEFAULTS (chatsmith/train/*.py), and why:
+# every stage runs for minutes, not hours, so the base model takes a smaller batch for more steps
+# and evaluations are fewer and shorter; SFT and the reward model take larger learning rates (a few
+# hundred steps from a weak base model); RL and DPO evaluate once, at the end, outside the budget.
+SPEEDRUN = {
+    "pretrain": dict(batch_size=8, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=10, save_every=100),
+    "sft": dict(batch_size=16, lr=1e-3, eval_batches=10, save_every=100),
+    "reward": dict(lr=3e-4, eval_every=1000, save_every=1000),
+    "rl": dict(lr=1e-4, eval_every=10**6, save_every=20),
+    "dpo": dict(eval_every=10**6, save_every=1000),
+}
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
 
 
@@ -47,8 +74,6 @@ def banner(text: str):
 
 def shard_documents(path: Path, bos_id: int, dtype: str):
     """Documents back out of a token shard: it is <|bos|> + tokens, document after document."""
-    import numpy as np
-
     data = np.memmap(path, dtype=np.dtype(dtype), mode="r")
     starts = np.flatnonzero(data == bos_id).tolist() + [len(data)]
     for a, b in zip(starts[:-1], starts[1:]):
@@ -59,11 +84,6 @@ def compare_with_ngram(base: Path, corpus: Path, order: int = 3, seen_tokens: in
     """Val bits-per-byte of the base model next to Kneser-Ney n-grams over the same tokenizer: one
     counted on the whole training split, and one on as many training tokens as the neural model
     saw (the comparison at equal data)."""
-    from chatsmith.checkpoint import load_model
-    from chatsmith.eval.lm import score_documents
-    from chatsmith.eval.ngram import NGramLM
-    from chatsmith.tokenizer import Tokenizer
-
     tok = Tokenizer.load(base)
     meta = json.loads((base / "data" / "meta.json").read_text())
     texts = [json.loads(line)["text"] for line in open(corpus / "val.jsonl", encoding="utf-8")]
@@ -100,8 +120,6 @@ def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 20
     """`chatsmith eval DPO --tasks reward --reward-model RM --compare SFT` on the first n held-out
     prompts (the split is shuffled, so every family is in): greedy replies of both models scored by
     the reward model, DPO's win rate with ties counted half."""
-    from chatsmith.eval.tasks import run_eval
-
     res = run_eval(dpo_dir, ["reward"], out=dpo_dir / "eval", limit=n, max_new_tokens=max_new_tokens,
                    heldout=str(heldout), reward_model=str(rm_dir), compare=str(sft_dir), quiet=True)
     r = res["tasks"]["reward"]
@@ -115,10 +133,6 @@ def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 20
 
 
 def run(a) -> dict:
-    from chatsmith.data.corpus import build_corpus
-    from chatsmith.data.sources import available_sources
-    from chatsmith.tokenizer import train_command
-
     t0 = time.time()
     budget = a.minutes * 60
     run_dir = Path(a.out)
@@ -127,9 +141,6 @@ def run(a) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     stages: dict[str, dict] = {}
     n_stages = 9
-
-    from chatsmith.data.dialogues import build_dialogues
-    from chatsmith.data.preferences import build_preferences
 
     corpus, chat = run_dir / "data" / "corpus", run_dir / "data" / "chat"
     banner(f"1/{n_stages} data")
@@ -156,8 +167,6 @@ def run(a) -> dict:
           file=sys.stderr)
     stages["tokenizer"] = {"seconds": round(time.time() - t, 1), **stats}
 
-    from chatsmith.train import dpo, pretrain, reward, rlhf, sft
-
     train_s = budget - (time.time() - t0) - FIXED_S
     if train_s < 120:
         raise UserError(f"--minutes {a.minutes:g} leaves {train_s:.0f}s for training; give at least "
@@ -179,9 +188,9 @@ def run(a) -> dict:
     banner(f"3/{n_stages} pretrain")
     base = run_dir / "base"
     # the budget covers tokenising the corpus too: shards take a few seconds, estimated at 15
-    cfg = TrainConfig(out=str(base), preset=a.preset, max_minutes=minutes_for("pretrain", spent) - 0.25,
-                      batch_size=8, lr=3e-3, warmup_steps=50, eval_every=100, eval_batches=10, save_every=100,
-                      resume=resume(base), **common)
+    cfg = train_config(pretrain.DEFAULTS, out=str(base), preset=a.preset,
+                       max_minutes=minutes_for("pretrain", spent) - 0.25, resume=resume(base),
+                       **SPEEDRUN["pretrain"], **common)
     t = time.time()
     summary = pretrain.run(cfg, inputs=[str(corpus)], tokenizer=str(tok_dir))
     stages["pretrain"] = {"seconds": round(time.time() - t, 1), **summary}
@@ -194,9 +203,8 @@ def run(a) -> dict:
 
     banner(f"4/{n_stages} sft")
     sft_dir = run_dir / "sft"
-    cfg = TrainConfig(out=str(sft_dir), max_minutes=minutes_for("sft", spent), batch_size=16, lr=1e-3,
-                      warmup_steps=20, min_lr_ratio=0.0, eval_every=100, eval_batches=10, save_every=100,
-                      resume=resume(sft_dir), **common)
+    cfg = train_config(sft.DEFAULTS, out=str(sft_dir), max_minutes=minutes_for("sft", spent),
+                       resume=resume(sft_dir), **SPEEDRUN["sft"], **common)
     t = time.time()
     sft_summary = sft.run(cfg, [str(chat / "train.jsonl")], str(base), heldout=[str(chat / "heldout.jsonl")],
                           eval_samples=16, eval_max_new_tokens=40)
@@ -205,9 +213,8 @@ def run(a) -> dict:
 
     banner(f"5/{n_stages} reward model")
     rm_dir = run_dir / "reward"
-    cfg = TrainConfig(out=str(rm_dir), max_minutes=minutes_for("reward", spent), batch_size=16, lr=3e-4,
-                      warmup_steps=10, min_lr_ratio=0.0, eval_every=1000, save_every=1000,
-                      resume=resume(rm_dir), **common)
+    cfg = train_config(reward.DEFAULTS, out=str(rm_dir), max_minutes=minutes_for("reward", spent),
+                       resume=resume(rm_dir), **SPEEDRUN["reward"], **common)
     t = time.time()
     stages["reward"] = reward.run(cfg, [str(chat / "pairs_train.jsonl")], str(sft_dir),
                                   heldout=[str(chat / "pairs_heldout.jsonl")], skip_bad=True)
@@ -218,9 +225,8 @@ def run(a) -> dict:
     rl_dir = run_dir / "rl"
     rl_cfg = rlhf.RLConfig(algo="grpo", rollout_prompts=8, group_size=8, max_new_tokens=48, ppo_epochs=1,
                            minibatches=2, kl_coef=0.02, families="arithmetic,word_problem,number_sense", eval_prompts=100)
-    cfg = TrainConfig(out=str(rl_dir), max_minutes=minutes_for("rl", spent), lr=1e-4, warmup_steps=5,
-                      schedule="constant", weight_decay=0.0, eval_every=10**6, save_every=20,
-                      resume=resume(rl_dir), **{**common, "log_every": 2})
+    cfg = train_config(rlhf.DEFAULTS, out=str(rl_dir), max_minutes=minutes_for("rl", spent),
+                       resume=resume(rl_dir), **SPEEDRUN["rl"], **{**common, "log_every": 2})
     t = time.time()
     stages["rl"] = rlhf.run(cfg, rl_cfg, [str(chat / "train.jsonl")], str(sft_dir), ["exact"],
                             heldout=[str(chat / "heldout.jsonl")])
@@ -236,13 +242,11 @@ def run(a) -> dict:
     # pushed both replies down and drifted off what the model can say), with RPO 58%
     pairs = chat / "pairs_onpolicy.jsonl"
     if not pairs.exists():
-        from chatsmith.train.dpo import sample_pairs
-        info = sample_pairs(str(sft_dir), str(rm_dir), [str(chat / "train.jsonl")], pairs, limit=600, samples=4)
+        info = dpo.sample_pairs(str(sft_dir), str(rm_dir), [str(chat / "train.jsonl")], pairs, limit=600, samples=4)
         print(f"on-policy pairs: {info['pairs']} from {info['prompts']} prompts", file=sys.stderr)
     pair_s = time.time() - t
-    cfg = TrainConfig(out=str(dpo_dir), max_minutes=max(minutes_for("dpo", spent) - pair_s / 60, 0.33),
-                      batch_size=8, lr=5e-5, warmup_steps=10, min_lr_ratio=0.0, weight_decay=0.0, eval_every=10**6, save_every=1000,
-                      resume=resume(dpo_dir), **common)
+    cfg = train_config(dpo.DEFAULTS, out=str(dpo_dir), max_minutes=max(minutes_for("dpo", spent) - pair_s / 60, 0.33),
+                       resume=resume(dpo_dir), **SPEEDRUN["dpo"], **common)
     t = time.time()
     stages["dpo"] = dpo.run(cfg, [str(pairs)], str(sft_dir),
                             heldout=[str(chat / "pairs_heldout.jsonl")], beta=0.1, skip_bad=True, rpo_alpha=1.0)
@@ -255,10 +259,6 @@ def run(a) -> dict:
     stages["judge"]["seconds"] = round(time.time() - t, 1)
 
     banner(f"9/{n_stages} samples and report")
-    from chatsmith.checkpoint import load_model
-    from chatsmith.engine import Engine, SamplingParams
-    from chatsmith.tokenizer import Tokenizer
-
     engine = Engine(load_model(base), Tokenizer.load(base))
     samples = []
     for i, prompt in enumerate(SAMPLE_PROMPTS):
@@ -276,7 +276,7 @@ def run(a) -> dict:
             c = chat_engine.generate(ids, SamplingParams(max_new_tokens=80, temperature=0))[0]
             conversation[name].append({"user": q, "assistant": c.text})
             print(f"[{name}] you> {q}\n[{name}] bot> {c.text}")
-    (run_dir / "samples.txt").write_text(
+    atomic.write_text(run_dir / "samples.txt", 
         "".join(f"> {s['prompt']}{s['completion']}\n\n" for s in samples)
         + "".join(f"[{name}] you> {c['user']}\n[{name}] bot> {c['assistant']}\n"
                   for name, conv in conversation.items() for c in conv))
@@ -286,7 +286,7 @@ def run(a) -> dict:
               "sft_eval": sft_summary.get("eval"), "rl_eval": stages["rl"].get("eval"),
               "reward_eval": stages["reward"].get("eval"), "judge": stages["judge"], "samples": samples,
               "conversation": conversation}
-    (run_dir / "speedrun.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic.write_json(run_dir / "speedrun.json", result)
     b = stages["baseline"]
     print(f"\nspeedrun finished in {result['seconds'] / 60:.1f} min", file=sys.stderr)
     print(f"base model: val bits-per-byte {b['neural_val_bpb']:.3f} after {summary['steps']} steps "
@@ -315,6 +315,19 @@ def run(a) -> dict:
     for name, d in (("base model", base), ("chat model", sft_dir), ("RL model", rl_dir), ("DPO model", dpo_dir)):
         print(f"{name}: {d}")
     print(f"chat with it: chatsmith chat {dpo_dir}")
-    from chatsmith.report import write_report
     print(f"report card: {write_report(run_dir)}")
     return result
+
+
+def add_arguments(p):
+    p.add_argument("--minutes", type=float, default=15.0, help="total time budget in minutes")
+    p.add_argument("--out", default="runs/speedrun")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--sources-dir", default=os.environ.get("CHATSMITH_SOURCES", ".sources"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted speedrun")
+
+
+VERB = Verb("speedrun", "the whole chain on the built-in corpus under a time budget", add_arguments, run)

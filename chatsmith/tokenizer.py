@@ -20,6 +20,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from chatsmith.data.corpus import iter_input_documents
 from chatsmith.errors import UserError
+from chatsmith.flags import Verb
 from chatsmith.messages import ROLES
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -341,3 +342,31 @@ def encode_records(tok: Tokenizer, records, max_len: int) -> tuple[list, dict]:
             truncated += 1
             examples.append(cut)
     return examples, {"truncated_at_turn": truncated, "dropped_too_long": dropped}
+
+
+# --- the verb -------------------------------------------------------------------------------------
+
+def _corpus_files(paths: list[str], split: str = "train") -> list[str]:
+    """A `data build` directory stands for its train (or val) split; other paths as given."""
+    return [str(Path(p) / f"{split}.jsonl") if (Path(p) / "train.jsonl").exists() else p for p in paths]
+
+
+def _train_arguments(p):
+    p.add_argument("--input", nargs="+", required=True,
+                   help="corpus .jsonl/.txt/.md files or folders, or a `data build` dir")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--max-chars", type=int, default=None, help="train on at most this many characters")
+    p.add_argument("--out", required=True)
+
+
+def _train_main(a):
+    val = [str(Path(p) / "val.jsonl") for p in a.input if (Path(p) / "val.jsonl").exists()]
+    stats = train_command(_corpus_files(a.input), a.vocab_size, a.out, val=val or None, max_chars=a.max_chars,
+                          min_frequency=a.min_frequency)
+    if "val_bytes_per_token" in stats:
+        print(f"val bytes/token: {stats['val_bytes_per_token']:.3f}")
+    print(f"saved {stats['vocab_size']}-token tokenizer to {a.out}")
+
+
+VERB = Verb("tokenizer train", "train a byte-level BPE tokenizer on corpus files", _train_arguments, _train_main)

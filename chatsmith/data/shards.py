@@ -20,19 +20,18 @@ import numpy as np
 import torch
 
 from chatsmith import atomic
+from chatsmith.data.corpus import iter_input_documents
 from chatsmith.errors import UserError
-from chatsmith.tokenizer import Tokenizer
 
 
 def shard_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def write_shards(splits: dict[str, list[str]], tok: Tokenizer, out: str | os.PathLike,
+def write_shards(splits: dict[str, list[str]], tok, out: str | os.PathLike,
                  batch_docs: int = 512) -> dict:
-    """splits: {"train": [paths…], "val": [paths…]} of corpus files → DIR/{split}.bin + meta.json."""
-    from chatsmith.data.corpus import iter_input_documents
-
+    """splits: {"train": [paths…], "val": [paths…]} of corpus files → DIR/{split}.bin + meta.json.
+    tok: a chatsmith.tokenizer.Tokenizer (data sits below the tokenizer: only its methods are used)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = shard_dtype(tok.vocab_size)

@@ -53,7 +53,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from chatsmith.atomic import atomic_dir
+from chatsmith.data.corpus import iter_input_documents
 from chatsmith.errors import UserError
+from chatsmith.flags import Verb
+from chatsmith.tokenizer import Tokenizer
 
 FORMAT = "chatsmith-ngram"
 FORMAT_VERSION = 1
@@ -348,7 +352,6 @@ class NGramLM:
             if any(out.iterdir()) and not (out / META_FILE).exists():
                 raise UserError(f"{out} exists and is not an n-gram model directory; refusing to "
                                 f"replace it (choose another --out or remove it)")
-        from chatsmith.atomic import atomic_dir
 
         with atomic_dir(out) as tmp:
             with open(tmp / ARRAYS_FILE, "wb") as f:
@@ -428,8 +431,6 @@ def _split_inputs(inputs: list[str], split: str) -> list[str]:
 def _encoded_docs(tok, inputs: list[str], stats: dict) -> Iterator[list[int]]:
     """Token ids of every document of the inputs (encoded in batches); counts documents and
     UTF-8 bytes into stats."""
-    from chatsmith.data.corpus import iter_input_documents
-
     batch: list[str] = []
     for _, text in iter_input_documents(inputs):
         stats["documents"] += 1
@@ -446,8 +447,6 @@ def train_command(inputs: list[str], tokenizer_dir: str, order: int, out: str,
                   discount: float | None = None) -> dict:
     """Train an n-gram model on corpus files (a `data build` directory: its train.jsonl) and
     save it, with a copy of the tokenizer, to `out`."""
-    from chatsmith.tokenizer import Tokenizer
-
     _check_order(order)
     if not inputs:
         raise UserError("ngram train needs --input PATH… (corpus files or a `data build` directory)")
@@ -467,8 +466,6 @@ def train_command(inputs: list[str], tokenizer_dir: str, order: int, out: str,
 def eval_command(model_dir: str, inputs: list[str]) -> dict:
     """Loss (nats/token), perplexity and bits-per-byte of a saved n-gram model on corpus files
     (a `data build` directory: its val.jsonl). Bytes are the UTF-8 bytes of the documents."""
-    from chatsmith.tokenizer import Tokenizer
-
     if not inputs:
         raise UserError("ngram eval needs --input PATH… (corpus files or a `data build` directory)")
     lm = NGramLM.load(model_dir)
@@ -486,3 +483,28 @@ def eval_command(model_dir: str, inputs: list[str]) -> dict:
             "bits_per_byte": nats / (math.log(2) * read["bytes"]),
             "tokens": n_tok, "bytes": read["bytes"], "documents": read["documents"],
             "order": lm.order, "inputs": files}
+
+
+# --- the verbs ------------------------------------------------------------------------------------
+
+def _train_arguments(p):
+    p.add_argument("--input", nargs="+", required=True,
+                   help="corpus .jsonl/.txt/.md files or folders, or a `data build` dir (its train.jsonl)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    p.add_argument("--order", type=int, default=3)
+    p.add_argument("--discount", type=float, default=None, help="one fixed discount in (0,1] (plain "
+                   "interpolated KN) instead of modified KN's estimated D1/D2/D3+")
+    p.add_argument("--out", required=True)
+
+
+def _eval_arguments(p):
+    p.add_argument("model", help="n-gram model directory")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="corpus files or folders, or a `data build` dir (its val.jsonl)")
+
+
+TRAIN_VERB = Verb("ngram train", "count and smooth an n-gram model over a tokenizer's tokens", _train_arguments,
+                  lambda a: print(json.dumps(train_command(a.input, a.tokenizer, a.order, a.out,
+                                                           discount=a.discount), indent=2)))
+EVAL_VERB = Verb("ngram eval", "loss, perplexity and bits-per-byte of an n-gram model", _eval_arguments,
+                 lambda a: print(json.dumps(eval_command(a.model, a.input), indent=2)))

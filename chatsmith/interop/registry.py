@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from chatsmith.errors import UserError
+from chatsmith.interop.gguf_io import import_gguf
 
 # name -> (pip package, its importable module, the file inside it, what it is)
 KNOWN = {
@@ -64,7 +65,6 @@ def resolve(name_or_path: str) -> str:
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "config.json").exists():
-            from chatsmith.interop.gguf_io import import_gguf
 
             print(f"importing {KNOWN[name_or_path][3]} from the {pkg} package into {out} (once)",
                   file=sys.stderr)

@@ -11,6 +11,7 @@ forward pass and no memory for the whole dataset.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from chatsmith.data.chat_formats import read_conversations
 from chatsmith.data.preferences import encode_pairs, read_pairs
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
+from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.train.reward import load_reward_model
 from chatsmith.train.trainer import Trainer
@@ -170,3 +172,49 @@ def sample_pairs(model_dir: str, reward_model: str, prompts: list[str], out: str
                           "margin": round(hi - lo, 4)})
     atomic.write_jsonl(out, pairs)
     return {"prompts": len(items), "pairs": len(pairs), "samples": samples}
+
+
+# --- the verbs ------------------------------------------------------------------------------------
+DEFAULTS = dict(out="runs/dpo", lr=5e-5, warmup_steps=10, min_lr_ratio=0.0, eval_every=100, save_every=200,
+                batch_size=8, weight_decay=0.0)
+
+
+def add_arguments(p):
+    p.add_argument("--data", nargs="+", required=True, help="preference JSONL (as for `reward`)")
+    p.add_argument("--init", required=True, help="the policy to start from; also the frozen reference")
+    p.add_argument("--heldout", nargs="+", help="held-out pairs: implicit-reward accuracy and margin")
+    p.add_argument("--beta", type=float, default=0.1, help="KL strength: scale of the implicit reward")
+    p.add_argument("--rpo-alpha", type=float, default=0.0, help="weight of an NLL term on the chosen reply "
+                   "(RPO); 0 is plain DPO")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad or over-long pairs")
+    p.add_argument("--epochs", type=float, default=None)
+    add_train_flags(p, DEFAULTS)
+
+
+def main(a):
+    summary = run(dataclass_from_args(TrainConfig, a), a.data, a.init, heldout=a.heldout, beta=a.beta,
+                  skip_bad=a.skip_bad, epochs=a.epochs, rpo_alpha=a.rpo_alpha)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+
+
+def add_pairs_arguments(p):
+    p.add_argument("--model", required=True, help="the policy whose replies are sampled (e.g. the SFT model)")
+    p.add_argument("--reward-model", required=True, help="the reward model that ranks them")
+    p.add_argument("--prompts", nargs="+", required=True, help="chat files; a trailing assistant turn is dropped")
+    p.add_argument("--out", required=True, help="the pairs JSONL to write (TRL conversational format)")
+    p.add_argument("--limit", type=int, default=1000, help="prompts used (the first N)")
+    p.add_argument("--samples", type=int, default=2, help="replies per prompt; the best and worst form the pair")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def pairs_main(a):
+    res = sample_pairs(a.model, a.reward_model, a.prompts, a.out, limit=a.limit, samples=a.samples,
+                       max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed)
+    print(f"{res['pairs']} pairs from {res['prompts']} prompts written to {a.out}")
+
+
+VERB = Verb("dpo", "direct preference optimization against a frozen reference", add_arguments, main)
+PAIRS_VERB = Verb("data pairs", "on-policy preference pairs: a model's samples ranked by a reward model",
+                  add_pairs_arguments, pairs_main)

@@ -20,6 +20,7 @@ from chatsmith.config import TrainConfig
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.shards import TokenShards, write_shards
 from chatsmith.errors import UserError
+from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
 from chatsmith.model import registry
 from chatsmith.tokenizer import Tokenizer, bytes_per_token, iter_texts, train_tokenizer
 from chatsmith.train.trainer import Trainer
@@ -146,3 +147,29 @@ def run(cfg: TrainConfig, inputs=None, data=None, tokenizer=None, vocab_size: in
     summary = trainer.fit()
     summary["params"] = n
     return summary
+
+
+# --- the verb -------------------------------------------------------------------------------------
+DEFAULTS = dict(out="runs/pretrain", preset="tiny")
+
+
+def add_arguments(p):
+    p.add_argument("--input", nargs="+", help="a `data build` directory, or raw .txt/.md/.jsonl files/folders")
+    p.add_argument("--data", help="token shards from an earlier run (DIR with meta.json, train.bin, val.bin)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: train one on the input)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="when a tokenizer is trained")
+    p.add_argument("--max-seq-len", type=int, default=None, help="override the preset's context length")
+    p.add_argument("--arch", choices=["llama", "gpt2"], default=None, help="override the preset's shape")
+    add_train_flags(p, DEFAULTS, skip=())
+    p.epilog = f"presets: {', '.join(registry.presets())}"
+
+
+def main(a):
+    cfg = dataclass_from_args(TrainConfig, a)
+    overrides = {k: v for k, v in (("max_seq_len", a.max_seq_len), ("arch", a.arch)) if v is not None}
+    summary = run(cfg, inputs=a.input, data=a.data, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
+                  model_overrides=overrides)
+    print(json.dumps(summary, indent=2))
+
+
+VERB = Verb("pretrain", "pretrain a base model (causal LM)", add_arguments, main)

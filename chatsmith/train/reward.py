@@ -11,6 +11,7 @@ r(chosen) > r(rejected)) is the metric that matters.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from chatsmith.checkpoint import load_model, read_config
 from chatsmith.config import TrainConfig
 from chatsmith.data.preferences import encode_pairs, read_pairs
 from chatsmith.errors import UserError
+from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
 from chatsmith.messages import heldout_overlap
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.train.trainer import Trainer
@@ -157,3 +159,28 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
               f"{after['heldout_accuracy']:.1%}", file=sys.stderr)
         atomic.write_json(out / "train_summary.json", summary)
     return summary
+
+
+# --- the verb -------------------------------------------------------------------------------------
+DEFAULTS = dict(out="runs/reward", lr=1e-4, warmup_steps=10, min_lr_ratio=0.0, eval_every=100, save_every=200,
+                batch_size=16)
+
+
+def add_arguments(p):
+    p.add_argument("--data", nargs="+", required=True,
+                   help="preference JSONL in TRL's format: prompt/chosen/rejected, text or messages")
+    p.add_argument("--init", required=True, help="the model to start from (usually the SFT model)")
+    p.add_argument("--heldout", nargs="+", help="held-out pairs: pairwise accuracy before and after")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad or over-long pairs")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the pairs without --max-steps/"
+                   "--max-minutes (default 1)")
+    add_train_flags(p, DEFAULTS)
+
+
+def main(a):
+    summary = run(dataclass_from_args(TrainConfig, a), a.data, a.init, heldout=a.heldout, skip_bad=a.skip_bad,
+                  epochs=a.epochs)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+
+
+VERB = Verb("reward", "train a reward model on preference pairs (Bradley-Terry)", add_arguments, main)

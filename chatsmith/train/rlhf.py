@@ -665,3 +665,8 @@ def print_rl_table(res: dict):
     for key in ("heldout_reward", "kl_to_ref", "ended_share", "top_answer_share"):
         if key in a or key in b:
             print(f"{key:32s} {a.get(key, float('nan')):8.3f} {b.get(key, float('nan')):8.3f}", file=sys.stderr)
+
+
+# the stage's TrainConfig defaults (the CLI's and the speedrun's starting point)
+DEFAULTS = dict(out="runs/rlhf", lr=1e-5, warmup_steps=5, schedule="constant", weight_decay=0.0, eval_every=50,
+                save_every=50, log_every=1)

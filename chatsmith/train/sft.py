@@ -17,8 +17,9 @@ from chatsmith import atomic, runtime
 from chatsmith.batching import collate, epoch_batch
 from chatsmith.checkpoint import load_model
 from chatsmith.config import TrainConfig
-from chatsmith.data.chat_formats import read_conversations
+from chatsmith.data.chat_formats import FORMATS, read_conversations
 from chatsmith.errors import UserError
+from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
 from chatsmith.eval.chat import assistant_loss, chat_metrics
 from chatsmith.messages import heldout_overlap
 from chatsmith.tokenizer import Tokenizer, encode_records
@@ -113,3 +114,31 @@ def print_eval_table(res: dict):
         vals = [f"{res[s]['exact_match'][fam]:.0%}" if res.get(s) and fam in res[s]["exact_match"] else "-"
                 for s in ("base", "sft")]
         print(f"{'exact match: ' + fam:40s} {vals[0]:>8s} {vals[1]:>8s}", file=sys.stderr)
+
+
+# --- the verb -------------------------------------------------------------------------------------
+DEFAULTS = dict(out="runs/sft", lr=5e-4, warmup_steps=20, min_lr_ratio=0.0, eval_every=100, save_every=200)
+
+
+def add_arguments(p):
+    p.add_argument("--data", nargs="+", required=True,
+                   help="dialogue files (.jsonl/.json/.yaml), each optionally FILE:WEIGHT")
+    p.add_argument("--init", required=True, help="the model directory to start from (a base model)")
+    p.add_argument("--heldout", nargs="+", help="held-out dialogues for the before/after metrics")
+    p.add_argument("--format", choices=list(FORMATS), help="force a format (default: detected per record)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the data when neither "
+                   "--max-steps nor --max-minutes is given (default 1)")
+    p.add_argument("--eval-samples", type=int, default=20, help="held-out prompts generated per task family")
+    p.add_argument("--eval-max-new-tokens", type=int, default=48)
+    add_train_flags(p, DEFAULTS)
+
+
+def main(a):
+    summary = run(dataclass_from_args(TrainConfig, a), a.data, a.init, heldout=a.heldout, fmt=a.format,
+                  skip_bad=a.skip_bad, epochs=a.epochs, eval_samples=a.eval_samples,
+                  eval_max_new_tokens=a.eval_max_new_tokens)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+
+
+VERB = Verb("sft", "supervised fine-tuning on dialogues (loss on assistant tokens)", add_arguments, main)
