@@ -76,6 +76,8 @@ def build_parser() -> Parser:
     b.add_argument("--val-fraction", type=float, default=0.01)
     b.add_argument("--seed", type=int, default=1337)
     b.add_argument("--max-doc-chars", type=int, default=20000, help="longer documents are cut at paragraphs")
+    b.add_argument("--families", nargs="+", help="dialogue families to build (default: all)")
+    b.add_argument("--heldout-per-family", type=int, default=100, help="held-out dialogues per family")
 
     sp = dsub.add_parser("pairs", help="on-policy preference pairs: a model's samples ranked by a reward model",
                          formatter_class=fmt)
@@ -334,7 +336,8 @@ def cmd_data_build(a):
                      seed=a.seed, max_doc_chars=a.max_doc_chars)
         print(f"corpus written to {Path(a.out) / 'corpus'}")
     if a.what in ("all", "chat"):
-        build_dialogues(Path(a.out) / "chat", sources_dir=a.sources_dir, seed=a.seed)
+        build_dialogues(Path(a.out) / "chat", sources_dir=a.sources_dir, seed=a.seed,
+                        heldout_per_family=a.heldout_per_family, families=a.families)
         from chatsmith.data.preferences import build_preferences
         counts = build_preferences(Path(a.out) / "chat", seed=a.seed)
         print(f"dialogues and preference pairs ({counts['train']['pairs']} train, "

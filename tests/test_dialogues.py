@@ -171,7 +171,7 @@ def test_parse_poem():
 
 def test_split_links_shared_prompts_and_keys():
     def rec(fam, q, a, key=None):
-        return dlg._record(fam, [q, a], "test", key=key)
+        return dlg.record(fam, [q, a], "test", key=key)
     records = [rec("quiz", f"Question {i}?", str(i)) for i in range(200)]
     records += [rec("quiz", "Question 7?", "another reply")]          # same prompt as #7
     records += [rec("arithmetic", f"What is {i} + 1?", str(i + 1), key=f"k{i}") for i in range(100)]
@@ -272,13 +272,13 @@ def test_build_is_reproducible(built, tmp_path):
     out, _ = built
     # Another process with another string-hash seed: nothing may depend on set order.
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    r = subprocess.run([sys.executable, "-m", "chatsmith.data.dialogues", "--out", tmp_path / "a",
-                        "--sources", SOURCES, "--seed", "1337"], capture_output=True, text=True,
-                       env=env, cwd=REPO, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "chatsmith", "data", "build", "--what", "chat",
+                        "--out", tmp_path / "a", "--sources-dir", SOURCES, "--seed", "1337"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "dialogues:" in r.stderr
-    for name in ("train.jsonl", "heldout.jsonl", "dialogues_meta.json"):
-        assert (tmp_path / "a" / name).read_bytes() == (out / name).read_bytes(), name
+    for name in ("train.jsonl", "heldout.jsonl", "dialogues_meta.json"):  # `data build` writes OUT/chat
+        assert (tmp_path / "a" / "chat" / name).read_bytes() == (out / name).read_bytes(), name
     dlg.build_dialogues(tmp_path / "b", SOURCES, seed=1338, verbose=False,
                         families=["arithmetic", "identity"])
     c = dlg.build_dialogues(tmp_path / "c", SOURCES, seed=1337, verbose=False,
