@@ -1,0 +1,60 @@
+"""`chatsmith data build`: the built-in corpus, dialogues and preference pairs, or your own text.
+
+    chatsmith data build --out data                 data/corpus (pretraining text) + data/chat
+                                                    (dialogues, preference pairs)
+    chatsmith data build --input notes/ --out mine  your own .txt/.md/.jsonl as a cleaned corpus
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from chatsmith.data.corpus import build_corpus
+from chatsmith.data.dialogues import FAMILIES, build_dialogues
+from chatsmith.data.preferences import build_preferences
+from chatsmith.errors import UserError
+from chatsmith.flags import Verb
+
+
+def add_arguments(p):
+    p.add_argument("--out", default="data", help="output directory: built-in data goes to OUT/corpus "
+                   "(pretraining text) and OUT/chat (dialogues); with --input the corpus goes to OUT itself")
+    p.add_argument("--what", choices=["all", "corpus", "chat"], default="all", help="which built-in data to build")
+    p.add_argument("--input", nargs="+", help="your own .txt/.md/.jsonl files or folders instead of the built-in sources")
+    p.add_argument("--sources-dir", default=os.environ.get("CHATSMITH_SOURCES", ".sources"),
+                   help="where scripts/setup.sh put the raw source packages")
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--max-doc-chars", type=int, default=20000, help="longer documents are cut at paragraphs")
+    p.add_argument("--families", nargs="+", help=f"dialogue families to build (default: all of {', '.join(FAMILIES)})")
+    p.add_argument("--heldout-per-family", type=int, default=100, help="held-out dialogues per family")
+
+
+def main(a):
+    if not 0 <= a.val_fraction < 1:
+        raise UserError("--val-fraction must be in [0, 1)")
+    unknown = [f for f in a.families or [] if f not in FAMILIES]
+    if unknown:  # before anything is built: a typo must not cost a corpus build first
+        raise UserError(f"--families: unknown dialogue family {', '.join(map(repr, unknown))}; "
+                        f"choose from {', '.join(FAMILIES)}")
+    if a.input:
+        build_corpus(a.out, inputs=a.input, sources_dir=a.sources_dir, val_fraction=a.val_fraction,
+                     seed=a.seed, max_doc_chars=a.max_doc_chars)
+        print(f"corpus written to {a.out}")
+        return
+    out = Path(a.out)
+    if a.what in ("all", "corpus"):
+        build_corpus(out / "corpus", sources_dir=a.sources_dir, val_fraction=a.val_fraction, seed=a.seed,
+                     max_doc_chars=a.max_doc_chars)
+        print(f"corpus written to {out / 'corpus'}")
+    if a.what in ("all", "chat"):
+        build_dialogues(out / "chat", sources_dir=a.sources_dir, seed=a.seed,
+                        heldout_per_family=a.heldout_per_family, families=a.families)
+        counts = build_preferences(out / "chat", seed=a.seed)
+        print(f"dialogues and preference pairs ({counts['train']['pairs']} train, "
+              f"{counts['heldout']['pairs']} held-out) written to {out / 'chat'}")
+
+
+VERB = Verb("data build", "the built-in corpus and dialogues, or your own text as a cleaned corpus",
+            add_arguments, main)
