@@ -100,7 +100,7 @@ def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 20
     """`chatsmith eval DPO --tasks reward --reward-model RM --compare SFT` on the first n held-out
     prompts (the split is shuffled, so every family is in): greedy replies of both models scored by
     the reward model, DPO's win rate with ties counted half."""
-    from chatsmith.eval.tasks import run_eval
+    from chatsmith.eval.runner import run_eval
 
     res = run_eval(dpo_dir, ["reward"], out=dpo_dir / "eval", limit=n, max_new_tokens=max_new_tokens,
                    heldout=str(heldout), reward_model=str(rm_dir), compare=str(sft_dir), quiet=True)

@@ -27,14 +27,16 @@ import os
 import re
 from pathlib import Path
 
+import yaml
+
 from chatsmith.errors import UserError
+from chatsmith.eval.prompting import fill, load_template
+from chatsmith.eval.taskset import resolve_tasks
 
 
 def _plain_prompt(item, template) -> str:
     # the Prompter's plain rendering without a tokenizer: earlier turns, then the template body
-    from chatsmith.eval.tasks import _fill
-
-    body = _fill(re.sub(r"\n*\{examples\}\n*", "\n\n", template.plain).strip("\n"), {"question": item.question})
+    body = fill(re.sub(r"\n*\{examples\}\n*", "\n\n", template.plain).strip("\n"), {"question": item.question})
     earlier = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in item.messages[:-1])
     return earlier + body
 
@@ -65,10 +67,6 @@ def task_yaml(name: str, data: Path, kind: str, max_gen_toks: int) -> dict:
 def export_tasks(names: list[str], out: str | os.PathLike, heldout: str | None = None, limit: int | None = None,
                  prefix: str = "chatsmith_", max_gen_toks: int = 32, templates_dir=None) -> list[dict]:
     """Write an lm-eval task (YAML + JSONL) per chatsmith task; returns [{name, yaml, data, n}]."""
-    import yaml
-
-    from chatsmith.eval.tasks import load_template, resolve_tasks
-
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be a positive integer, got {limit!r}")
     template = load_template("zero-shot", templates_dir)
