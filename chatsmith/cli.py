@@ -449,7 +449,7 @@ def cmd_generate(a):
 
 
 def cmd_eval(a):
-    from chatsmith.eval.tasks import run_eval
+    from chatsmith.eval.runner import run_eval
 
     run_eval(a.model, a.tasks, out=a.out, mode=a.mode, k=a.k, limit=a.limit, max_new_tokens=a.max_new_tokens,
              seed=a.seed, templates_dir=a.templates, pool=a.pool, heldout=a.heldout, chat=a.chat, device=a.device,

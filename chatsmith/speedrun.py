@@ -37,7 +37,7 @@ from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.eval.lm import score_documents
 from chatsmith.eval.ngram import NGramLM
-from chatsmith.eval.tasks import run_eval
+from chatsmith.eval.runner import run_eval
 from chatsmith.flags import Verb, train_config
 from chatsmith.report import write_report
 from chatsmith.tokenizer import Tokenizer, train_command

@@ -1,4 +1,5 @@
-"""`chatsmith.eval.tasks`: task files, prompting modes, scoring, metrics.json.
+"""`chatsmith eval` (chatsmith.eval.runner and the modules it uses): task files, prompting modes,
+scoring, metrics.json.
 
 Generations are forced (Engine.generate_many patched) where a test checks scoring, so the numbers
 do not depend on what a 60-step micro model happens to say; one test runs real generation."""
@@ -12,11 +13,16 @@ import sacrebleu
 import torch
 import torch.nn as nn
 
+from chatsmith.batching import continuation_logprobs
 from chatsmith.checkpoint import load_model
 from chatsmith.engine import Completion, Engine
 from chatsmith.errors import UserError
-from chatsmith.eval import tasks as T
 from chatsmith.eval.lm import score_documents
+from chatsmith.eval.prompting import (MODES, PROMPTS_DIR, draw_examples, load_template, model_has_chat_template,
+                                      parse_template)
+from chatsmith.eval.runner import format_table, run_eval
+from chatsmith.eval.scoring import extract_cot_answer, pick_choices, score_references, win_rate
+from chatsmith.eval.taskfile import Item
 from chatsmith.tokenizer import Tokenizer
 
 
@@ -68,11 +74,11 @@ def test_reference_scores_are_sacrebleus():
     hyps = ["the cat sat on the mat", "a dog barked loudly", "hello world", ""]
     refs = [["the cat sat on the mat"], ["the dog barked", "a dog was barking loudly"],
             ["hello there world"], ["nothing"]]
-    got = T.score_references(hyps, refs)
+    got = score_references(hyps, refs)
     streams = [[r[0] for r in refs], [r[1] if len(r) > 1 else None for r in refs]]
     assert got["bleu"] == sacrebleu.corpus_bleu(hyps, streams).score
     assert got["chrf"] == sacrebleu.corpus_chrf(hyps, streams).score
-    one = T.score_references(hyps[:1] + hyps[2:3], [refs[0], refs[2]])
+    one = score_references(hyps[:1] + hyps[2:3], [refs[0], refs[2]])
     assert one["bleu"] == sacrebleu.corpus_bleu([hyps[0], hyps[2]], [[refs[0][0], refs[2][0]]]).score
 
 
@@ -94,47 +100,47 @@ def test_choice_log_likelihood_by_hand():
     lp = [[v - math.log(sum(math.exp(u) for u in row)) for v in row] for row in table]
     ctx = [3, 0]
     pairs = [(ctx, [2]), (ctx, [1, 0]), (ctx, [3, 3, 3])]
-    got, truncated = T.continuation_logprobs(model, pairs, pad_id=0, batch_size=2)
+    got, truncated = continuation_logprobs(model, pairs, pad_id=0, batch_size=2)
     want = [lp[0][2], lp[0][1] + lp[1][0], lp[0][3] + lp[3][3] + lp[3][3]]
     assert truncated == 0
     assert got == pytest.approx(want, abs=1e-6)
     # the highest log-likelihood wins; the per-byte variant can prefer a longer choice
-    item = T.Item("t:1", [{"role": "user", "content": "q"}], "choice", choices=["x", "yy", "zzzzzz"], label=2)
-    picked = T.pick_choices([item], [got])
+    item = Item("t:1", [{"role": "user", "content": "q"}], "choice", choices=["x", "yy", "zzzzzz"], label=2)
+    picked = pick_choices([item], [got])
     assert picked["picks"][0][0] == max(range(3), key=lambda j: got[j])
     sums = [-2.0, -1.5, -3.0]
-    picked = T.pick_choices([item], [sums])
+    picked = pick_choices([item], [sums])
     assert picked["picks"] == [(1, 2)] and picked["accuracy"] == 0 and picked["accuracy_norm"] == 1
     # a context longer than the window is cut from the left, the choice kept whole
     long_ctx = [1, 2, 3, 0, 1, 2, 3, 0, 1, 2]
-    (lp_long,), truncated = T.continuation_logprobs(model, [(long_ctx, [1, 0])])
+    (lp_long,), truncated = continuation_logprobs(model, [(long_ctx, [1, 0])])
     assert truncated == 1 and lp_long == pytest.approx(lp[2][1] + lp[1][0], abs=1e-6)
 
 
 def test_cot_answer_is_read_from_the_last_line():
-    assert T.extract_cot_answer("37 + 48 = 85.\nThe answer is 85.\n") == "85"
-    assert T.extract_cot_answer("Paris is in France.\n\nThe answer is Paris.  \n\n") == "Paris"
-    assert T.extract_cot_answer("The answer is 4.\nActually, 5") == "Actually, 5"
-    assert T.extract_cot_answer("Final answer: 3.5") == "3.5"
-    assert T.extract_cot_answer("   \n") == ""
+    assert extract_cot_answer("37 + 48 = 85.\nThe answer is 85.\n") == "85"
+    assert extract_cot_answer("Paris is in France.\n\nThe answer is Paris.  \n\n") == "Paris"
+    assert extract_cot_answer("The answer is 4.\nActually, 5") == "Actually, 5"
+    assert extract_cot_answer("Final answer: 3.5") == "3.5"
+    assert extract_cot_answer("   \n") == ""
 
 
 def test_k_shot_draws_are_deterministic_and_never_evaluated_items():
     def item(i):
-        return T.Item(f"f:{i}", [{"role": "user", "content": f"question number {i}?"}], "exact_match",
-                      answers=[str(i)])
+        return Item(f"f:{i}", [{"role": "user", "content": f"question number {i}?"}], "exact_match",
+                    answers=[str(i)])
 
     evaluated = [item(i) for i in range(5)]
     pool = [item(i) for i in range(30)]  # the pool holds the evaluated questions too
     keys = {it.key for it in evaluated}
-    draws = [T.draw_examples(it, pool, 3, seed=7, exclude=keys) for it in evaluated]
+    draws = [draw_examples(it, pool, 3, seed=7, exclude=keys) for it in evaluated]
     for d in draws:
         assert len(d) == 3 and not {e.key for e in d} & keys
-    assert draws == [T.draw_examples(it, pool, 3, seed=7, exclude=keys) for it in evaluated]
-    assert draws != [T.draw_examples(it, pool, 3, seed=8, exclude=keys) for it in evaluated]
+    assert draws == [draw_examples(it, pool, 3, seed=7, exclude=keys) for it in evaluated]
+    assert draws != [draw_examples(it, pool, 3, seed=8, exclude=keys) for it in evaluated]
     # an item's draw does not depend on the other evaluated items (--limit)
-    assert T.draw_examples(evaluated[0], pool, 3, 7, keys) == draws[0]
-    assert T.draw_examples(evaluated[0], pool[:6], 3, 7, keys) == [pool[5]]
+    assert draw_examples(evaluated[0], pool, 3, 7, keys) == draws[0]
+    assert draw_examples(evaluated[0], pool[:6], 3, 7, keys) == [pool[5]]
 
 
 # --------------------------------------------------------------------------- task files
@@ -157,7 +163,7 @@ def test_k_shot_draws_are_deterministic_and_never_evaluated_items():
 def test_bad_task_files_name_file_and_line(tmp_path, line, msg):
     f = write_jsonl(tmp_path / "t.jsonl", ['{"prompt": "ok", "answer": "fine"}', "", line])
     with pytest.raises(UserError) as e:
-        T.run_eval(tmp_path / "no-model", [str(f)], out=tmp_path, quiet=True)
+        run_eval(tmp_path / "no-model", [str(f)], out=tmp_path, quiet=True)
     assert f"{f}:3:" in str(e.value) and msg in str(e.value)
 
 
@@ -165,29 +171,29 @@ def test_empty_task_file_unknown_task_and_missing_pool(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
     with pytest.raises(UserError, match="empty"):
-        T.run_eval(tmp_path, [str(empty)], quiet=True)
+        run_eval(tmp_path, [str(empty)], quiet=True)
     with pytest.raises(UserError) as e:
-        T.run_eval(tmp_path, ["nonsense"], quiet=True)
+        run_eval(tmp_path, ["nonsense"], quiet=True)
     for form in ("lm:PATH", "arithmetic", "word_problem", "quiz", "PATH.jsonl"):
         assert form in str(e.value)
     f = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "q", "answer": "a"}])
     with pytest.raises(UserError, match="qa.pool.jsonl"):
-        T.run_eval(tmp_path, [str(f)], mode="k-shot", quiet=True)
+        run_eval(tmp_path, [str(f)], mode="k-shot", quiet=True)
     with pytest.raises(UserError, match="mode"):
-        T.run_eval(tmp_path, [str(f)], mode="five-shot", quiet=True)
+        run_eval(tmp_path, [str(f)], mode="five-shot", quiet=True)
 
 
 def test_templates_parse_and_override(tmp_path):
-    for mode in T.MODES:
-        t = T.load_template(mode)
+    for mode in MODES:
+        t = load_template(mode)
         assert "{question}" in t.chat and "{question}" in t.plain
-    assert T.load_template("k-shot").uses_examples and not T.load_template("cot").uses_examples
-    t = T.parse_template("# a comment\nQ: {question}\nA:\n")
+    assert load_template("k-shot").uses_examples and not load_template("cot").uses_examples
+    t = parse_template("# a comment\nQ: {question}\nA:\n")
     assert t.chat == t.plain == "Q: {question}\nA:"
     with pytest.raises(UserError, match="unknown placeholder"):
-        T.parse_template("[plain]\n{questoin}\n")
+        parse_template("[plain]\n{questoin}\n")
     with pytest.raises(UserError, match="no such template"):
-        T.load_template("cot", tmp_path)
+        load_template("cot", tmp_path)
 
 
 # --------------------------------------------------------------------------- run_eval
@@ -201,7 +207,7 @@ def test_exact_match_with_alternatives_and_metrics_json(model_dir, forced):
     replies = {"Cairo": " The Nile river.", "37 + 48": " 37 + 48 = 85. The answer is 85.",
                "Peru": " Quito", "Brace": " yes"}
     forced.reply = lambda text: next(v for k, v in replies.items() if k in text)
-    m = T.run_eval(model_dir, [str(f)], quiet=True)
+    m = run_eval(model_dir, [str(f)], quiet=True)
     r = m["tasks"][str(f)]
     assert r["kind"] == "exact_match" and r["n"] == 4 and r["correct"] == 3 and r["accuracy"] == 0.75
     assert [s["correct"] for s in r["samples"]] == [True, True, False]
@@ -215,7 +221,7 @@ def test_exact_match_with_alternatives_and_metrics_json(model_dir, forced):
     assert saved["mode"] == "zero-shot" and saved["seed"] == 0 and saved["k"] == 0 and saved["chat"] is False
     assert saved["template"]["path"].endswith("zero-shot.txt") and saved["tasks"][str(f)]["n"] == 4
     assert m["limit"] is None
-    assert T.run_eval(model_dir, [str(f)], limit=2, out=model_dir / "e2", quiet=True)["tasks"][str(f)]["n"] == 2
+    assert run_eval(model_dir, [str(f)], limit=2, out=model_dir / "e2", quiet=True)["tasks"][str(f)]["n"] == 2
 
 
 def test_reference_task_reports_sacrebleu_on_the_generations(model_dir, forced, tmp_path):
@@ -225,7 +231,7 @@ def test_reference_task_reports_sacrebleu_on_the_generations(model_dir, forced, 
     f = write_jsonl(tmp_path / "mt.jsonl", rows)
     out = {"chat": " the cat", "chien": " black dog the", "bonjour": " good day"}
     forced.reply = lambda text: next(v for k, v in out.items() if k in text)
-    r = T.run_eval(model_dir, [str(f)], out=tmp_path, quiet=True)["tasks"][str(f)]
+    r = run_eval(model_dir, [str(f)], out=tmp_path, quiet=True)["tasks"][str(f)]
     hyps = ["the cat", "black dog the", "good day"]
     streams = [["the cat", "the black dog", "hello"], [None, "a black dog", None]]
     assert r["bleu"] == sacrebleu.corpus_bleu(hyps, streams).score
@@ -238,13 +244,13 @@ def test_cot_mode_reads_the_last_line(model_dir, forced, tmp_path):
     forced.reply = lambda text: (" 2 + 2 = 4.\nThe answer is 4." if "2 + 2" in text
                                  else " The answer is 6.\nHmm, no: 7")
     # the stock instruction does not fit the micro model's 64-token context: counted, scored wrong
-    r = T.run_eval(model_dir, [str(f)], mode="cot", out=tmp_path, quiet=True)["tasks"][str(f)]
+    r = run_eval(model_dir, [str(f)], mode="cot", out=tmp_path, quiet=True)["tasks"][str(f)]
     assert r["too_long"] == 2 and r["correct"] == 0 and "Think step by step" in r["samples"][0]["prompt"]
     # an edited copy of the templates folder
     tdir = tmp_path / "prompts"
-    shutil.copytree(T.PROMPTS_DIR, tdir)
+    shutil.copytree(PROMPTS_DIR, tdir)
     (tdir / "cot.txt").write_text("# short\n[plain]\n{question} Think.\n")
-    m = T.run_eval(model_dir, [str(f)], mode="cot", out=tmp_path, quiet=True, templates_dir=tdir)
+    m = run_eval(model_dir, [str(f)], mode="cot", out=tmp_path, quiet=True, templates_dir=tdir)
     r = m["tasks"][str(f)]
     assert [s["extracted"] for s in r["samples"]] == ["4", "Hmm, no: 7"] and r["correct"] == 1
     assert r["samples"][0]["prompt"] == "What is 2 + 2? Think." and forced.params[-1].stop == ["\n\n"]
@@ -257,8 +263,8 @@ def test_k_shot_user_pool_and_builtin_train_pool(model_dir, forced, tmp_path):
     f = write_jsonl(tmp_path / "spell.jsonl", rows[:3])
     pool = write_jsonl(tmp_path / "pool.jsonl", rows)  # holds the evaluated items too
     forced.reply = lambda text: " x"
-    runs = [T.run_eval(model_dir, [str(f)], mode="k-shot", k=2, pool=str(pool), seed=s, out=tmp_path,
-                       quiet=True, max_new_tokens=2)["tasks"][str(f)] for s in (1, 1)]
+    runs = [run_eval(model_dir, [str(f)], mode="k-shot", k=2, pool=str(pool), seed=s, out=tmp_path,
+                     quiet=True, max_new_tokens=2)["tasks"][str(f)] for s in (1, 1)]
     assert runs[0]["samples"] == runs[1]["samples"]
     evaluated = {q for q in qs[:3]}
     for s in runs[0]["samples"]:
@@ -281,8 +287,8 @@ def test_k_shot_user_pool_and_builtin_train_pool(model_dir, forced, tmp_path):
                                          dialogue("2+2?", 4)])
     write_jsonl(chat / "train.jsonl", [dialogue("3+3?", 6), dialogue("Cap?", "Rome", "quiz")])
     forced.reply = lambda text: " 2" if "1+1?\nAnswer:" in text else " 5"
-    m = T.run_eval(model_dir, ["arithmetic", "quiz"], heldout=str(chat / "heldout.jsonl"), mode="k-shot", k=3,
-                   out=tmp_path, quiet=True, max_new_tokens=2)
+    m = run_eval(model_dir, ["arithmetic", "quiz"], heldout=str(chat / "heldout.jsonl"), mode="k-shot", k=3,
+                 out=tmp_path, quiet=True, max_new_tokens=2)
     r = m["tasks"]["arithmetic"]
     assert r["n"] == 2 and r["correct"] == 1 and r["pool"] == str(chat / "train.jsonl")
     assert all("3+3?" in s["prompt"] and "Cap?" not in s["prompt"] for s in r["samples"])
@@ -293,7 +299,7 @@ def test_multiple_choice_matches_a_direct_computation(model_dir, tok, tmp_path):
     rows = [{"prompt": "The king said", "choices": ["to the queen", "ships", "seven"], "label": 0},
             {"prompt": "In the river there were", "choices": ["three", "love war"], "label": 1}]
     f = write_jsonl(tmp_path / "mc.jsonl", rows)
-    r = T.run_eval(model_dir, [str(f)], out=tmp_path, quiet=True)["tasks"][str(f)]
+    r = run_eval(model_dir, [str(f)], out=tmp_path, quiet=True)["tasks"][str(f)]
     model = load_model(model_dir)
     for row, s in zip(rows, r["samples"]):
         ctx = tok.encode(f"Question: {row['prompt']}\nAnswer:", bos=True)
@@ -311,7 +317,7 @@ def test_multiple_choice_matches_a_direct_computation(model_dir, tok, tmp_path):
 def test_lm_task_equals_score_documents(model_dir, tok, tmp_path):
     docs = ["The king said to the queen.", "Love and war and peace.\nSeven ships on the sea."]
     f = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs])
-    r = T.run_eval(model_dir, [f"lm:{f}"], out=tmp_path, quiet=True)["tasks"][f"lm:{f}"]
+    r = run_eval(model_dir, [f"lm:{f}"], out=tmp_path, quiet=True)["tasks"][f"lm:{f}"]
     want = score_documents(load_model(model_dir), tok, docs)
     for key in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes"):
         assert r[key] == want[key]
@@ -319,16 +325,16 @@ def test_lm_task_equals_score_documents(model_dir, tok, tmp_path):
 
 
 def test_chat_template_prompts_and_real_generation(model_dir, tok, forced, tmp_path, monkeypatch):
-    assert T.model_has_chat_template(model_dir) is False  # a pretrain-stage checkpoint
+    assert model_has_chat_template(model_dir) is False  # a pretrain-stage checkpoint
     f = write_jsonl(tmp_path / "q.jsonl", [{"messages": [{"role": "system", "content": "Be terse."},
                                                          {"role": "user", "content": "Name a sea."}],
                                             "answer": "red"}])
-    T.run_eval(model_dir, [str(f)], chat=True, out=tmp_path, quiet=True)
+    run_eval(model_dir, [str(f)], chat=True, out=tmp_path, quiet=True)
     want, _ = tok.render_chat([{"role": "system", "content": "Be terse."},
                                {"role": "user", "content": "Name a sea."}], add_generation_prompt=True)
     assert forced.prompts[-1] == want and forced.params[-1].stop == []
     monkeypatch.undo()  # real generation from here on
-    m = T.run_eval(model_dir, [str(f), str(f)], out=tmp_path, quiet=True, max_new_tokens=4)
+    m = run_eval(model_dir, [str(f), str(f)], out=tmp_path, quiet=True, max_new_tokens=4)
     r = m["tasks"][str(f)]
     assert r["n"] == 1 and isinstance(r["samples"][0]["reply"], str) and len(m["tasks"]) == 1
 
@@ -346,27 +352,27 @@ def test_builtin_tasks_are_checked_against_train_by_prompt_hash(model_dir, force
     write_jsonl(chat / "heldout.jsonl", [dialogue("What is 1 + 1?", 2), dialogue("What is 2 + 5?", 7)])
     write_jsonl(chat / "train.jsonl", [dialogue("What is 3 + 3?", 6)])
     forced.reply = lambda text: " 2"
-    m = T.run_eval(model_dir, ["arithmetic"], heldout=str(chat / "heldout.jsonl"), out=tmp_path, quiet=True)
+    m = run_eval(model_dir, ["arithmetic"], heldout=str(chat / "heldout.jsonl"), out=tmp_path, quiet=True)
     chk = m["tasks"]["arithmetic"]["never_trained"]
     assert chk == {"checked": True, "against": str(chat / "train.jsonl"), "items": 2, "train_prompts": 1,
                    "overlap": 0}
     # the same question in train (after normalisation: case, spaces) is a leak: refused, named
     write_jsonl(chat / "train.jsonl", [dialogue("what is 2  +  5?", 7)])
     with pytest.raises(UserError, match=r"1 held-out item.*heldout.jsonl:2"):
-        T.run_eval(model_dir, ["arithmetic"], heldout=str(chat / "heldout.jsonl"), out=tmp_path, quiet=True)
+        run_eval(model_dir, ["arithmetic"], heldout=str(chat / "heldout.jsonl"), out=tmp_path, quiet=True)
     (chat / "train.jsonl").unlink()
-    m = T.run_eval(model_dir, ["arithmetic"], heldout=str(chat / "heldout.jsonl"), out=tmp_path, quiet=True)
+    m = run_eval(model_dir, ["arithmetic"], heldout=str(chat / "heldout.jsonl"), out=tmp_path, quiet=True)
     assert m["tasks"]["arithmetic"]["never_trained"]["checked"] is False
 
 
 def test_win_rate_by_hand():
-    r = T.win_rate([1.0, 0.5, 2.0, -1.0, 0.0], [0.0, 0.5, 3.0, -2.0, -0.5])
+    r = win_rate([1.0, 0.5, 2.0, -1.0, 0.0], [0.0, 0.5, 3.0, -2.0, -0.5])
     # wins: 1>0, -1>-2, 0>-0.5 -> 3; tie: 0.5=0.5; loss: 2<3 -> (3 + 0.5) / 5
     assert (r["wins"], r["ties"], r["losses"]) == (3, 1, 1)
     assert r["win_rate"] == pytest.approx(0.7)
     assert r["win_rate_ci95"] == pytest.approx(1.96 * math.sqrt(0.7 * 0.3 / 5))
     assert r["mean_margin"] == pytest.approx((1 + 0 - 1 + 1 + 0.5) / 5)
-    assert T.win_rate([1.0], [1.0])["win_rate"] == 0.5
+    assert win_rate([1.0], [1.0])["win_rate"] == 0.5
 
 
 class LengthJudge:
@@ -397,7 +403,7 @@ def test_reward_task_mean_score_and_win_rate(model_dir, tok, forced, tmp_path, m
 
     forced.reply = replies
     judge = LengthJudge()
-    m = T.run_eval(model_dir, [f"reward:{prompts}"], reward_model=judge, compare=model_dir, out=tmp_path, quiet=True)
+    m = run_eval(model_dir, [f"reward:{prompts}"], reward_model=judge, compare=model_dir, out=tmp_path, quiet=True)
     r = m["tasks"][f"reward:{prompts}"]
     # A: "waves"(5) "Nile"(4) "hello"(5); B: "water!"(6) "Nile"(4) "hi"(2)
     assert r["kind"] == "reward" and r["n"] == 3 and r["mean_reward"] == pytest.approx(14 / 3)
@@ -412,7 +418,7 @@ def test_reward_task_mean_score_and_win_rate(model_dir, tok, forced, tmp_path, m
     assert forced.prompts[1] == want
     assert r["samples"][0] == {"loc": f"{prompts}:1", "prompt": "Tell me about the sea.", "reply": "waves",
                                "reward": 5.0, "reply_b": "water!", "reward_b": 6.0}
-    assert "win rate 50.0%" in T.format_table(m) and m["compare"] == str(model_dir)
+    assert "win rate 50.0%" in format_table(m) and m["compare"] == str(model_dir)
 
 
 def test_reward_task_on_builtin_heldout_prompts(model_dir, forced, tmp_path):
@@ -423,8 +429,8 @@ def test_reward_task_on_builtin_heldout_prompts(model_dir, forced, tmp_path):
                                                        {"role": "assistant", "content": "Hi."}], "family": "chatterbot"}])
     write_jsonl(chat / "train.jsonl", [dialogue("What is 3 + 3?", 6)])
     forced.reply = lambda text: "ok"
-    m = T.run_eval(model_dir, ["reward"], heldout=str(chat / "heldout.jsonl"), reward_model=LengthJudge(),
-                   out=tmp_path, quiet=True)
+    m = run_eval(model_dir, ["reward"], heldout=str(chat / "heldout.jsonl"), reward_model=LengthJudge(),
+                 out=tmp_path, quiet=True)
     r = m["tasks"]["reward"]
     assert r["n"] == 3 and r["mean_reward"] == 2.0 and r["never_trained"]["checked"] is True
     assert set(r["reward_by_family"]) == {"arithmetic", "quiz", "chatterbot"} and "win_rate" not in r
@@ -433,19 +439,19 @@ def test_reward_task_on_builtin_heldout_prompts(model_dir, forced, tmp_path):
 def test_reward_task_bad_input(model_dir, base_model, tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     with pytest.raises(UserError, match="--reward-model"):
-        T.run_eval(model_dir, [f"reward:{f}"], out=tmp_path, quiet=True)
+        run_eval(model_dir, [f"reward:{f}"], out=tmp_path, quiet=True)
     with pytest.raises(UserError, match="--compare"):
-        T.run_eval(model_dir, [str(write_jsonl(tmp_path / "q.jsonl", [{"prompt": "q", "answer": "a"}]))],
-                   compare=model_dir, out=tmp_path, quiet=True)
+        run_eval(model_dir, [str(write_jsonl(tmp_path / "q.jsonl", [{"prompt": "q", "answer": "a"}]))],
+                 compare=model_dir, out=tmp_path, quiet=True)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"question": "where is the prompt?"}])
     with pytest.raises(UserError, match=f"{bad}:2:.*\"prompt\""):
-        T.run_eval(model_dir, [f"reward:{bad}"], reward_model=LengthJudge(), out=tmp_path, quiet=True)
+        run_eval(model_dir, [f"reward:{bad}"], reward_model=LengthJudge(), out=tmp_path, quiet=True)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(UserError, match="empty"):
-        T.run_eval(model_dir, [f"reward:{empty}"], reward_model=LengthJudge(), out=tmp_path, quiet=True)
+        run_eval(model_dir, [f"reward:{empty}"], reward_model=LengthJudge(), out=tmp_path, quiet=True)
     with pytest.raises(UserError, match="reward:prompts.jsonl"):
-        T.run_eval(model_dir, ["reward:"], reward_model=LengthJudge(), out=tmp_path, quiet=True)
+        run_eval(model_dir, ["reward:"], reward_model=LengthJudge(), out=tmp_path, quiet=True)
 
 
 def test_a_model_without_a_reward_head_is_a_user_error(model_dir, tmp_path):
@@ -471,8 +477,8 @@ def test_reward_task_with_a_real_reward_head(model_dir, tmp_path):
     rm.mkdir()
     write_model_files(rm, model, model_dir, {"stage": "reward"})
     f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The king said"}, {"prompt": "Seven ships"}])
-    m = T.run_eval(model_dir, [f"reward:{f}"], reward_model=str(rm), compare=model_dir, out=tmp_path,
-                   quiet=True, max_new_tokens=4)
+    m = run_eval(model_dir, [f"reward:{f}"], reward_model=str(rm), compare=model_dir, out=tmp_path,
+                 quiet=True, max_new_tokens=4)
     r = m["tasks"][f"reward:{f}"]
     from chatsmith.train.reward import load_reward_model
 

@@ -38,7 +38,7 @@ def write_jsonl(path, rows):
 
 
 def test_export_writes_lm_eval_tasks_with_chatsmith_prompts(tmp_path):
-    from chatsmith.eval.tasks import load_template
+    from chatsmith.eval.prompting import load_template
 
     qa, mc = write_jsonl(tmp_path / "qa.jsonl", QA), write_jsonl(tmp_path / "my-mc.jsonl", MC)
     out = export_tasks([str(qa), str(mc)], tmp_path / "lm")

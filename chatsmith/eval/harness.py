@@ -27,14 +27,17 @@ import os
 import re
 from pathlib import Path
 
+import yaml
+
 from chatsmith.errors import UserError
+from chatsmith.flags import Verb
+from chatsmith.eval.prompting import fill, load_template
+from chatsmith.eval.taskset import resolve_tasks
 
 
 def _plain_prompt(item, template) -> str:
     # the Prompter's plain rendering without a tokenizer: earlier turns, then the template body
-    from chatsmith.eval.tasks import _fill
-
-    body = _fill(re.sub(r"\n*\{examples\}\n*", "\n\n", template.plain).strip("\n"), {"question": item.question})
+    body = fill(re.sub(r"\n*\{examples\}\n*", "\n\n", template.plain).strip("\n"), {"question": item.question})
     earlier = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in item.messages[:-1])
     return earlier + body
 
@@ -65,10 +68,6 @@ def task_yaml(name: str, data: Path, kind: str, max_gen_toks: int) -> dict:
 def export_tasks(names: list[str], out: str | os.PathLike, heldout: str | None = None, limit: int | None = None,
                  prefix: str = "chatsmith_", max_gen_toks: int = 32, templates_dir=None) -> list[dict]:
     """Write an lm-eval task (YAML + JSONL) per chatsmith task; returns [{name, yaml, data, n}]."""
-    import yaml
-
-    from chatsmith.eval.tasks import load_template, resolve_tasks
-
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be a positive integer, got {limit!r}")
     template = load_template("zero-shot", templates_dir)
@@ -102,3 +101,28 @@ def export_tasks(names: list[str], out: str | os.PathLike, heldout: str | None =
         written.append({"task": t.name, "name": name, "kind": t.kind, "yaml": str(ypath), "data": str(data),
                         "n": len(rows)})
     return written
+
+
+# --- the verb -------------------------------------------------------------------------------------
+
+def add_arguments(p):
+    p.add_argument("--tasks", nargs="+", required=True, metavar="NAME",
+                   help="arithmetic, word_problem, quiz, or PATH.jsonl task files (exact match, reference, choices)")
+    p.add_argument("--out", required=True, help="folder for NAME.yaml + NAME.jsonl (pass it as --include_path)")
+    p.add_argument("--heldout", default=None, help="held-out dialogues for the built-in tasks "
+                   "(default: data/chat/heldout.jsonl)")
+    p.add_argument("--limit", type=int, default=None, help="first N items per task")
+    p.add_argument("--prefix", default="chatsmith_", help="prefix of the lm-eval task names")
+    p.add_argument("--max-gen-toks", type=int, default=32, help="generation length of generate_until tasks")
+
+
+def main(a):
+    for w in export_tasks(a.tasks, a.out, heldout=a.heldout, limit=a.limit, prefix=a.prefix,
+                          max_gen_toks=a.max_gen_toks):
+        print(f"{w['name']}: {w['n']} {w['kind'].replace('_', ' ')} items -> {w['yaml']}")
+    print(f"run: lm_eval --model local-completions --include_path {a.out} --tasks NAME --model_args "
+          f"base_url=http://127.0.0.1:8000/v1/completions,model=MODEL,tokenizer_backend=remote,max_length=CONTEXT")
+
+
+VERB = Verb("lm-eval-tasks", "write chatsmith tasks as lm-evaluation-harness YAML + JSONL (for lm_eval "
+            "--model local-completions against chatsmith serve)", add_arguments, main)

@@ -12,7 +12,6 @@ r(chosen) > r(rejected)) is the metric that matters.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,12 +20,14 @@ import torch.nn.functional as F
 
 from chatsmith import atomic, runtime
 from chatsmith.batching import epoch_batch, pad
-from chatsmith.checkpoint import load_model, read_config
+from chatsmith.checkpoint import load_model
 from chatsmith.config import TrainConfig
 from chatsmith.data.preferences import encode_pairs, read_pairs
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
 from chatsmith.messages import heldout_overlap
+# the scorer lives in chatsmith.reward_model; its names stay importable from here
+from chatsmith.reward_model import RewardModel, last_scores, load_reward_model  # noqa: F401
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.train.trainer import Trainer
 
@@ -34,12 +35,6 @@ from chatsmith.train.trainer import Trainer
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     """Mean of -log σ(r_c - r_r); logsigmoid keeps it finite for large margins."""
     return -F.logsigmoid(r_chosen - r_rejected).mean()
-
-
-def last_scores(model, x: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """The scalar head at each row's last real token (right padding cannot reach it: causal)."""
-    s = model(x, head="score")
-    return s.float().gather(1, last[:, None].to(s.device)).squeeze(1)
 
 
 class RewardStage:
@@ -87,36 +82,6 @@ def pair_accuracy(model, examples, pad_id: int, batch_size: int = 16) -> dict:
     n = len(examples)
     return {"heldout_accuracy": correct / n, "heldout_margin": float(torch.cat(margins).mean()),
             "heldout_loss": float(torch.cat(losses).mean())}
-
-
-class RewardModel:
-    """A trained reward model as a scorer: .score(conversations) -> one float per conversation, each
-    an OpenAI-style message list ending with the assistant reply to score."""
-
-    def __init__(self, model, tok: Tokenizer, batch_size: int = 16):
-        self.model, self.tok, self.batch_size = model.eval(), tok, batch_size
-        self.device = next(model.parameters()).device
-
-    @torch.no_grad()
-    def score(self, conversations: list[list[dict]]) -> list[float]:
-        ctx = self.model.cfg.max_seq_len
-        out: list[float] = []
-        for i in range(0, len(conversations), self.batch_size):
-            seqs = []
-            for conv in conversations[i:i + self.batch_size]:
-                if not conv or conv[-1].get("role") != "assistant":
-                    raise UserError("a conversation to score must end with an assistant reply")
-                ids, _ = self.tok.render_chat(conv)
-                seqs.append(ids[-ctx:])  # over-long: keep the end, where the reply is
-            x, last = pad(seqs, self.tok.pad_id)
-            out += last_scores(self.model, x.to(self.device), last).tolist()
-        return out
-
-
-def load_reward_model(path: str | os.PathLike, device="cpu") -> RewardModel:
-    if not read_config(path).score_head:
-        raise UserError(f"{path} has no reward head: train one with `chatsmith reward --init {path} ...`")
-    return RewardModel(load_model(path, device=device), Tokenizer.load(path))
 
 
 def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None = None,
