@@ -12,10 +12,12 @@ from chatsmith.checkpoint import load_model, read_config
 from chatsmith.data.preferences import build_preferences, parse_pair, perturb_answer, read_pairs
 from chatsmith.errors import UserError
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.train.advantages import gae, group_advantages, k3_kl, ppo_losses, value_loss
 from chatsmith.train.dpo import dpo_loss
 from chatsmith.train.reward import bradley_terry_loss, load_reward_model
-from chatsmith.train.rlhf import (RLConfig, RLStage, answer_collapse, gae, group_advantages, k3_kl, ppo_losses,
-                                  value_loss)
+from chatsmith.train.rl_eval import answer_collapse
+from chatsmith.train.rlhf import RLConfig, RLStage
+from chatsmith.train.rollouts import Rollout
 from conftest import cli
 
 # --------------------------------------------------------------------------- loss functions
@@ -315,19 +317,20 @@ def test_dynamic_sampling_keeps_only_groups_with_signal():
 
     def draw(scores, tag):
         n = len(scores)
-        return ([f"{tag}{i}" for i in range(n)], [""] * n, [True] * n, [([1], 1)] * n,
-                torch.tensor(scores, dtype=torch.float32), {"reward": sum(scores) / n})
+        return Rollout([f"{tag}{i}" for i in range(n)], [""] * n, [True] * n, [([1], 1)] * n,
+                       torch.tensor(scores, dtype=torch.float32), {"reward": sum(scores) / n})
 
     stage.sample_scored = lambda rng: draw(next(draws), "b")
-    items, _, _, _, scores, parts, drawn = stage.informative_groups(None, draw(next(draws), "a"))
-    assert items == ["a0", "a1", "a2", "a3", "b4", "b5", "b6", "b7"]  # a's first and b's second group
-    assert scores.tolist() == [0, 0, 1, 0, 0, 1, 0, 1]
-    assert drawn == {"sampled": 16, "kept": 8} and parts["reward"] == 7 / 16
+    ro = stage.informative_groups(None, draw(next(draws), "a"))
+    assert ro.items == ["a0", "a1", "a2", "a3", "b4", "b5", "b6", "b7"]  # a's first and b's second group
+    assert ro.scores.tolist() == [0, 0, 1, 0, 0, 1, 0, 1]
+    assert {"sampled": ro.sampled, "kept": ro.kept} == {"sampled": 16, "kept": 8} and ro.parts["reward"] == 7 / 16
     # nothing informative in any draw: the last draw is kept whole, the reward still averaged
     draws = iter([[0] * 8] * 3)
     stage.rl.max_resample = 2
-    items, *_, parts, drawn = stage.informative_groups(None, draw(next(draws), "a"))
-    assert len(items) == 8 and drawn == {"sampled": 24, "kept": 8} and parts["reward"] == 0
+    ro = stage.informative_groups(None, draw(next(draws), "a"))
+    assert len(ro.items) == 8 and {"sampled": ro.sampled, "kept": ro.kept} == {"sampled": 24, "kept": 8}
+    assert ro.parts["reward"] == 0
 
 
 def test_answer_collapse_names_the_most_common_answer():
@@ -375,13 +378,40 @@ def test_discriminator_learns_real_from_fake(base_model):
     """The adversarial critic alone: dataset replies vs. a fixed "policy" that always says the same
     thing; its accuracy on fresh samples (measured before each update) climbs to 1 and the reward it
     hands the fake replies falls."""
-    from chatsmith.train.rlhf import Discriminator, PromptItem
+    from chatsmith.train.rewards import Discriminator
+    from chatsmith.train.rollouts import PromptItem
 
     tok = Tokenizer.load(base_model)
     items = [PromptItem([{"role": "user", "content": q}], [], a, {}, f"test:{i}") for i, (q, a) in enumerate(YES_NO)]
     d = Discriminator(str(base_model), tok, lr=3e-3, steps=2, device="cpu")
     first = d(items, ["the king the king"] * len(items), [True] * len(items))
+    d.learn()
     for _ in range(12):
         last = d(items, ["the king the king"] * len(items), [True] * len(items))
+        d.learn()
     assert d.history[-1] == 1.0 and d.history[-1] > d.history[0]
     assert sum(last) < sum(first)
+
+
+def test_discriminator_updates_go_through_the_trainers_machinery(base_model):
+    """The critic's optimizer steps are the trainer's: the run's schedule (here warmup) peaking at
+    its own learning rate, gradients clipped to --grad-clip before the step, the update under
+    bf16 autocast as --dtype says (scoring the replies stays fp32, as the rollout is)."""
+    from chatsmith.config import TrainConfig
+    from chatsmith.train.rewards import Discriminator
+    from chatsmith.train.rollouts import PromptItem
+
+    tok = Tokenizer.load(base_model)
+    items = [PromptItem([{"role": "user", "content": q}], [], a, {}, f"test:{i}") for i, (q, a) in enumerate(YES_NO)]
+    cfg = TrainConfig(lr=1.0, warmup_steps=4, schedule="constant", grad_clip=1e-3, dtype="bf16", weight_decay=0.0)
+    d = Discriminator(str(base_model), tok, lr=1e-2, steps=1, device="cpu", cfg=cfg, max_steps=lambda: 10)
+    autocast, clipped = [], []
+    forward = d.model.forward
+    d.model.forward = lambda *a, **k: (autocast.append(torch.is_autocast_enabled("cpu")), forward(*a, **k))[1]
+    d.opt.register_step_pre_hook(lambda opt, args, kwargs: clipped.append(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in d.model.parameters() if p.grad is not None]))))
+    d(items, ["the king the king"] * len(items), [True] * len(items))
+    d.learn(1)  # the run's second step: 2/4 of the way through warmup
+    assert d.last_lr == pytest.approx(5e-3) and d.opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert autocast == [False, False, True]
+    assert d.last_grad_norm > 1e-3 and float(clipped[0]) == pytest.approx(1e-3, rel=1e-3)

@@ -39,46 +39,11 @@ from chatsmith.config import TrainConfig
 from chatsmith.errors import UserError
 from chatsmith.model import registry
 from chatsmith.model.lora import apply_lora_from_config, load_adapter_state_dict, summary as lora_summary
+from chatsmith.train import optim
+from chatsmith.train.optim import full_tensor as _full
+from chatsmith.train.optim import load_optimizer_tensors, lr_at, optimizer_tensors
 
 FIT_AFTER = 5  # steps timed before the schedule is fitted to --max-minutes
-
-
-def _full(t):
-    """A DTensor shard -> the whole tensor (a collective: every rank calls it); others unchanged."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
-    """An optimizer's per-parameter state as flat named tensors ("PREFIX.{i}.{name}"), for safetensors."""
-    return {f"{prefix}.{i}.{k}": _full(v) if torch.is_tensor(v) else torch.tensor(v)
-            for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
-
-
-def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], prefix: str, device):
-    """The inverse of optimizer_tensors: moments move to `device`, the step counters stay where they are."""
-    sd = opt.state_dict()
-    for i in sd["state"].keys() | {int(k.split(".")[1]) for k in tensors if k.startswith(f"{prefix}.")}:
-        keys = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{prefix}.{i}.")}
-        sd["state"][i] = {k: v.to(device) if k != "step" else v for k, v in keys.items()}
-    opt.load_state_dict(sd)
-
-
-def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
-    """Linear warmup, then cosine to min_lr (Loshchilov & Hutter 2017), or warmup-stable-decay
-    (Hu et al. 2024: constant, then a linear decay over the last `decay_fraction` of steps)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    lo = cfg.lr * cfg.min_lr_ratio
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "wsd":
-        decay_start = max(cfg.warmup_steps, int(max_steps * (1 - cfg.decay_fraction)))
-        if step < decay_start:
-            return cfg.lr
-        frac = (step - decay_start) / max(1, max_steps - decay_start)
-        return cfg.lr - (cfg.lr - lo) * min(frac, 1.0)
-    frac = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
 
 
 def fmt_time(s: float) -> str:
@@ -117,18 +82,7 @@ class Trainer:
 
     # --- setup ------------------------------------------------------------------------------
     def _make_optimizer(self, fused: bool = True):
-        # Weight decay on matrices only: decaying norms' gains and biases just fights the data.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        seen, decay, no_decay = set(), [], []
-        for p in params:
-            if id(p) in seen:  # tied embedding appears once
-                continue
-            seen.add(id(p))
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        fused = fused and self.device.type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), fused=fused)
+        return optim.make_adamw(self.model.parameters(), self.cfg, self.device, fused=fused)
 
     def log(self, *a, **k):
         if self.master:
@@ -284,9 +238,7 @@ class Trainer:
         return time.time() - self.t_start
 
     def _autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
+        return optim.autocast(self.amp, self.device)
 
     def evaluate(self) -> dict:
         fn = getattr(self.stage, "evaluate", None)
@@ -349,8 +301,7 @@ class Trainer:
         try:
             while self.max_steps is None or self.step < self.max_steps:
                 lr = lr_at(self.step, cfg, self.max_steps or 10**9)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                optim.set_lr(self.optimizer, lr)
                 loss_sum, stats_sum, n_tok = 0.0, {}, 0
                 for micro in range(cfg.grad_accum):
                     batch = self.stage.batch(self.step, micro, self.rank)
@@ -369,7 +320,7 @@ class Trainer:
                     for k, v in stats.items():
                         stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
                     n_tok += self.stage.tokens(batch)
-                gnorm = _full(torch.nn.utils.clip_grad_norm_(self.unwrapped.parameters(), cfg.grad_clip))
+                gnorm = optim.clip_gradients(self.unwrapped.parameters(), cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
