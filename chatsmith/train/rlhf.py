@@ -30,6 +30,7 @@ chatsmith/train/rl_eval.py.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ from chatsmith.batching import completion_batch, entropy, masked_mean, token_log
 from chatsmith.checkpoint import load_model, save_checkpoint
 from chatsmith.config import TrainConfig
 from chatsmith.errors import UserError
+from chatsmith.flags import Verb, add_dataclass_flags, add_train_flags, dataclass_from_args
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.train import rollouts
 from chatsmith.train.advantages import (adaptive_kl_coef, gae, group_advantages, k3_kl, moving_baseline, ppo_losses,
@@ -330,4 +332,25 @@ def _report(out: Path, init: str, summary: dict, res: dict, scorers: list):
 DEFAULTS = dict(out="runs/rlhf", lr=1e-5, warmup_steps=5, schedule="constant", weight_decay=0.0, eval_every=50,
                 save_every=50, log_every=1)
 
-__all__ = ["ALGOS", "DEFAULTS", "RLConfig", "RLStage", "check_config", "run"]
+
+
+def add_arguments(p):
+    p.add_argument("--init", required=True, help="the policy to start from (an SFT model); also the frozen reference")
+    p.add_argument("--prompts", nargs="+", required=True, help="chat files whose prompts are rolled out "
+                   "(a trailing assistant turn is the reference reply)")
+    p.add_argument("--reward", nargs="+", default=[], help="reward sources, summed: a reward-model dir, "
+                   "exact, format, module:function, discriminator")
+    p.add_argument("--heldout", nargs="+", help="held-out prompts: exact match, reward and KL before/after")
+    add_dataclass_flags(p, RLConfig)
+    add_train_flags(p, DEFAULTS, skip=("preset", "batch_size"))
+
+
+def main(a):
+    summary = run(dataclass_from_args(TrainConfig, a), dataclass_from_args(RLConfig, a), a.prompts, a.init,
+                  a.reward, heldout=a.heldout)
+    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+
+
+VERB = Verb("rlhf", "reinforcement learning from a reward: PPO, GRPO or REINFORCE", add_arguments, main)
+
+__all__ = ["ALGOS", "DEFAULTS", "RLConfig", "RLStage", "VERB", "check_config", "run"]
