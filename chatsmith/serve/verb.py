@@ -1,0 +1,34 @@
+"""`chatsmith serve MODEL`: the OpenAI-compatible API and the web chat page on one port."""
+
+from __future__ import annotations
+
+import os
+
+from chatsmith.errors import UserError
+from chatsmith.flags import Verb
+from chatsmith.runtime import resolve_device
+from chatsmith.serve.app import serve
+
+
+def add_arguments(p):
+    p.add_argument("model", help="model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("CHATSMITH_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $CHATSMITH_API_KEY, else no key)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests beyond this get 429")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (KV-cache slots)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is faster for small models on a busy machine)")
+    p.add_argument("--device", default="cpu")
+
+
+def main(a):
+    if a.max_batch < 1 or (a.threads is not None and a.threads < 1):
+        raise UserError("--max-batch and --threads must be at least 1")
+    serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device),
+          max_batch=a.max_batch, threads=a.threads)
+
+
+VERB = Verb("serve", "OpenAI-compatible API server and web chat page", add_arguments, main)
