@@ -164,12 +164,35 @@ def test_tokenize_detokenize(server):
     assert httpx.post(server + "/detokenize", json={"tokens": [-1]}, headers=h).status_code == 400
 
 
-def test_client_disconnect_cancels_and_server_keeps_going(server, client):
-    h = {"Authorization": "Bearer sekrit"}
-    with httpx.stream("POST", server + "/v1/completions", headers=h,
-                      json={"prompt": "The", "max_tokens": 60, "stream": True, "temperature": 1.0}) as r:
+def test_client_disconnect_cancels_and_server_keeps_going(server, client, srv, monkeypatch):
+    """A streaming client that hangs up after one event cancels its generation: the scheduler
+    counts it cancelled (not finished) and frees its rows. The engine's steps after the first wait
+    until the client is gone, so the reply cannot simply end by itself first."""
+    body = {"prompt": "The", "max_tokens": 40, "temperature": 0}
+    solo = post(server, "/v1/completions", body).json()["usage"]["completion_tokens"]  # steps, left alone
+    assert solo > 2
+    step, stepped, go = srv.engine.step, [], threading.Event()
+
+    def held_step():
+        if stepped:
+            go.wait(10)
+        stepped.append(1)
+        return step()
+
+    monkeypatch.setattr(srv.engine, "step", held_step)
+    cancelled = srv.scheduler.cancelled
+    with httpx.stream("POST", server + "/v1/completions", headers=H, json={**body, "stream": True}) as r:
         for _ in r.iter_lines():
             break  # read one event and hang up
+    time.sleep(0.5)  # the server notices while its second step is held
+    go.set()
+    for _ in range(250):
+        if srv.scheduler.cancelled > cancelled and srv.engine.num_active == 0:
+            break
+        time.sleep(0.02)
+    assert srv.scheduler.cancelled == cancelled + 1 and srv.engine.num_active == 0
+    assert len(stepped) < solo  # the engine dropped it before the reply's end
+    monkeypatch.undo()
     r = client.completions.create(model="tiny-chat", prompt="The", max_tokens=3)
     assert len(r.choices) == 1
 

@@ -1,0 +1,359 @@
+"""The OpenAI protocol of `chatsmith serve`: errors in OpenAI's shape, request bodies in (parsed
+explicitly, so every bad field gets a 400 that names it in `param`), response bodies and streamed
+chunks out. Pure functions of their arguments (a tokenizer, the model's limits), no server state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from chatsmith.engine import SamplingParams
+from chatsmith.messages import MessageError, check_messages
+from chatsmith.tokenizer import SPECIAL_TOKENS, _bytes_to_unicode
+
+MAX_LOGPROBS = 20
+MAX_PROMPTS = 64
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type_: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# --- request bodies ---------------------------------------------------------------------------
+
+def parse_body(raw: bytes, model_name: str) -> dict:
+    """A request body: a JSON object whose optional 'model' names this server's model."""
+    try:
+        body = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise APIError(404, f"the model '{model}' does not exist; this server has '{model_name}'",
+                       param="model", code="model_not_found")
+    return body
+
+
+def get_field(body: dict, name: str, types, default=None, check=None, what: str | None = None):
+    """body[name] if it has one of `types` (bool only when asked for) and passes `check`; absent or
+    null: `default`."""
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if not isinstance(v, types) or (isinstance(v, bool) and bool not in
+                                    (types if isinstance(types, tuple) else (types,))):
+        raise APIError(400, f"'{name}' must be {what or types}", param=name, code="invalid_type")
+    if check and not check(v):
+        raise APIError(400, f"'{name}' is out of range: {v!r} ({what})", param=name, code="invalid_value")
+    return v
+
+
+def _max_tokens(body: dict, chat: bool, echo: bool) -> int | None:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(name)
+    lowest = 0 if echo else 1  # echo with max_tokens 0 scores the prompt only (lm-evaluation-harness)
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < lowest):
+        raise APIError(400, f"'{name}' must be an integer >= {lowest}", param=name, code="invalid_value")
+    if max_tokens is None and not chat:
+        max_tokens = 16  # the legacy completions API's default
+    return max_tokens
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return stop
+    raise APIError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+
+
+def _logprobs(body: dict, chat: bool, n: int) -> int | None:
+    """How many alternatives per token to report, None for no logprobs; plus the legacy-only fields."""
+    if chat:
+        want = get_field(body, "logprobs", bool, False, what="a boolean")
+        top = get_field(body, "top_logprobs", int, None, lambda v: 0 <= v <= MAX_LOGPROBS,
+                        f"an integer in [0, {MAX_LOGPROBS}]")
+        if top is not None and not want:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        return (top or 0) if want else None
+    logprobs = get_field(body, "logprobs", int, None, lambda v: 0 <= v <= MAX_LOGPROBS,
+                         f"an integer in [0, {MAX_LOGPROBS}]")
+    get_field(body, "best_of", int, None, lambda v: v == n, "equal to n (best_of is not supported)")
+    if body.get("suffix") is not None:
+        raise APIError(400, "'suffix' (insertion) is not supported", param="suffix")
+    return logprobs
+
+
+def sampling_from(body: dict, chat: bool) -> tuple[SamplingParams, int]:
+    """SamplingParams from an OpenAI request body. max_new_tokens 0 means 'the rest of the context'
+    (chat's default) until `check_prompt` knows the prompt."""
+    num = (int, float)
+    temperature = get_field(body, "temperature", num, 1.0, lambda v: 0 <= v <= 2, "a number in [0, 2]")
+    top_p = get_field(body, "top_p", num, 1.0, lambda v: 0 < v <= 1, "a number in (0, 1]")
+    echo = (not chat) and get_field(body, "echo", bool, False, what="a boolean")
+    max_tokens = _max_tokens(body, chat, echo)
+    n = get_field(body, "n", int, 1, lambda v: 1 <= v <= 16, "an integer in [1, 16]")
+    seed = get_field(body, "seed", int, None, what="an integer")
+    stops = _stops(body)
+    # accepted and validated for compatibility; chatsmith's sampler has repetition_penalty instead
+    get_field(body, "frequency_penalty", num, 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+    get_field(body, "presence_penalty", num, 0.0, lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+    top_k = get_field(body, "top_k", int, 0, lambda v: v >= 0, "an integer >= 0")  # vLLM's extension
+    rep = get_field(body, "repetition_penalty", num, 1.0, lambda v: v > 0, "a number > 0")
+    logprobs = _logprobs(body, chat, n)
+    if body.get("tools") or body.get("functions"):
+        raise APIError(400, "tool and function calling are not supported", param="tools")
+    params = SamplingParams(max_new_tokens=max_tokens or 0, temperature=float(temperature), top_p=float(top_p),
+                            top_k=top_k, repetition_penalty=float(rep), stop=stops, seed=seed,
+                            num_return_sequences=n, logprobs=logprobs,
+                            prompt_logprobs=logprobs if (echo and logprobs is not None) else None)
+    if echo and max_tokens == 0 and params.prompt_logprobs is None:
+        params.prompt_logprobs = 0  # echo without generation: still a valid (scoring-free) request
+    return params, n
+
+
+def parse_messages(body: dict) -> list[dict]:
+    try:
+        return check_messages(body.get("messages"), "messages", parts=True, null_assistant=True)
+    except MessageError as e:
+        if e.field == "messages":  # not a list at all
+            raise APIError(400, f"'messages' {e.problem}", param="messages", code="invalid_type") from None
+        raise APIError(400, str(e), param=e.field) from None
+
+
+def _token_ids(x) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+def completion_prompts(body: dict, tok) -> tuple[list[list[int]], list[str | None]]:
+    """The legacy `prompt`: a string, a list of strings, a list of token ids, or a list of lists.
+    -> token ids per prompt, and its text (None for token ids: decoded once they are known valid)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or _token_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _token_ids(p) for p in prompt):
+        prompts = prompt
+    else:
+        raise APIError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list "
+                            "of token id lists (non-empty)", param="prompt", code="invalid_type")
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    ids = [tok.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompts]
+    return ids, [p if isinstance(p, str) else None for p in prompts]
+
+
+def check_prompt(ids: list[int], params: SamplingParams, param: str, ctx: int, vocab_size: int):
+    """The prompt fits the context with room for the completion (max_new_tokens 0 becomes the rest
+    of the context) and its ids are in the vocabulary."""
+    room = ctx - len(ids)
+    if not ids:
+        raise APIError(400, "the prompt is empty", param=param, code="invalid_value")
+    if room < (0 if params.max_new_tokens == 0 and params.prompt_logprobs is not None else 1):
+        raise APIError(400, f"the prompt is {len(ids)} tokens; this model's maximum context length is "
+                            f"{ctx} tokens", param=param, code="context_length_exceeded")
+    if params.max_new_tokens == 0 and params.prompt_logprobs is None:
+        params.max_new_tokens = room
+    elif len(ids) + params.max_new_tokens > ctx:
+        raise APIError(400, f"this model's maximum context length is {ctx} tokens; you requested "
+                            f"{len(ids) + params.max_new_tokens} ({len(ids)} in the prompt, {params.max_new_tokens} "
+                            f"for the completion): reduce the prompt or max_tokens",
+                       param="max_tokens", code="context_length_exceeded")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"token ids must be in [0, {vocab_size})", param=param, code="invalid_value")
+
+
+@dataclasses.dataclass
+class Call:
+    """A validated chat or legacy completions call: one engine job (ids, params) per prompt, n samples each."""
+
+    chat: bool
+    jobs: list[tuple[list[int], SamplingParams]]
+    texts: list[str]  # each prompt's text (echo)
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:  # (stream, include_usage)
+    stream = get_field(body, "stream", bool, False, what="a boolean")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise APIError(400, "'stream_options' must be an object", param="stream_options")
+    if opts and not stream:
+        raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    return stream, bool(get_field(opts or {}, "include_usage", bool, False, what="a boolean"))
+
+
+def parse_call(body: dict, chat: bool, tok, ctx: int, max_batch: int) -> Call:
+    params, n = sampling_from(body, chat)
+    if chat:
+        if not tok.has_chat:
+            raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+        ids, _ = tok.render_chat(parse_messages(body), add_generation_prompt=True)
+        prompts, texts = [ids], [None]
+    else:
+        prompts, texts = completion_prompts(body, tok)
+    stream, include_usage = _stream_options(body)
+    jobs = []
+    for ids in prompts:
+        p = dataclasses.replace(params, stop=list(params.stop))
+        check_prompt(ids, p, "messages" if chat else "prompt", ctx, tok.vocab_size)
+        jobs.append((ids, p))
+    texts = [t if t is not None else tok.decode(ids) for t, ids in zip(texts, prompts)]
+    if len(jobs) * n > max_batch:
+        raise APIError(400, f"{len(jobs)} prompts x n={n} is more than the {max_batch} sequences this "
+                            f"server decodes at once", param="n")
+    return Call(chat, jobs, texts, n, stream, include_usage, (not chat) and bool(body.get("echo")))
+
+
+# --- response bodies --------------------------------------------------------------------------
+
+class TokenText:
+    """Per token id: its text (a lone piece of a multi-byte character decodes to U+FFFD) and its
+    raw UTF-8 bytes, from the byte-level alphabet of the vocabulary."""
+
+    def __init__(self, tok):
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        self.bytes: list[bytes] = [b""] * tok.vocab_size
+        self.text: list[str] = [""] * tok.vocab_size
+        special = set(SPECIAL_TOKENS)
+        for token, i in tok.tok.get_vocab().items():
+            if i >= tok.vocab_size:
+                continue
+            if token in special or not all(ch in byte_of for ch in token):
+                b = token.encode()
+            else:
+                b = bytes(byte_of[ch] for ch in token)
+            self.bytes[i] = b
+            self.text[i] = b.decode("utf-8", errors="replace")
+
+
+def chat_logprobs(tt: TokenText, entries) -> dict:
+    """Chat logprobs: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+    return {"content": [{"token": tt.text[t], "logprob": lp, "bytes": list(tt.bytes[t]),
+                         "top_logprobs": [{"token": tt.text[a], "logprob": alp, "bytes": list(tt.bytes[a])}
+                                          for a, alp in alts]} for t, lp, alts in entries],
+            "refusal": None}
+
+
+def completion_logprobs(tt: TokenText, entries, offset0: int, token_ids=None) -> dict:
+    """Legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset.
+    entries may start with None (the first prompt token has no logprob; its id is in token_ids)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    off = offset0
+    for j, e in enumerate(entries):
+        t = e[0] if e is not None else token_ids[j]
+        out["tokens"].append(tt.text[t])
+        out["token_logprobs"].append(e[1] if e is not None else None)
+        out["top_logprobs"].append({tt.text[a]: alp for a, alp in e[2]} if e is not None else None)
+        out["text_offset"].append(off)
+        off += len(tt.text[t])
+    return out
+
+
+def usage(call: Call, comps_by_job) -> dict:
+    p = sum(len(ids) for ids, _ in call.jobs)
+    c = sum(len(x.token_ids) for comps in comps_by_job for x in comps)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _chat_choice(i: int, c, tt: TokenText) -> dict:
+    return {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "finish_reason": c.finish_reason,
+            "logprobs": chat_logprobs(tt, c.logprobs) if c.logprobs is not None else None}
+
+
+def _completion_choice(call: Call, j: int, i: int, c, tt: TokenText) -> dict:
+    lp = None
+    if c.logprobs is not None or c.prompt_logprobs is not None:
+        if call.echo:
+            lp = completion_logprobs(tt, (c.prompt_logprobs or []) + (c.logprobs or []), 0, call.jobs[j][0])
+        else:
+            lp = completion_logprobs(tt, c.logprobs or [], len(call.texts[j]))
+    return {"index": j * call.n + i, "text": (call.texts[j] if call.echo else "") + c.text,
+            "finish_reason": c.finish_reason, "logprobs": lp}
+
+
+def response(call: Call, done: dict[int, list], rid: str, created: int, model: str, tt: TokenText) -> dict:
+    """The whole chat.completion / text_completion body from each job's Completions."""
+    by_job = [done[j] for j in range(len(call.jobs))]
+    choices = [_chat_choice(i, c, tt) if call.chat else _completion_choice(call, j, i, c, tt)
+               for j, comps in enumerate(by_job) for i, c in enumerate(comps)]
+    return {"id": rid, "object": "chat.completion" if call.chat else "text_completion", "created": created,
+            "model": model, "choices": choices, "usage": usage(call, by_job)}
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse(d: dict, ensure_ascii: bool = False) -> str:
+    return f"data: {json.dumps(d, ensure_ascii=ensure_ascii)}\n\n"
+
+
+class Chunks:
+    """The streamed chunks of one call (chat.completion.chunk or text_completion), in order: the
+    role chunks (chat), one chunk per engine event, the usage chunk."""
+
+    def __init__(self, call: Call, rid: str, created: int, model: str, tt: TokenText):
+        self.call, self.tt = call, tt
+        self.head = {"id": rid, "object": "chat.completion.chunk" if call.chat else "text_completion",
+                     "created": created, "model": model}
+        self.offsets: dict[int, int] = {}  # completions logprobs: the text offset of each choice so far
+
+    def chunk(self, choices: list, usage_: dict | None = None) -> str:
+        d = {**self.head, "choices": choices}
+        # chat chunks carry "usage": null until the last (as OpenAI's do); the legacy schema has
+        # no null usage, so completions chunks leave it out until then
+        if self.call.include_usage and (self.call.chat or usage_ is not None):
+            d["usage"] = usage_
+        return sse(d)
+
+    def roles(self) -> list[str]:
+        if not self.call.chat:
+            return []
+        return [self.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                             "finish_reason": None, "logprobs": None}]) for i in range(self.call.n)]
+
+    def event(self, j: int, ev) -> str:
+        return self.chunk([self._chat(j, ev) if self.call.chat else self._completion(j, ev)])
+
+    def _chat(self, j: int, ev) -> dict:
+        lp = chat_logprobs(self.tt, ev.logprobs) if self.call.jobs[j][1].logprobs is not None else None
+        return {"index": ev.index, "delta": {"content": ev.text} if ev.text else {},
+                "finish_reason": ev.finish_reason, "logprobs": lp}
+
+    def _completion(self, j: int, ev) -> dict:
+        call, idx = self.call, j * self.call.n + ev.index
+        text, entries, ids0 = ev.text, ev.logprobs or [], None
+        if idx not in self.offsets:  # the choice's first chunk
+            self.offsets[idx] = 0 if call.echo else len(call.texts[j])
+            if call.echo:
+                text = call.texts[j] + text
+                if ev.req.prompt_logprobs is not None:
+                    entries, ids0 = ev.req.prompt_logprobs + entries, call.jobs[j][0]
+        lp = None
+        if call.jobs[j][1].logprobs is not None:
+            lp = completion_logprobs(self.tt, entries, self.offsets[idx], ids0)
+            self.offsets[idx] += sum(len(s) for s in lp["tokens"])
+        return {"index": idx, "text": text, "finish_reason": ev.finish_reason, "logprobs": lp}
+
+    def usage(self, done: dict[int, list]) -> list[str]:
+        return [self.chunk([], usage(self.call, [done[j] for j in sorted(done)]))] if self.call.include_usage else []
