@@ -705,6 +705,17 @@ class GPT(FamilyModel):
 # GPT-2 shape: HF stores q/k/v fused in `c_attn` and uses Conv1D, whose weight is (in, out), the
 # transpose of nn.Linear's; we convert both ways here.
 
+# one GPT-2 block's tensors that map one to one: (ours, HF's, transposed: Conv1D stores (in, out));
+# q/k/v are fused into HF's c_attn and handled apart
+GPT2_LAYER = [
+    ("input_layernorm.weight", "ln_1.weight", False), ("input_layernorm.bias", "ln_1.bias", False),
+    ("post_attention_layernorm.weight", "ln_2.weight", False), ("post_attention_layernorm.bias", "ln_2.bias", False),
+    ("self_attn.o_proj.weight", "attn.c_proj.weight", True), ("self_attn.o_proj.bias", "attn.c_proj.bias", False),
+    ("mlp.up_proj.weight", "mlp.c_fc.weight", True), ("mlp.up_proj.bias", "mlp.c_fc.bias", False),
+    ("mlp.down_proj.weight", "mlp.c_proj.weight", True), ("mlp.down_proj.bias", "mlp.c_proj.bias", False),
+]
+
+
 def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     cfg: DecoderConfig = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -722,18 +733,11 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
         out["score.weight"] = sd["score.weight"]
     for i in range(cfg.n_layer):
         p, h = f"model.layers.{i}.", f"transformer.h.{i}."
-        for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-            out[h + theirs + ".weight"] = sd[p + ours + ".weight"]
-            out[h + theirs + ".bias"] = sd[p + ours + ".bias"]
+        for ours, theirs, transpose in GPT2_LAYER:
+            out[h + theirs] = sd[p + ours].t() if transpose else sd[p + ours]
         a = p + "self_attn."
         out[h + "attn.c_attn.weight"] = torch.cat([sd[a + n + "_proj.weight"] for n in "qkv"], 0).t()
         out[h + "attn.c_attn.bias"] = torch.cat([sd[a + n + "_proj.bias"] for n in "qkv"], 0)
-        out[h + "attn.c_proj.weight"] = sd[a + "o_proj.weight"].t()
-        out[h + "attn.c_proj.bias"] = sd[a + "o_proj.bias"]
-        out[h + "mlp.c_fc.weight"] = sd[p + "mlp.up_proj.weight"].t()
-        out[h + "mlp.c_fc.bias"] = sd[p + "mlp.up_proj.bias"]
-        out[h + "mlp.c_proj.weight"] = sd[p + "mlp.down_proj.weight"].t()
-        out[h + "mlp.c_proj.bias"] = sd[p + "mlp.down_proj.bias"]
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -752,19 +756,12 @@ def from_hf_state_dict(cfg: DecoderConfig, sd: dict[str, torch.Tensor]) -> dict[
                 out[name] = sd[name]
         for i in range(cfg.n_layer):
             p, h = f"model.layers.{i}.", f"h.{i}."
-            for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
-                out[p + ours + ".weight"] = sd[h + theirs + ".weight"]
-                out[p + ours + ".bias"] = sd[h + theirs + ".bias"]
+            for ours, theirs, transpose in GPT2_LAYER:
+                out[p + ours] = sd[h + theirs].t() if transpose else sd[h + theirs]
             w, b = sd[h + "attn.c_attn.weight"].t(), sd[h + "attn.c_attn.bias"]
             for j, n in enumerate("qkv"):
                 out[p + f"self_attn.{n}_proj.weight"] = w[j * d:(j + 1) * d]
                 out[p + f"self_attn.{n}_proj.bias"] = b[j * d:(j + 1) * d]
-            out[p + "self_attn.o_proj.weight"] = sd[h + "attn.c_proj.weight"].t()
-            out[p + "self_attn.o_proj.bias"] = sd[h + "attn.c_proj.bias"]
-            out[p + "mlp.up_proj.weight"] = sd[h + "mlp.c_fc.weight"].t()
-            out[p + "mlp.up_proj.bias"] = sd[h + "mlp.c_fc.bias"]
-            out[p + "mlp.down_proj.weight"] = sd[h + "mlp.c_proj.weight"].t()
-            out[p + "mlp.down_proj.bias"] = sd[h + "mlp.c_proj.bias"]
     if cfg.tie_embeddings or "lm_head.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return {k: v.contiguous() for k, v in out.items()}
