@@ -21,6 +21,16 @@ from chatsmith.train.trainer import Trainer
 VOCAB, SEQ = 64, 16
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The micro model gains nothing from intra-op threads, and on a shared machine they only wait
+    on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def micro_model(seed: int = 0, dropout: float = 0.0) -> GPT:
     torch.manual_seed(seed)
     return GPT(preset("micro", vocab_size=VOCAB, dropout=dropout))
@@ -197,12 +207,12 @@ def test_stage_state_round_trips_through_a_checkpoint(tmp_path):
 
     # what the stage held when the checkpoint was written: replay the first 4 steps' bookkeeping
     ref = ToyStage(4)
-    ref_trainer, ref, _ = fit(tmp_path / "ref", stage=ref, **{**common, "max_steps": 4})
+    _, ref, _ = fit(tmp_path / "ref", stage=ref, **{**common, "max_steps": 4})
     assert ref.loss_calls == 4
 
     fresh = ToyStage(4)
     assert fresh.loss_calls == 0 and torch.equal(fresh.ema, torch.zeros(3))
-    tr, fresh, _ = fit(out, stage=fresh, resume=True, **common)
+    _, fresh, _ = fit(out, stage=fresh, resume=True, **common)
     js, tensors = fresh.loaded  # load_state was called once, with what state() returned at step 4
     assert js == {"loss_calls": 4}
     assert set(tensors) == {"ema"} and torch.equal(tensors["ema"], ref.ema)
