@@ -65,6 +65,12 @@ class Completion:
     prompt_logprobs: list | None = None  # the same per prompt token; None for the first
 
 
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index (N, 1) into each row of probs (N, V) at the row's uniform number u (N,) of its mass."""
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)
+
+
 def process_logits(logits: torch.Tensor, p: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
     """(N, V) raw logits -> logits to sample from (temperature, penalty, top-k, top-p applied)."""
     logits = logits.float()
@@ -445,23 +451,27 @@ class Engine:
         lg = lg / torch.tensor([p.temperature for p in sp], device=lg.device)[:, None]
         u = torch.cat([torch.rand(1, generator=seqs[i].gen, device=lg.device) for i in samp])
         V = lg.shape[-1]
-        if any(p.top_k > 0 or p.top_p < 1.0 for p in sp):
-            lg, order = lg.sort(dim=-1, descending=True)
-            if any(p.top_k > 0 for p in sp):
-                k = torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in sp], device=lg.device)
-                kth = lg.gather(1, (k - 1)[:, None])
-                lg = lg.masked_fill(lg < kth, float("-inf"))
-            probs = lg.softmax(-1)
-            if any(p.top_p < 1.0 for p in sp):
-                top_p = torch.tensor([p.top_p for p in sp], device=lg.device)[:, None]
+        # rows with top-k / top-p sample from their probability-sorted distribution, the others from
+        # the distribution in token order: two groups, so a row's sample never depends on whether a
+        # neighbour in the batch filters (one sort of the filtering rows only)
+        filt = [j for j, p in enumerate(sp) if p.top_k > 0 or p.top_p < 1.0]
+        plain = [j for j, p in enumerate(sp) if not (p.top_k > 0 or p.top_p < 1.0)]
+        pick = torch.empty(len(sp), 1, dtype=torch.long, device=lg.device)
+        if plain:
+            pick[plain] = _inverse_cdf(lg[plain].softmax(-1), u[plain])
+        if filt:
+            fp = [sp[j] for j in filt]
+            lf, order = lg[filt].sort(dim=-1, descending=True)
+            if any(p.top_k > 0 for p in fp):
+                k = torch.tensor([min(p.top_k, V) if p.top_k > 0 else V for p in fp], device=lg.device)
+                kth = lf.gather(1, (k - 1)[:, None])
+                lf = lf.masked_fill(lf < kth, float("-inf"))
+            probs = lf.softmax(-1)
+            if any(p.top_p < 1.0 for p in fp):
+                top_p = torch.tensor([p.top_p for p in fp], device=lg.device)[:, None]
                 # drop a token when the tokens ranked above it already cover top_p of the mass
                 probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
-        else:
-            order, probs = None, lg.softmax(-1)
-        cdf = probs.cumsum(-1)
-        pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=V - 1)
-        if order is not None:
-            pick = order.gather(1, pick)
+            pick[filt] = order.gather(1, _inverse_cdf(probs, u[filt]))
         for i, t in zip(samp, pick[:, 0].tolist()):
             out[i] = t
         return out

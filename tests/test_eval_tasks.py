@@ -471,8 +471,10 @@ def test_reward_task_with_a_real_reward_head(model_dir, tmp_path):
     from chatsmith.checkpoint import write_model_files
 
     model = load_model(model_dir)
+    assert not model.cfg.score_head  # the micro base model has none: the test gives it one
     torch.manual_seed(0)
     model.add_head("score")
+    assert model.cfg.score_head and model.score.weight.shape == (1, model.cfg.d_model)
     rm = tmp_path / "rm"
     rm.mkdir()
     write_model_files(rm, model, model_dir, {"stage": "reward"})

@@ -135,9 +135,11 @@ def test_lm_eval_multiple_choice_against_chatsmith_serve(server, base_model, tmp
 
     probe = httpx.post(f"{server}/v1/completions", json={"model": "micro", "prompt": [5, 6, 7], "max_tokens": 1,
                                                          "echo": True, "logprobs": 1, "temperature": 0}, timeout=30)
-    if probe.status_code != 200 or not (probe.json()["choices"][0].get("logprobs") or {}).get("token_logprobs"):
-        pytest.skip("chatsmith serve does not answer echo + logprobs on token-id prompts yet (lm-eval's "
-                    "loglikelihood requests need them)")
+    # lm-eval's loglikelihood requests need echo + logprobs on token-id prompts: one value per prompt
+    # token (None for the first, which has no context) and one for the generated token
+    assert probe.status_code == 200, probe.text
+    lps = (probe.json()["choices"][0].get("logprobs") or {}).get("token_logprobs")
+    assert lps and len(lps) == 4 and lps[0] is None and all(isinstance(v, float) for v in lps[1:]), lps
     mc = write_jsonl(tmp_path / "mc.jsonl", MC)
     (w,) = export_tasks([str(mc)], tmp_path / "tasks")
     res, samples = run_lm_eval(server, w["name"], tmp_path / "tasks", tmp_path)
