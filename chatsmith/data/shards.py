@@ -39,37 +39,31 @@ def write_shards(splits: dict[str, list[str]], tok, out: str | os.PathLike,
             "eos_id": tok.eos_id, "splits": {}}
     t0 = time.time()
     for split, paths in splits.items():
-        tmp = out / f".tmp-{split}.bin"
         n_tok = n_bytes = n_docs = 0
-        try:
-            with open(tmp, "wb") as f:
-                batch: list[str] = []
+        # the UserError inside the block leaves no file behind: atomic_file removes its temporary
+        with atomic.atomic_file(out / f"{split}.bin", "wb") as f:
+            batch: list[str] = []
 
-                def flush():
-                    nonlocal n_tok, n_bytes, n_docs
-                    for ids in tok.encode_batch(batch):
-                        arr = np.asarray([tok.bos_id, *ids], dtype=dtype)
-                        f.write(arr.tobytes())
-                        n_tok += len(arr)
-                    n_bytes += sum(len(t.encode()) for t in batch)
-                    n_docs += len(batch)
-                    batch.clear()
+            def flush():
+                nonlocal n_tok, n_bytes, n_docs
+                for ids in tok.encode_batch(batch):
+                    arr = np.asarray([tok.bos_id, *ids], dtype=dtype)
+                    f.write(arr.tobytes())
+                    n_tok += len(arr)
+                n_bytes += sum(len(t.encode()) for t in batch)
+                n_docs += len(batch)
+                batch.clear()
 
-                for _src, text in iter_input_documents(paths):
-                    batch.append(text)
-                    if len(batch) >= batch_docs:
-                        flush()
-                        if sys.stderr.isatty():
-                            print(f"\r{split} shard: {n_docs} docs, {n_tok / 1e6:.2f}M tokens", end="", file=sys.stderr)
-                if batch:
+            for _src, text in iter_input_documents(paths):
+                batch.append(text)
+                if len(batch) >= batch_docs:
                     flush()
-                f.flush()
-                os.fsync(f.fileno())
+                    if sys.stderr.isatty():
+                        print(f"\r{split} shard: {n_docs} docs, {n_tok / 1e6:.2f}M tokens", end="", file=sys.stderr)
+            if batch:
+                flush()
             if n_tok == 0:
                 raise UserError(f"the {split} split ({', '.join(map(str, paths))}) has no documents")
-            os.replace(tmp, out / f"{split}.bin")
-        finally:
-            tmp.unlink(missing_ok=True)
         print(f"\r{split} shard: {n_docs} docs, {n_tok:,} tokens, {n_bytes:,} bytes "
               f"({n_bytes / max(n_tok - n_docs, 1):.2f} bytes/token)", file=sys.stderr)
         meta["splits"][split] = {"tokens": n_tok, "bytes": n_bytes, "documents": n_docs,
