@@ -97,6 +97,15 @@ def wait(cond, timeout=30, what="condition"):
 
 
 def replies(d):
+    """The assistant replies' texts. The page re-renders a reply while it streams, so an element
+    found here can be replaced before its text is read: read them all again then."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(20):
+        try:
+            return [e.text for e in d.find_elements("css selector", ".message.assistant .body")]
+        except StaleElementReferenceException:
+            time.sleep(0.05)
     return [e.text for e in d.find_elements("css selector", ".message.assistant .body")]
 
 
