@@ -147,7 +147,7 @@ def check_state_dict(expected: dict, sd: dict, where: str, config_name: str):
 def model_from_hf_state(cfg, hf_sd: dict[str, torch.Tensor], where: str):
     """A model of cfg's family holding `hf_sd` (HF tensor names) in fp32; every missing, unexpected or
     misshapen tensor is a UserError naming `where`, raised before any real weights are allocated."""
-    family = registry.get(registry.family_of(cfg).name)
+    family = registry.family_of(cfg)
     try:
         sd = family.from_hf_state_dict(cfg, hf_sd)
     except KeyError as e:

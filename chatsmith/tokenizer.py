@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from chatsmith.data.corpus import iter_input_documents
+from chatsmith.data.corpus import iter_input_documents, split_files
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 from chatsmith.messages import ROLES
@@ -346,11 +346,6 @@ def encode_records(tok: Tokenizer, records, max_len: int) -> tuple[list, dict]:
 
 # --- the verb -------------------------------------------------------------------------------------
 
-def _corpus_files(paths: list[str], split: str = "train") -> list[str]:
-    """A `data build` directory stands for its train (or val) split; other paths as given."""
-    return [str(Path(p) / f"{split}.jsonl") if (Path(p) / "train.jsonl").exists() else p for p in paths]
-
-
 def _train_arguments(p):
     p.add_argument("--input", nargs="+", required=True,
                    help="corpus .jsonl/.txt/.md files or folders, or a `data build` dir")
@@ -362,7 +357,7 @@ def _train_arguments(p):
 
 def _train_main(a):
     val = [str(Path(p) / "val.jsonl") for p in a.input if (Path(p) / "val.jsonl").exists()]
-    stats = train_command(_corpus_files(a.input), a.vocab_size, a.out, val=val or None, max_chars=a.max_chars,
+    stats = train_command(split_files(a.input, "train"), a.vocab_size, a.out, val=val or None, max_chars=a.max_chars,
                           min_frequency=a.min_frequency)
     if "val_bytes_per_token" in stats:
         print(f"val bytes/token: {stats['val_bytes_per_token']:.3f}")

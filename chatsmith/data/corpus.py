@@ -296,6 +296,22 @@ def _iter_jsonl_texts(path: Path) -> Iterator[str]:
         yield obj["text"]
 
 
+def split_files(inputs: list[str], split: str) -> list[str]:
+    """A `data build` corpus directory (one holding train.jsonl) stands for its train.jsonl
+    (split="train") or val.jsonl (split="val"); anything else is used as given."""
+    out = []
+    for p in inputs:
+        d = Path(p)
+        if d.is_dir() and (d / "train.jsonl").exists():
+            f = d / f"{split}.jsonl"
+            if not f.exists():
+                raise UserError(f"{d} is a corpus directory (it has train.jsonl) but has no {split}.jsonl")
+            out.append(str(f))
+        else:
+            out.append(str(p))
+    return out
+
+
 def iter_input_documents(inputs: Iterable[str | os.PathLike]) -> Iterator[tuple[str, str]]:
     """(source, text) of every document in .txt/.md/.jsonl files or folders, as written (no
     cleaning): how the tokenizer trainer and the shard writer read a corpus. Streams."""

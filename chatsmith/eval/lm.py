@@ -14,13 +14,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from chatsmith.batching import collate
+
 
 @torch.no_grad()
 def score_documents(model, tok, texts, batch_windows: int = 16) -> dict:
     device = next(model.parameters()).device
     ctx = model.cfg.max_seq_len
     stride = ctx // 2
-    windows = []  # (input ids, target ids, number of leading targets already counted)
+    windows = []  # (ids, number of leading targets already counted)
     n_bytes = 0
     for text in texts:
         # the first token is scored given BOS, as the model saw documents start in training; a model
@@ -35,7 +37,7 @@ def score_documents(model, tok, texts, batch_windows: int = 16) -> dict:
             if len(chunk) < 2:
                 break
             skip = 0 if start == 0 else ctx - stride  # those targets were scored by the previous window
-            windows.append((chunk[:-1], chunk[1:], skip))
+            windows.append((chunk, skip))
             if start + ctx + 1 >= len(ids):
                 break
             start += stride
@@ -45,12 +47,10 @@ def score_documents(model, tok, texts, batch_windows: int = 16) -> dict:
     windows.sort(key=lambda w: len(w[0]))  # similar lengths together: less padding
     for i in range(0, len(windows), batch_windows):
         group = windows[i:i + batch_windows]
-        T = max(len(w[0]) for w in group)
-        x = torch.full((len(group), T), tok.pad_id, dtype=torch.long)
-        y = torch.full((len(group), T), -100, dtype=torch.long)
-        for r, (inp, tgt, skip) in enumerate(group):
-            x[r, :len(inp)] = torch.tensor(inp)
-            y[r, skip:len(tgt)] = torch.tensor(tgt[skip:])
+        # each window's first `skip` targets were scored by the previous window: masked out
+        b = collate([c for c, _ in group], tok.pad_id, masks=[[0] * (skip + 1) + [1] * (len(c) - 1 - skip)
+                                                             for c, skip in group])
+        x, y = b["x"], b["y"].masked_fill(b["mask"] == 0, -100)
         logits = model(x.to(device)).float()
         nats += F.cross_entropy(logits.flatten(0, 1), y.flatten().to(device), ignore_index=-100,
                                 reduction="sum").item()

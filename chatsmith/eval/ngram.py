@@ -54,7 +54,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from chatsmith.atomic import atomic_dir
-from chatsmith.data.corpus import iter_input_documents
+from chatsmith.data.corpus import iter_input_documents, split_files
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 from chatsmith.tokenizer import Tokenizer
@@ -412,22 +412,6 @@ def _check_order(order) -> None:
 
 # --------------------------------------------------------------------------- commands
 
-def _split_inputs(inputs: list[str], split: str) -> list[str]:
-    """A `data build` corpus directory (one holding train.jsonl) stands for its train.jsonl
-    (split="train") or val.jsonl (split="val"); anything else is used as given."""
-    out = []
-    for p in inputs:
-        d = Path(p)
-        if d.is_dir() and (d / "train.jsonl").exists():
-            f = d / f"{split}.jsonl"
-            if not f.exists():
-                raise UserError(f"{d} is a corpus directory (it has train.jsonl) but has no {split}.jsonl")
-            out.append(str(f))
-        else:
-            out.append(str(p))
-    return out
-
-
 def _encoded_docs(tok, inputs: list[str], stats: dict) -> Iterator[list[int]]:
     """Token ids of every document of the inputs (encoded in batches); counts documents and
     UTF-8 bytes into stats."""
@@ -451,7 +435,7 @@ def train_command(inputs: list[str], tokenizer_dir: str, order: int, out: str,
     if not inputs:
         raise UserError("ngram train needs --input PATH… (corpus files or a `data build` directory)")
     tok = Tokenizer.load(tokenizer_dir)
-    files = _split_inputs(inputs, "train")
+    files = split_files(inputs, "train")
     t0 = time.time()
     print(f"counting {order}-grams over {', '.join(files)}", file=sys.stderr)
     read = {"documents": 0, "bytes": 0}
@@ -473,7 +457,7 @@ def eval_command(model_dir: str, inputs: list[str]) -> dict:
     if tok.vocab_size != lm.vocab_size or tok.bos_id != lm.bos_id:
         raise UserError(f"{model_dir}: the tokenizer files do not match the n-gram model "
                         f"(vocabulary {tok.vocab_size} vs {lm.vocab_size})")
-    files = _split_inputs(inputs, "val")
+    files = split_files(inputs, "val")
     read = {"documents": 0, "bytes": 0}
     nats, n_tok = lm.score_docs(_encoded_docs(tok, files, read))
     if n_tok == 0:

@@ -40,8 +40,7 @@ from chatsmith.errors import UserError
 from chatsmith.model import registry
 from chatsmith.model.lora import apply_lora_from_config, load_adapter_state_dict, summary as lora_summary
 from chatsmith.train import optim
-from chatsmith.train.optim import full_tensor as _full
-from chatsmith.train.optim import load_optimizer_tensors, lr_at, optimizer_tensors
+from chatsmith.train.optim import full_tensor, load_optimizer_tensors, lr_at, optimizer_tensors
 
 FIT_AFTER = 5  # steps timed before the schedule is fitted to --max-minutes
 
@@ -129,7 +128,7 @@ class Trainer:
         """Everyone reaches here; only rank 0 writes (under FSDP every rank first helps gather)."""
         model, tensors = self.unwrapped, None
         if self.fsdp:
-            sd = {k: _full(v).cpu() for k, v in self.unwrapped.state_dict().items()}
+            sd = {k: full_tensor(v).cpu() for k, v in self.unwrapped.state_dict().items()}
             tensors = self._state_tensors()
             if self.master:  # a CPU model around the gathered weights, for the checkpoint writer
                 with torch.device("meta"):
@@ -227,7 +226,7 @@ class Trainer:
     def _unshard(self):
         """Swap the sharded model for a plain one holding the gathered weights (every rank), so code
         after fit (evaluations, generation on rank 0 alone) needs no collectives."""
-        sd = {k: _full(v) for k, v in self.unwrapped.state_dict().items()}
+        sd = {k: full_tensor(v) for k, v in self.unwrapped.state_dict().items()}
         plain = registry.build(self.unwrapped.cfg).to(self.device)
         plain.load_state_dict(sd, strict=True)
         plain.tie_weights()

@@ -8,6 +8,7 @@ Chinese). They live in ``identity.json`` beside this module:
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ IDENTITY_FILE = Path(__file__).with_name("identity.json")
 _LANGS = ("en", "zh")
 
 
+@functools.lru_cache(maxsize=1)  # read once per process: the chatterbot filter and the family both need it
 def _load() -> dict:
     with open(IDENTITY_FILE, encoding="utf-8") as f:
         return json.load(f)
