@@ -12,16 +12,16 @@ import torch
 from chatsmith.atomic import atomic_dir
 from chatsmith.checkpoint import model_from_hf_state, write_model_files
 from chatsmith.errors import UserError
-from chatsmith.model.decoder import GPT, DecoderConfig
+from chatsmith.model.family import FamilyModel
 
 
-def build_model(cfg: DecoderConfig, hf_sd: dict[str, torch.Tensor], source: str) -> GPT:
-    """A decoder holding `hf_sd` (HF tensor names); every missing, unexpected or misshapen tensor is a
+def build_model(cfg, hf_sd: dict[str, torch.Tensor], source: str) -> FamilyModel:
+    """A model of cfg's family holding `hf_sd` (HF tensor names); every missing, unexpected or misshapen tensor is a
     UserError naming `source`, raised before anything is written."""
     return model_from_hf_state(cfg, hf_sd, f"{source}: the weights").eval()
 
 
-def write_imported(out_dir: str | Path, model: GPT, tokenizer_files: dict[str, bytes | str | dict] | None,
+def write_imported(out_dir: str | Path, model: FamilyModel, tokenizer_files: dict[str, bytes | str | dict] | None,
                    source: str, extra: dict | None = None) -> Path:
     """Model + tokenizer files into OUT_DIR, atomically: on any failure nothing appears there."""
     out = Path(out_dir)

@@ -1,4 +1,5 @@
-"""Import a Hugging Face model directory (what `save_pretrained` writes) of the Llama or GPT-2 family.
+"""Import a Hugging Face model directory (what `save_pretrained` writes): a Llama- or GPT-2-family
+decoder, or a BERT encoder (BertModel, e.g. all-MiniLM-L6-v2, or a Bert*For* task model).
 
 Weights come from model.safetensors, sharded safetensors (model.safetensors.index.json), or
 pytorch_model.bin (also sharded) read with torch.load(weights_only=True): never unpickled code.
@@ -9,12 +10,14 @@ folded into tokenizer_config.json, since that is where chatsmith.tokenizer reads
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from chatsmith.model.decoder import DecoderConfig
+from chatsmith.model.encoder import EncoderConfig
 from chatsmith.errors import UserError
 from chatsmith.interop.common import build_model, write_imported
 
@@ -29,12 +32,17 @@ def _read_json(f: Path) -> dict:
         raise UserError(f"{f} cannot be read as JSON ({e})") from None
 
 
-def read_hf_config(d: Path) -> DecoderConfig:
+def read_hf_config(d: Path) -> DecoderConfig | EncoderConfig:
     raw = _read_json(d / "config.json")
     mt = raw.get("model_type")
-    if mt not in ("llama", "gpt2"):
-        raise UserError(f"{d / 'config.json'} has model_type={mt!r}; chatsmith imports 'llama' and 'gpt2' "
-                        f"(Llama-family and GPT-2-family models)")
+    if mt not in ("llama", "gpt2", "bert"):
+        raise UserError(f"{d / 'config.json'} has model_type={mt!r}; chatsmith imports 'llama', 'gpt2' "
+                        f"(decoders) and 'bert' (encoders)")
+    if mt == "bert":
+        try:
+            return EncoderConfig.from_hf(raw)
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{d / 'config.json'} lacks or has unexpected fields ({e})") from None
     if mt == "llama":
         if raw.get("hidden_act", "silu") != "silu":
             raise UserError(f"{d}: hidden_act={raw['hidden_act']!r} is not supported (Llama uses silu)")
@@ -133,7 +141,11 @@ def import_hf(src: str | Path, out_dir: str | Path) -> Path:
     cfg = read_hf_config(d)
     raw = read_hf_weights(d)
     sd = {k: v for k, v in raw.items() if not k.endswith(_DROP_SUFFIXES)}
-    if cfg.arch == "llama":
+    if isinstance(cfg, EncoderConfig):
+        # a BertModel may have been saved without its pooler (add_pooling_layer=False)
+        has_pooler = any(k.endswith("pooler.dense.weight") for k in sd)
+        cfg = dataclasses.replace(cfg, pooler=has_pooler) if not cfg.heads else cfg
+    elif cfg.arch == "llama":
         # LlamaModel saved without its LM head wrapper has no "model." prefix
         if "embed_tokens.weight" in sd:
             sd = {("model." + k if not k.startswith("lm_head") else k): v for k, v in sd.items()}

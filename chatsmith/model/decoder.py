@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from chatsmith.errors import UserError
 from chatsmith.model.family import Family, FamilyModel
-from chatsmith.model.heads import HEADS
+
+
+DECODER_HEADS = ("lm", "score")
 
 
 @dataclass
@@ -51,9 +53,10 @@ class DecoderConfig:
 
     def __post_init__(self):
         self.heads = tuple(self.heads)
-        unknown = [h for h in self.heads if h not in HEADS]
+        unknown = [h for h in self.heads if h not in DECODER_HEADS]
         if unknown or "lm" not in self.heads:
-            raise UserError(f"decoder heads must include 'lm' and be among {', '.join(HEADS)}, got {list(self.heads)}")
+            raise UserError(f"decoder heads must include 'lm' and be among {', '.join(DECODER_HEADS)}, "
+                            f"got {list(self.heads)}")
         if self.arch not in ("llama", "gpt2"):
             raise UserError(f"model arch must be 'llama' or 'gpt2', got {self.arch!r}")
         if self.n_kv_head is None:

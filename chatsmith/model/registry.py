@@ -8,15 +8,16 @@ block is matched by its `model_type`.
 from __future__ import annotations
 
 from chatsmith.errors import UserError
-from chatsmith.model import decoder
+from chatsmith.model import decoder, encoder
 from chatsmith.model.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (decoder.FAMILY,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (decoder.FAMILY, encoder.FAMILY)}
 DEFAULT = "decoder"
+ALIASES = {"gpt": "decoder", "bert": "encoder"}  # what the tutorials call them
 
 
 def get(name: str | None) -> Family:
-    name = name or DEFAULT
+    name = ALIASES.get(name, name) or DEFAULT
     if name not in FAMILIES:
         raise UserError(f"unknown model family {name!r}; chatsmith knows: {', '.join(FAMILIES)}")
     return FAMILIES[name]
