@@ -61,6 +61,16 @@ class EncoderTokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
+    # what the token shards (chatsmith/data/shards.py) ask of a tokenizer: documents are separated by [SEP]
+    @property
+    def bos_id(self) -> int:
+        return self.sep_id
+
+    eos_id = bos_id
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.pieces(texts)
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EncoderTokenizer":
         d = Path(path)

@@ -159,7 +159,7 @@ class EncoderConfig:
 # Named model shapes. vocab_size is taken from the tokenizer when a run starts.
 PRESETS: dict[str, dict] = {
     "micro": dict(n_layer=2, n_head=4, d_model=64, max_seq_len=128),  # seconds on a CPU: tests
-    "mini": dict(n_layer=4, n_head=4, d_model=256, max_seq_len=128),  # ~5M: the 15-minute CPU encoder
+    "tiny": dict(n_layer=4, n_head=4, d_model=256, max_seq_len=128),  # ~5M: the 15-minute CPU encoder
     "minilm": dict(n_layer=6, n_head=12, d_model=384, d_ff=1536, max_seq_len=512),  # all-MiniLM-L6's shape
 }
 
@@ -321,6 +321,15 @@ class Encoder(FamilyModel):
         if name == "mlm":
             self.mlm_head.apply(self._init_weights)
             self.tie_weights()
+        return self
+
+    def keep_heads(self, names: tuple[str, ...]) -> "Encoder":
+        """Drop every head not in names (a fine-tuned classifier keeps no MLM head: its directory then
+        loads in transformers as the task class without unused weights)."""
+        for n in self.heads:
+            if n not in names:
+                delattr(self, HEADS[n].attr)
+        self.cfg = dataclasses.replace(self.cfg, heads=tuple(n for n in self.heads if n in names))
         return self
 
     def num_params(self) -> int:

@@ -64,7 +64,7 @@ class FamilyModel(nn.Module):
 
     def head(self, name: str) -> nn.Module:
         if name not in self.heads:
-            raise UserError(f"this model has no {name!r} head (it has: {', '.join(self.heads)})")
+            raise UserError(f"this model has no {name!r} head (it has: {', '.join(self.heads) or 'none'})")
         return getattr(self, HEADS[name].attr)
 
     def _build_heads(self):

@@ -1,4 +1,5 @@
-"""Pretraining: next-token prediction on token shards.
+"""Pretraining: next-token prediction on token shards (decoders), or masked-token prediction
+(`--family bert`: chatsmith/train/mlm.py).
 
 Input is either `--data DIR` (token shards from an earlier run) or `--input PATH…` (a corpus
 directory from `chatsmith data build`, or raw .txt/.md/.jsonl files, which are cleaned, split and
@@ -23,6 +24,7 @@ from chatsmith.errors import UserError
 from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
 from chatsmith.model import registry
 from chatsmith.tokenizer import Tokenizer, bytes_per_token, iter_texts, train_tokenizer
+from chatsmith.train import mlm
 from chatsmith.train.trainer import Trainer
 
 
@@ -160,12 +162,31 @@ def add_arguments(p):
     p.add_argument("--vocab-size", type=int, default=8192, help="when a tokenizer is trained")
     p.add_argument("--max-seq-len", type=int, default=None, help="override the preset's context length")
     p.add_argument("--arch", choices=["llama", "gpt2"], default=None, help="override the preset's shape")
+    p.add_argument("--family", choices=["decoder", "gpt", "encoder", "bert"], default="decoder",
+                   help="decoder (GPT, causal LM) or encoder (BERT, masked LM)")
+    p.add_argument("--nsp", action="store_true", help="encoder: also next-sentence prediction (50%% real next segment)")
+    p.add_argument("--mask-prob", type=float, default=0.15, help="encoder: share of tokens chosen for prediction")
+    p.add_argument("--lowercase", action="store_true", help="encoder: a lowercasing WordPiece tokenizer")
     add_train_flags(p, DEFAULTS, skip=())
-    p.epilog = f"presets: {', '.join(registry.presets())}"
+    p.epilog = (f"decoder presets: {', '.join(registry.presets())}; "
+                f"encoder presets: {', '.join(registry.presets('encoder'))}")
 
 
 def main(a):
     cfg = dataclass_from_args(TrainConfig, a)
+    if registry.get(a.family).name == "encoder":
+        if a.data or a.arch:
+            raise UserError(f"--{'data' if a.data else 'arch'} is for decoders; an encoder reads --input")
+        if not a.input:
+            raise UserError("pretrain --family bert needs --input PATH… (a `data build` corpus directory or files)")
+        registry.preset(cfg.preset, family="encoder")  # a bad --preset fails before any data work
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        over = {"max_seq_len": a.max_seq_len} if a.max_seq_len else {}
+        summary = mlm.run(cfg, _corpus_splits(a.input, Path(cfg.out)), tokenizer=a.tokenizer,
+                          vocab_size=a.vocab_size, nsp=a.nsp, mask_prob=a.mask_prob, lowercase=a.lowercase,
+                          model_overrides=over)
+        print(json.dumps(summary, indent=2))
+        return
     overrides = {k: v for k, v in (("max_seq_len", a.max_seq_len), ("arch", a.arch)) if v is not None}
     summary = run(cfg, inputs=a.input, data=a.data, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                   model_overrides=overrides)
