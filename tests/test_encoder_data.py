@@ -193,6 +193,15 @@ def test_qa_build_valid_squad_v2_held_out_by_document(qa_sources):
         e.answers[0].text.isdigit() for e in sotu)
 
 
+def test_data_build_what_qa_cli(qa_sources, monkeypatch, capsys):
+    monkeypatch.setattr(qa_mod, "WORDNET_DIR", qa_sources / "wn")
+    monkeypatch.setattr(qa_mod, "QUIZ_DIR", qa_sources / "nowhere")  # missing: warned, skipped
+    assert cli("data", "build", "--what", "qa", "--sources-dir", qa_sources / "src", "--out", qa_sources / "o") == 0
+    meta = json.loads((qa_sources / "o" / "qa" / "meta.json").read_text())
+    assert set(meta["sources"]) == {"wordnet", "sotu"} and "bsdgames" in capsys.readouterr().err
+    assert not (qa_sources / "o" / "corpus").exists() and not (qa_sources / "o" / "chat").exists()
+
+
 def test_qa_build_is_deterministic(qa_sources):
     _build_qa(qa_sources, "a")
     _build_qa(qa_sources, "b")

@@ -366,10 +366,12 @@ def _count(articles: list[dict]) -> dict:
 
 
 def build_qa(out_dir: str | os.PathLike, sources_dir: str | os.PathLike = ".sources",
-             wordnet_dir: Path = WORDNET_DIR, quiz_dir: Path = QUIZ_DIR,
+             wordnet_dir: Path | None = None, quiz_dir: Path | None = None,
              wordnet_groups: int = WORDNET_GROUPS) -> dict:
     """Write OUT/qa/{train,test}.json (SQuAD v2.0) and OUT/qa/meta.json, all at once."""
     src = Path(sources_dir)
+    wordnet_dir = Path(WORDNET_DIR if wordnet_dir is None else wordnet_dir)
+    quiz_dir = Path(QUIZ_DIR if quiz_dir is None else quiz_dir)
     by_source: dict[str, list[dict]] = {}
     if (Path(wordnet_dir) / "data.noun").is_file():
         by_source["wordnet"] = wordnet_articles(Path(wordnet_dir), wordnet_groups)
