@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from chatsmith import chat, generate, report, runtime, speedrun, tokenizer
+from chatsmith import chat, embed, generate, report, runtime, speedrun, tokenizer
 from chatsmith.data import build as data_build
 from chatsmith.errors import UserError
 from chatsmith.eval import harness, ngram, runner
@@ -19,20 +19,23 @@ from chatsmith.flags import Parser
 from chatsmith.interop import convert
 from chatsmith.interop.registry import KNOWN, resolve
 from chatsmith.serve import verb as serve_verb
-from chatsmith.train import dpo, pretrain, reward, rlhf, sft
+from chatsmith.train import classify, dpo, pretrain, qa, reward, rlhf, sft
 
 VERBS = [
     data_build.VERB, dpo.PAIRS_VERB,
     tokenizer.VERB,
     pretrain.VERB, sft.VERB, reward.VERB, dpo.VERB, rlhf.VERB,
-    chat.VERB, serve_verb.VERB, generate.VERB,
+    classify.TRAIN_VERB, classify.EVAL_VERB, classify.PREDICT_VERB, qa.TRAIN_VERB, qa.EVAL_VERB, qa.PREDICT_VERB,
+    chat.VERB, serve_verb.VERB, generate.VERB, embed.VERB, embed.FILL_VERB,
     runner.VERB, ngram.TRAIN_VERB, ngram.EVAL_VERB, harness.VERB, report.VERB,
     convert.MERGE_VERB, convert.IMPORT_VERB, convert.EXPORT_VERB,
     speedrun.VERB,
 ]
 GROUPS = {"data": "build corpora, dialogues and preference pairs", "tokenizer": "train a byte-level BPE tokenizer",
           "ngram": "n-gram baseline (interpolated modified Kneser-Ney)",
-          "lora": "LoRA adapters (train them with --lora-rank on any training verb)"}
+          "lora": "LoRA adapters (train them with --lora-rank on any training verb)",
+          "classify": "sentence (pair) classification with an encoder: train, eval, predict",
+          "qa": "extractive question answering with an encoder (SQuAD format): train, eval, predict"}
 
 
 def build_parser() -> Parser:
