@@ -29,6 +29,7 @@ import numpy as np
 
 from chatsmith import atomic
 from chatsmith.checkpoint import load_model
+from chatsmith.config import DEVICES, TRAIN_CHOICES
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.dialogues import build_dialogues
 from chatsmith.data.preferences import build_preferences
@@ -39,6 +40,7 @@ from chatsmith.eval.lm import score_documents
 from chatsmith.eval.ngram import NGramLM
 from chatsmith.eval.runner import run_eval
 from chatsmith.flags import Verb, train_config
+from chatsmith.model import registry
 from chatsmith.report import write_report
 from chatsmith.tokenizer import Tokenizer, train_command
 from chatsmith.train import dpo, pretrain, reward, rlhf, sft
@@ -322,12 +324,14 @@ def run(a) -> dict:
 
 def add_arguments(p):
     p.add_argument("--minutes", type=float, default=15.0, help="total time budget in minutes")
-    p.add_argument("--out", default="runs/speedrun")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--sources-dir", default=os.environ.get("CHATSMITH_SOURCES", ".sources"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default="runs/speedrun", help="run directory (every stage in a folder of its own)")
+    p.add_argument("--preset", default="tiny", choices=registry.presets(), help="size of the base model")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the trained tokenizer")
+    p.add_argument("--sources-dir", default=os.environ.get("CHATSMITH_SOURCES", ".sources"),
+                   help="raw sources fetched by scripts/setup.sh ($CHATSMITH_SOURCES overrides)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to train (auto: cuda, else mps, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=TRAIN_CHOICES["dtype"],
+                   help="auto: bf16 autocast on a GPU that supports it, else fp32")
     p.add_argument("--resume", action="store_true", help="continue an interrupted speedrun")
 
 

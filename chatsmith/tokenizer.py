@@ -349,10 +349,10 @@ def encode_records(tok: Tokenizer, records, max_len: int) -> tuple[list, dict]:
 def _train_arguments(p):
     p.add_argument("--input", nargs="+", required=True,
                    help="corpus .jsonl/.txt/.md files or folders, or a `data build` dir")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, special tokens included")
+    p.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
     p.add_argument("--max-chars", type=int, default=None, help="train on at most this many characters")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="tokenizer directory to write")
 
 
 def _train_main(a):

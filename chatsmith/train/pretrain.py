@@ -160,8 +160,8 @@ def add_arguments(p):
     p.add_argument("--vocab-size", type=int, default=8192, help="when a tokenizer is trained")
     p.add_argument("--max-seq-len", type=int, default=None, help="override the preset's context length")
     p.add_argument("--arch", choices=["llama", "gpt2"], default=None, help="override the preset's shape")
-    add_train_flags(p, DEFAULTS, skip=())
-    p.epilog = f"presets: {', '.join(registry.presets())}"
+    # choices: a wrong preset is refused by argparse, before any tokenizer is trained or shard written
+    add_train_flags(p, DEFAULTS, skip=(), choices={"preset": registry.presets()})
 
 
 def main(a):
