@@ -52,6 +52,12 @@ class Stage:
     bad_rows: int = 0
 
 
+def invalid_utf8(text: str) -> int:
+    """Invalid UTF-8 sequences a byte-level model emitted in `text`: each one that could not complete
+    decodes to one U+FFFD (streaming holds back a sequence while it still can complete)."""
+    return text.count("\ufffd")
+
+
 def _read_json(path: Path):
     """A JSON file or None: a report never fails on one unreadable file."""
     try:
