@@ -42,7 +42,8 @@ from chatsmith.eval.runner import run_eval
 from chatsmith.flags import Verb, train_config
 from chatsmith.model import registry
 from chatsmith.report import write_report
-from chatsmith.tokenizer import Tokenizer, train_command
+from chatsmith.runtime import resolve_device
+from chatsmith.tokenizer import SPECIAL_TOKENS, Tokenizer, train_command
 from chatsmith.train import dpo, pretrain, reward, rlhf, sft
 
 SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach", "The committee said that",
@@ -56,6 +57,8 @@ SFT_EVAL_S = 45  # held-out generation before and after SFT (measured ~20-40 s f
 RL_EVAL_S = 30  # held-out greedy answers before and after RL, and the KL estimate
 JUDGE_S = 25  # SFT and DPO replies to 200 held-out prompts, scored by the reward model (~10 s)
 FIXED_S = RESERVE_S + BASELINE_S + SFT_EVAL_S + RL_EVAL_S + JUDGE_S
+PREP_S = 45  # data build (~20 s on 2 cores) and the tokenizer: checked against --minutes before either runs
+MIN_TRAIN_S = 120
 # What the speedrun sets differently from each stage's own DEFAULTS (chatsmith/train/*.py), and why:
 # every stage runs for minutes, not hours, so the base model takes a smaller batch for more steps
 # and evaluations are fewer and shorter; SFT and the reward model take larger learning rates (a few
@@ -67,6 +70,7 @@ SPEEDRUN = {
     "rl": dict(lr=1e-4, eval_every=10**6, save_every=20),
     "dpo": dict(eval_every=10**6, save_every=1000),
 }
+N_STAGES = 9
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
 
 
@@ -134,22 +138,42 @@ def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 20
     return out
 
 
-def run(a) -> dict:
-    t0 = time.time()
-    budget = a.minutes * 60
+def check_flags(a):
+    """What the flags alone decide, before any data is built or a directory made."""
     run_dir = Path(a.out)
     if run_dir.exists() and any(run_dir.iterdir()) and not a.resume:
         raise UserError(f"{run_dir} already exists: pass --resume to continue it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stages: dict[str, dict] = {}
-    n_stages = 9
+    least = (FIXED_S + PREP_S + MIN_TRAIN_S) / 60
+    if a.minutes < least:
+        raise UserError(f"--minutes {a.minutes:g} is too short: the fixed costs (data, tokenizer, evaluations, "
+                        f"report) and {MIN_TRAIN_S} s of training need at least {least:.1f}")
+    if a.vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab-size {a.vocab_size} is too small: the 256 byte tokens and "
+                        f"{len(SPECIAL_TOKENS)} special tokens alone need {256 + len(SPECIAL_TOKENS)}")
+    if not (run_dir / "data" / "corpus" / "corpus_meta.json").exists() and not available_sources(a.sources_dir):
+        raise UserError(f"no built-in sources under {a.sources_dir}: run `bash scripts/setup.sh` first")
+    resolve_device(a.device)
 
+
+def run(a) -> dict:
+    t0 = time.time()
+    check_flags(a)
+    run_dir = Path(a.out)
+    # a failure before training starts (the data, the tokenizer, the budget) removes an --out this
+    # run created, so the corrected rerun is not refused
+    with atomic.new_dir_or_nothing(run_dir):
+        stages, corpus, chat, tok_dir, train_s = _prepare(a, run_dir, t0)
+    return _train_and_report(a, run_dir, t0, stages, corpus, chat, tok_dir, train_s)
+
+
+def _prepare(a, run_dir: Path, t0: float):
+    budget = a.minutes * 60
+    stages: dict[str, dict] = {}
+    n_stages = N_STAGES
     corpus, chat = run_dir / "data" / "corpus", run_dir / "data" / "chat"
     banner(f"1/{n_stages} data")
     t = time.time()
     if not (corpus / "corpus_meta.json").exists():
-        if not available_sources(a.sources_dir):
-            raise UserError(f"no built-in sources under {a.sources_dir}: run `bash scripts/setup.sh` first")
         build_corpus(corpus, sources_dir=a.sources_dir)
     if not (chat / "dialogues_meta.json").exists():
         build_dialogues(chat, sources_dir=a.sources_dir)
@@ -170,9 +194,15 @@ def run(a) -> dict:
     stages["tokenizer"] = {"seconds": round(time.time() - t, 1), **stats}
 
     train_s = budget - (time.time() - t0) - FIXED_S
-    if train_s < 120:
+    if train_s < MIN_TRAIN_S:
         raise UserError(f"--minutes {a.minutes:g} leaves {train_s:.0f}s for training; give at least "
-                        f"{(budget - train_s + 120) / 60:.1f} minutes")
+                        f"{(budget - train_s + MIN_TRAIN_S) / 60:.1f} minutes")
+    return stages, corpus, chat, tok_dir, train_s
+
+
+def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, chat: Path, tok_dir: Path,
+                      train_s: float) -> dict:
+    n_stages = N_STAGES
 
     def minutes_for(stage: str, spent_before: float) -> float:
         """The stage's share, plus whatever earlier stages left unused (or minus their overrun)."""

@@ -89,3 +89,23 @@ def test_a_bad_choice_is_a_user_error_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "huge" in err and "tiny" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_speedrun_checks_its_flags_before_building_anything(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["speedrun", "--minutes", "1", "--out", str(out), "--sources-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--minutes 1 is too short" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_pretrain_failing_while_preparing_leaves_no_output_dir(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
+    out = tmp_path / "runs" / "base"
+    rc = cli.main(["pretrain", "--input", str(bad), "--preset", "micro", "--vocab-size", "300", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "bad.jsonl:2" in err
+    assert not (tmp_path / "runs").exists()  # nor the parent it created
+    rc = cli.main(["pretrain", "--input", str(tmp_path / "missing"), "--out", str(out)])
+    assert rc == 2 and "no such file" in capsys.readouterr().err and not out.exists()
