@@ -74,6 +74,15 @@ N_STAGES = 9
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
 
 
+def invocation() -> str:
+    """How this process was started (`.venv/bin/chatsmith`, `chatsmith` on PATH, `python -m chatsmith`),
+    so the commands it suggests run as printed."""
+    me = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if Path(me).name == "chatsmith":
+        return me if os.sep in me else "chatsmith"
+    return f"{sys.executable} -m chatsmith"
+
+
 def banner(text: str):
     print(f"\n=== {text} ===", file=sys.stderr, flush=True)
 
@@ -347,7 +356,9 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
           f"{j['prompts']} held-out prompts")
     for name, d in (("base model", base), ("chat model", sft_dir), ("RL model", rl_dir), ("DPO model", dpo_dir)):
         print(f"{name}: {d}")
-    print(f"chat with it: chatsmith chat {dpo_dir}")
+    j = stages["judge"]
+    best = dpo_dir if (j.get("dpo_win_rate_vs_sft") or 0) > 0.5 else sft_dir  # the judge's pick, one answer
+    print(f"chat with it: {invocation()} chat {best}")
     print(f"report card: {write_report(run_dir)}")
     return result
 
