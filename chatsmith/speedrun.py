@@ -41,7 +41,7 @@ from chatsmith.eval.ngram import NGramLM
 from chatsmith.eval.runner import run_eval
 from chatsmith.flags import Verb, train_config
 from chatsmith.model import registry
-from chatsmith.report import write_report
+from chatsmith.report import invalid_utf8, write_report
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import SPECIAL_TOKENS, Tokenizer, train_command
 from chatsmith.train import dpo, pretrain, reward, rlhf, sft
@@ -234,7 +234,8 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
                        **SPEEDRUN["pretrain"], **common)
     t = time.time()
     summary = pretrain.run(cfg, inputs=[str(corpus)], tokenizer=str(tok_dir))
-    stages["pretrain"] = {"seconds": round(time.time() - t, 1), **summary}
+    # the stage's wall time (tokenising the corpus into shards included), not the trainer's own "seconds"
+    stages["pretrain"] = {**summary, "seconds": round(time.time() - t, 1)}
     spent += time.time() - t
 
     # the classical baseline on the same tokens, and both scored on the whole val split
@@ -287,13 +288,13 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
         info = dpo.sample_pairs(str(sft_dir), str(rm_dir), [str(chat / "train.jsonl")], pairs, limit=600, samples=4)
         print(f"on-policy pairs: {info['pairs']} from {info['prompts']} prompts", file=sys.stderr)
     pair_s = time.time() - t
+    stages["dpo pairs"] = {"seconds": round(pair_s, 1)}  # its own row of the time table: it is not DPO training
     cfg = train_config(dpo.DEFAULTS, out=str(dpo_dir), max_minutes=max(minutes_for("dpo", spent) - pair_s / 60, 0.33),
                        resume=resume(dpo_dir), **SPEEDRUN["dpo"], **common)
     t = time.time()
     stages["dpo"] = dpo.run(cfg, [str(pairs)], str(sft_dir),
                             heldout=[str(chat / "pairs_heldout.jsonl")], beta=0.1, skip_bad=True, rpo_alpha=1.0)
     stages["dpo"]["seconds"] = round(time.time() - t, 1)
-    stages["dpo"]["pair_sampling_seconds"] = round(pair_s, 1)
 
     banner(f"8/{n_stages} judge: DPO vs SFT by the reward model")
     t = time.time()
@@ -301,6 +302,7 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
     stages["judge"]["seconds"] = round(time.time() - t, 1)
 
     banner(f"9/{n_stages} samples and report")
+    t = time.time()
     engine = Engine(load_model(base), Tokenizer.load(base))
     samples = []
     for i, prompt in enumerate(SAMPLE_PROMPTS):
@@ -323,6 +325,10 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
         + "".join(f"[{name}] you> {c['user']}\n[{name}] bot> {c['assistant']}\n"
                   for name, conv in conversation.items() for c in conv))
 
+    base_text = "".join(s["completion"] for s in samples)
+    stages["samples"] = {"seconds": round(time.time() - t, 1),
+                         # how often the byte-level base model emitted bytes that are not UTF-8
+                         "invalid_utf8_sequences": invalid_utf8(base_text), "sample_characters": len(base_text)}
     result = {"minutes_budget": a.minutes, "seconds": round(time.time() - t0, 1), "stages": stages,
               "val_bpb": stages["baseline"]["neural_val_bpb"], "baseline": stages["baseline"],
               "sft_eval": sft_summary.get("eval"), "rl_eval": stages["rl"].get("eval"),
