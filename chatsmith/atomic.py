@@ -102,4 +102,20 @@ def atomic_dir(path: str | os.PathLike):
         raise
 
 
-__all__ = ["atomic_file", "atomic_dir", "write_text", "write_json", "write_jsonl", "copy_file", "fsync_dir"]
+@contextlib.contextmanager
+def new_dir_or_nothing(path: str | os.PathLike):
+    """Creates `path` (and its parents) for work that fills it; when that work fails, the directories
+    this call created are removed again, so a failed command leaves no half-made output behind and
+    its corrected rerun is not refused. A directory that already existed is left as it is."""
+    p = Path(path)
+    created = [q for q in (p, *p.parents) if not q.exists()]
+    p.mkdir(parents=True, exist_ok=True)
+    try:
+        yield p
+    except BaseException:
+        if created:
+            shutil.rmtree(created[-1], ignore_errors=True)
+        raise
+
+
+__all__ = ["atomic_file", "atomic_dir", "new_dir_or_nothing", "write_text", "write_json", "write_jsonl", "copy_file", "fsync_dir"]

@@ -12,6 +12,7 @@ import json
 import sys
 
 from chatsmith.checkpoint import load_model
+from chatsmith.config import DEVICES
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
@@ -95,13 +96,18 @@ def run(a):
         out.write(piece)
         out.flush()
 
-    if not interactive:  # piped: each line is a user turn; print replies only
+    if not interactive or a.jsonl:  # piped: each line is a user turn; print replies only
         for line in sys.stdin:
             line = line.rstrip("\n")
             if not line.strip():
                 continue
-            session.reply(line, write)
-            write("\n")
+            if a.jsonl:  # one JSON object per input line, so a multi-line reply stays with its question
+                reply, dropped, _ = session.reply(line)
+                write(json.dumps({"user": line, "assistant": reply, "turns_dropped": dropped}, ensure_ascii=False)
+                      + "\n")
+            else:
+                session.reply(line, write)
+                write("\n")
         return
 
     try:
@@ -174,12 +180,14 @@ def run(a):
 def add_arguments(p):
     p.add_argument("model", help="model directory (an SFT/aligned model)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the likeliest tokens up to this mass")
+    p.add_argument("--top-k", type=int, default=0, help="keep the K likeliest tokens (0 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (tokens)")
+    p.add_argument("--seed", type=int, default=None, help="seed the sampling (default: a fresh seed)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
+    p.add_argument("--jsonl", action="store_true", help="read a user turn per input line and print one JSON "
+                   "object per reply: {\"user\", \"assistant\", \"turns_dropped\"}")
 
 
 VERB = Verb("chat", "talk to a chat model in the terminal", add_arguments, run)

@@ -15,7 +15,7 @@ from chatsmith import chat, embed, generate, report, runtime, speedrun, tokenize
 from chatsmith.data import build as data_build
 from chatsmith.errors import UserError
 from chatsmith.eval import harness, ngram, runner
-from chatsmith.flags import Parser
+from chatsmith.flags import HelpFormatter, Parser
 from chatsmith.interop import convert
 from chatsmith.interop.registry import KNOWN, resolve
 from chatsmith.serve import verb as serve_verb
@@ -39,7 +39,7 @@ GROUPS = {"data": "build corpora, dialogues and preference pairs", "tokenizer": 
 
 
 def build_parser() -> Parser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     top = Parser(prog="chatsmith", description="Build your own ChatGPT: tokenizer, pretraining, "
                  "fine-tuning, alignment, evaluation and serving in plain PyTorch.")
     sub = top.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)

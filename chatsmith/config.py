@@ -73,6 +73,47 @@ class TrainConfig:
             raise UserError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout:g}")
 
 
+# One line of help per TrainConfig flag (chatsmith/flags.py adds the stage's default to each).
+TRAIN_HELP = {
+    "out": "output directory (the finished model, checkpoints, metrics)",
+    "preset": "model size",
+    "seq_len": "tokens per training sequence (default: the model's context length)",
+    "batch_size": "sequences per micro-batch per process",
+    "grad_accum": "micro-batches accumulated per optimizer step",
+    "max_steps": "optimizer steps (default: fitted to --max-minutes, else 1000)",
+    "max_minutes": "time budget; the schedule is fitted to it after timing the first steps (default: none)",
+    "lr": "peak learning rate",
+    "min_lr_ratio": "final learning rate as a share of --lr (cosine, wsd)",
+    "warmup_steps": "linear warmup steps",
+    "schedule": "learning-rate schedule after warmup",
+    "decay_fraction": "wsd: share of the steps spent decaying at the end",
+    "weight_decay": "AdamW weight decay (weight matrices only, not vectors)",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "scale the gradients down to this global L2 norm when above it",
+    "eval_every": "evaluate every N steps",
+    "eval_batches": "batches per evaluation",
+    "save_every": "checkpoint every N steps",
+    "keep_last": "checkpoints kept",
+    "log_every": "progress line and metrics row every N steps",
+    "seed": "seed of the data order, initialisation and sampling",
+    "device": "where to train (auto: cuda, else mps, else cpu)",
+    "dtype": "auto: bf16 autocast on a GPU that supports it, else fp32",
+    "compile": "torch.compile the model",
+    "resume": "continue from the newest readable checkpoint in --out",
+    "fsdp": "under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP",
+    "lora_rank": "train rank-R LoRA adapters on a frozen model (0 = train every weight)",
+    "lora_alpha": "LoRA scale: the update is multiplied by alpha / rank",
+    "lora_targets": "layers that get adapters: comma-separated names, or all-linear",
+    "lora_dropout": "dropout on the LoRA input",
+    "lora_modules_to_save": "layers trained in full next to the adapters (comma-separated)",
+    "tensorboard": "also write the metrics as TensorBoard scalars under OUT/tensorboard/",
+}
+DEVICES = ("auto", "cpu", "cuda", "mps")  # every verb's --device
+TRAIN_CHOICES = {"schedule": ("cosine", "wsd", "constant"), "device": DEVICES,
+                 "dtype": ("auto", "fp32", "bf16")}
+
+
 def asdict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -81,4 +122,4 @@ def fields(cls) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
-__all__ = ["TrainConfig", "asdict", "fields", "field"]
+__all__ = ["DEVICES", "TRAIN_CHOICES", "TRAIN_HELP", "TrainConfig", "asdict", "fields", "field"]

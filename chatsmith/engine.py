@@ -11,6 +11,7 @@ be the start of a stop string.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
@@ -123,15 +124,28 @@ class Detokenizer:
     """Incremental detokenization: text grows by the decode of the newest tokens only, so a long
     reply costs O(1) per token instead of re-decoding everything. Text is committed only at
     character boundaries: a token that ends inside a multi-byte UTF-8 character is held until the
-    rest arrives (byte-level BPE splits characters such as 你 across tokens)."""
+    rest arrives (byte-level BPE splits characters such as 你 across tokens).
 
-    __slots__ = ("tok", "ids", "prefix", "read", "text")
+    With a byte-level vocabulary (`tok.byte_pieces()`) the tokens' bytes go through an incremental
+    UTF-8 decoder: a sequence that can still complete is held however long it waits, and only one
+    that cannot (the model emitted invalid UTF-8) becomes U+FFFD, exactly where decoding the whole
+    reply puts it. Other tokenizers: the decode of the newest tokens is held while it ends in U+FFFD,
+    for up to 8 tokens."""
+
+    __slots__ = ("tok", "ids", "prefix", "read", "text", "pieces", "utf8")
 
     def __init__(self, tok):
         self.tok, self.ids, self.prefix, self.read, self.text = tok, [], 0, 0, ""
+        pieces = getattr(tok, "byte_pieces", None)
+        self.pieces = pieces() if callable(pieces) else None
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace") if self.pieces is not None else None
 
     def push(self, t: int) -> str:
         self.ids.append(t)
+        if self.utf8 is not None:
+            delta = self.utf8.decode(self.pieces[t] if 0 <= t < len(self.pieces) else b"")
+            self.text += delta
+            return delta
         new = self.tok.decode(self.ids[self.prefix:])
         if new.endswith("\ufffd") and len(self.ids) - self.read < 8:
             return ""  # incomplete character; after 8 tokens it is real garbage: let it through
@@ -142,6 +156,10 @@ class Detokenizer:
         return delta
 
     def flush(self) -> str:
+        if self.utf8 is not None:  # the reply ended inside a character: it can no longer complete
+            tail = self.utf8.decode(b"", final=True)
+            self.text += tail
+            return tail
         if self.read == len(self.ids):
             return ""
         new = self.tok.decode(self.ids[self.prefix:])

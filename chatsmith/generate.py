@@ -12,18 +12,34 @@ import sys
 import torch
 
 from chatsmith.checkpoint import load_model
+from chatsmith.config import DEVICES
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.flags import Verb, add_dataclass_flags, dataclass_from_args
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import Tokenizer
 
 
+SAMPLING_HELP = {
+    "max_new_tokens": "longest continuation (tokens)",
+    "temperature": "sampling temperature (0 = greedy)",
+    "top_k": "keep the K likeliest tokens (0 = off)",
+    "top_p": "nucleus sampling: keep the likeliest tokens up to this probability mass",
+    "repetition_penalty": "divide the logits of tokens already present by this (1 = off)",
+    "seed": "seed the sampling (default: a fresh seed)",
+    "num_return_sequences": "continuations to print",
+    "num_beams": "beam search with this many beams (1 = sampling)",
+    "length_penalty": "beam search: a beam's score is its log-probability / length**this",
+    "logprobs": "report each generated token's log-probability and N alternatives (default: off)",
+    "prompt_logprobs": "the same for every prompt token (default: off)",
+}
+
+
 def add_arguments(p):
     p.add_argument("model", help="model directory")
-    p.add_argument("--prompt", required=True)
-    add_dataclass_flags(p, SamplingParams, skip=("stop",))
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    add_dataclass_flags(p, SamplingParams, skip=("stop",), help=SAMPLING_HELP)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--no-stream", action="store_true", help="print only when finished")
 
 

@@ -52,6 +52,12 @@ class Stage:
     bad_rows: int = 0
 
 
+def invalid_utf8(text: str) -> int:
+    """Invalid UTF-8 sequences a byte-level model emitted in `text`: each one that could not complete
+    decodes to one U+FFFD (streaming holds back a sequence while it still can complete)."""
+    return text.count("\ufffd")
+
+
 def _read_json(path: Path):
     """A JSON file or None: a report never fails on one unreadable file."""
     try:
@@ -439,6 +445,11 @@ def samples_md(stages: list[Stage], speedrun: dict | None) -> list[str]:
         out.append("### Base model completions (temperature 0.8)\n")
         for s in sr["samples"]:
             out.append(_block(f"{s.get('prompt', '')}{s.get('completion', '')}"))
+        smp = ((sr.get("stages") or {}).get("samples") or {})
+        if _is_num(smp.get("invalid_utf8_sequences")):
+            out.append(f"\nThe byte-level model emitted {smp['invalid_utf8_sequences']} invalid UTF-8 "
+                       f"sequence(s) in these {fmt(smp.get('sample_characters'))} characters (each shown "
+                       f"as U+FFFD; a character split across tokens is never one of them).\n")
     conv = sr.get("conversation")
     # one conversation (a list of turns) or one per model ({"sft": [...], "dpo": [...]})
     convs = conv if isinstance(conv, dict) else {"chat model": conv} if isinstance(conv, list) else {}
@@ -507,6 +518,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     if not stages and speedrun is None:
         raise UserError(f"{run_dir}: nothing to report: no stage directories (with metrics.jsonl, "
                         f"train_summary.json or config.json) and no speedrun.json")
+    t_start = time.time()
     table = collect_metrics(stages, speedrun)
     times = collect_time(stages, speedrun)
 
@@ -516,8 +528,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     plots: list[tuple[str, Path]] = []
     for title, p in (("Loss curves", plot_losses(stages, out_dir)),
                      ("Reward and KL (RL stages)", plot_rl(stages, out_dir)),
-                     ("Accuracy per task family", plot_accuracy(table, out_dir)),
-                     ("Time per stage", plot_time(times, out_dir))):
+                     ("Accuracy per task family", plot_accuracy(table, out_dir))):
         if p is not None:
             plots.append((title, p))
     for s in stages:
@@ -525,6 +536,16 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         p = plot_other(s, out_dir, done)
         if p is not None:
             plots.append((f"Other logged metrics: {s.name}", p))
+    if speedrun and _is_num(speedrun.get("seconds")):
+        # every second of the run in a row: what no stage recorded, and this report (written after
+        # speedrun.json, measured up to here: the time plot and the markdown take well under a second)
+        rest = speedrun["seconds"] - sum(r["seconds"] for r in times if _is_num(r.get("seconds")))
+        if rest >= 0.5:
+            times.append({"stage": "other (between stages)", "seconds": round(rest, 1)})
+        times.append({"stage": "report", "seconds": round(time.time() - t_start, 1)})
+    p = plot_time(times, out_dir)
+    if p is not None:
+        plots.insert(sum(1 for title, _ in plots if not title.startswith("Other")), ("Time per stage", p))
 
     md = [f"# chatsmith report: {run_dir.resolve().name}", ""]
     created = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -550,7 +571,10 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
                            [[r["stage"], fmt(r.get("seconds")), fmt(r.get("steps")), fmt(r.get("tokens"))]
                             for r in times]))
         total = sum(r["seconds"] for r in times if _is_num(r.get("seconds")))
-        md += ["", f"Total of the stages: {fmt(total)} s.", ""]
+        line = f"Total of the rows: {fmt(total)} s"
+        if speedrun and _is_num(speedrun.get("seconds")):
+            line += f" (the run until its report: {fmt(speedrun['seconds'])} s, then the report)"
+        md += ["", line + ".", ""]
     if plots:
         md += ["## Plots", ""]
         for title, p in plots:

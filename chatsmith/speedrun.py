@@ -29,6 +29,7 @@ import numpy as np
 
 from chatsmith import atomic
 from chatsmith.checkpoint import load_model
+from chatsmith.config import DEVICES, TRAIN_CHOICES
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.dialogues import build_dialogues
 from chatsmith.data.preferences import build_preferences
@@ -39,8 +40,10 @@ from chatsmith.eval.lm import score_documents
 from chatsmith.eval.ngram import NGramLM
 from chatsmith.eval.runner import run_eval
 from chatsmith.flags import Verb, train_config
-from chatsmith.report import write_report
-from chatsmith.tokenizer import Tokenizer, train_command
+from chatsmith.model import registry
+from chatsmith.report import invalid_utf8, write_report
+from chatsmith.runtime import resolve_device
+from chatsmith.tokenizer import SPECIAL_TOKENS, Tokenizer, train_command
 from chatsmith.train import dpo, pretrain, reward, rlhf, sft
 
 SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach", "The committee said that",
@@ -54,6 +57,8 @@ SFT_EVAL_S = 45  # held-out generation before and after SFT (measured ~20-40 s f
 RL_EVAL_S = 30  # held-out greedy answers before and after RL, and the KL estimate
 JUDGE_S = 25  # SFT and DPO replies to 200 held-out prompts, scored by the reward model (~10 s)
 FIXED_S = RESERVE_S + BASELINE_S + SFT_EVAL_S + RL_EVAL_S + JUDGE_S
+PREP_S = 45  # data build (~20 s on 2 cores) and the tokenizer: checked against --minutes before either runs
+MIN_TRAIN_S = 120
 # What the speedrun sets differently from each stage's own DEFAULTS (chatsmith/train/*.py), and why:
 # every stage runs for minutes, not hours, so the base model takes a smaller batch for more steps
 # and evaluations are fewer and shorter; SFT and the reward model take larger learning rates (a few
@@ -65,7 +70,17 @@ SPEEDRUN = {
     "rl": dict(lr=1e-4, eval_every=10**6, save_every=20),
     "dpo": dict(eval_every=10**6, save_every=1000),
 }
+N_STAGES = 9
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
+
+
+def invocation() -> str:
+    """How this process was started (`.venv/bin/chatsmith`, `chatsmith` on PATH, `python -m chatsmith`),
+    so the commands it suggests run as printed."""
+    me = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if Path(me).name == "chatsmith":
+        return me if os.sep in me else "chatsmith"
+    return f"{sys.executable} -m chatsmith"
 
 
 def banner(text: str):
@@ -132,22 +147,42 @@ def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 20
     return out
 
 
-def run(a) -> dict:
-    t0 = time.time()
-    budget = a.minutes * 60
+def check_flags(a):
+    """What the flags alone decide, before any data is built or a directory made."""
     run_dir = Path(a.out)
     if run_dir.exists() and any(run_dir.iterdir()) and not a.resume:
         raise UserError(f"{run_dir} already exists: pass --resume to continue it, or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stages: dict[str, dict] = {}
-    n_stages = 9
+    least = (FIXED_S + PREP_S + MIN_TRAIN_S) / 60
+    if a.minutes < least:
+        raise UserError(f"--minutes {a.minutes:g} is too short: the fixed costs (data, tokenizer, evaluations, "
+                        f"report) and {MIN_TRAIN_S} s of training need at least {least:.1f}")
+    if a.vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab-size {a.vocab_size} is too small: the 256 byte tokens and "
+                        f"{len(SPECIAL_TOKENS)} special tokens alone need {256 + len(SPECIAL_TOKENS)}")
+    if not (run_dir / "data" / "corpus" / "corpus_meta.json").exists() and not available_sources(a.sources_dir):
+        raise UserError(f"no built-in sources under {a.sources_dir}: run `bash scripts/setup.sh` first")
+    resolve_device(a.device)
 
+
+def run(a) -> dict:
+    t0 = time.time()
+    check_flags(a)
+    run_dir = Path(a.out)
+    # a failure before training starts (the data, the tokenizer, the budget) removes an --out this
+    # run created, so the corrected rerun is not refused
+    with atomic.new_dir_or_nothing(run_dir):
+        stages, corpus, chat, tok_dir, train_s = _prepare(a, run_dir, t0)
+    return _train_and_report(a, run_dir, t0, stages, corpus, chat, tok_dir, train_s)
+
+
+def _prepare(a, run_dir: Path, t0: float):
+    budget = a.minutes * 60
+    stages: dict[str, dict] = {}
+    n_stages = N_STAGES
     corpus, chat = run_dir / "data" / "corpus", run_dir / "data" / "chat"
     banner(f"1/{n_stages} data")
     t = time.time()
     if not (corpus / "corpus_meta.json").exists():
-        if not available_sources(a.sources_dir):
-            raise UserError(f"no built-in sources under {a.sources_dir}: run `bash scripts/setup.sh` first")
         build_corpus(corpus, sources_dir=a.sources_dir)
     if not (chat / "dialogues_meta.json").exists():
         build_dialogues(chat, sources_dir=a.sources_dir)
@@ -168,9 +203,15 @@ def run(a) -> dict:
     stages["tokenizer"] = {"seconds": round(time.time() - t, 1), **stats}
 
     train_s = budget - (time.time() - t0) - FIXED_S
-    if train_s < 120:
+    if train_s < MIN_TRAIN_S:
         raise UserError(f"--minutes {a.minutes:g} leaves {train_s:.0f}s for training; give at least "
-                        f"{(budget - train_s + 120) / 60:.1f} minutes")
+                        f"{(budget - train_s + MIN_TRAIN_S) / 60:.1f} minutes")
+    return stages, corpus, chat, tok_dir, train_s
+
+
+def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, chat: Path, tok_dir: Path,
+                      train_s: float) -> dict:
+    n_stages = N_STAGES
 
     def minutes_for(stage: str, spent_before: float) -> float:
         """The stage's share, plus whatever earlier stages left unused (or minus their overrun)."""
@@ -193,7 +234,8 @@ def run(a) -> dict:
                        **SPEEDRUN["pretrain"], **common)
     t = time.time()
     summary = pretrain.run(cfg, inputs=[str(corpus)], tokenizer=str(tok_dir))
-    stages["pretrain"] = {"seconds": round(time.time() - t, 1), **summary}
+    # the stage's wall time (tokenising the corpus into shards included), not the trainer's own "seconds"
+    stages["pretrain"] = {**summary, "seconds": round(time.time() - t, 1)}
     spent += time.time() - t
 
     # the classical baseline on the same tokens, and both scored on the whole val split
@@ -246,13 +288,13 @@ def run(a) -> dict:
         info = dpo.sample_pairs(str(sft_dir), str(rm_dir), [str(chat / "train.jsonl")], pairs, limit=600, samples=4)
         print(f"on-policy pairs: {info['pairs']} from {info['prompts']} prompts", file=sys.stderr)
     pair_s = time.time() - t
+    stages["dpo pairs"] = {"seconds": round(pair_s, 1)}  # its own row of the time table: it is not DPO training
     cfg = train_config(dpo.DEFAULTS, out=str(dpo_dir), max_minutes=max(minutes_for("dpo", spent) - pair_s / 60, 0.33),
                        resume=resume(dpo_dir), **SPEEDRUN["dpo"], **common)
     t = time.time()
     stages["dpo"] = dpo.run(cfg, [str(pairs)], str(sft_dir),
                             heldout=[str(chat / "pairs_heldout.jsonl")], beta=0.1, skip_bad=True, rpo_alpha=1.0)
     stages["dpo"]["seconds"] = round(time.time() - t, 1)
-    stages["dpo"]["pair_sampling_seconds"] = round(pair_s, 1)
 
     banner(f"8/{n_stages} judge: DPO vs SFT by the reward model")
     t = time.time()
@@ -260,6 +302,7 @@ def run(a) -> dict:
     stages["judge"]["seconds"] = round(time.time() - t, 1)
 
     banner(f"9/{n_stages} samples and report")
+    t = time.time()
     engine = Engine(load_model(base), Tokenizer.load(base))
     samples = []
     for i, prompt in enumerate(SAMPLE_PROMPTS):
@@ -282,6 +325,10 @@ def run(a) -> dict:
         + "".join(f"[{name}] you> {c['user']}\n[{name}] bot> {c['assistant']}\n"
                   for name, conv in conversation.items() for c in conv))
 
+    base_text = "".join(s["completion"] for s in samples)
+    stages["samples"] = {"seconds": round(time.time() - t, 1),
+                         # how often the byte-level base model emitted bytes that are not UTF-8
+                         "invalid_utf8_sequences": invalid_utf8(base_text), "sample_characters": len(base_text)}
     result = {"minutes_budget": a.minutes, "seconds": round(time.time() - t0, 1), "stages": stages,
               "val_bpb": stages["baseline"]["neural_val_bpb"], "baseline": stages["baseline"],
               "sft_eval": sft_summary.get("eval"), "rl_eval": stages["rl"].get("eval"),
@@ -315,19 +362,23 @@ def run(a) -> dict:
           f"{j['prompts']} held-out prompts")
     for name, d in (("base model", base), ("chat model", sft_dir), ("RL model", rl_dir), ("DPO model", dpo_dir)):
         print(f"{name}: {d}")
-    print(f"chat with it: chatsmith chat {dpo_dir}")
+    j = stages["judge"]
+    best = dpo_dir if (j.get("dpo_win_rate_vs_sft") or 0) > 0.5 else sft_dir  # the judge's pick, one answer
+    print(f"chat with it: {invocation()} chat {best}")
     print(f"report card: {write_report(run_dir)}")
     return result
 
 
 def add_arguments(p):
     p.add_argument("--minutes", type=float, default=15.0, help="total time budget in minutes")
-    p.add_argument("--out", default="runs/speedrun")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--sources-dir", default=os.environ.get("CHATSMITH_SOURCES", ".sources"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", default="runs/speedrun", help="run directory (every stage in a folder of its own)")
+    p.add_argument("--preset", default="tiny", choices=registry.presets(), help="size of the base model")
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the trained tokenizer")
+    p.add_argument("--sources-dir", default=os.environ.get("CHATSMITH_SOURCES", ".sources"),
+                   help="raw sources fetched by scripts/setup.sh ($CHATSMITH_SOURCES overrides)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to train (auto: cuda, else mps, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=TRAIN_CHOICES["dtype"],
+                   help="auto: bf16 autocast on a GPU that supports it, else fp32")
     p.add_argument("--resume", action="store_true", help="continue an interrupted speedrun")
 
 

@@ -164,6 +164,22 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
+    def byte_pieces(self) -> list[bytes] | None:
+        """The bytes of every token id, for a byte-level vocabulary (decoding is then these bytes
+        joined and read as UTF-8; a special token is its own text); None for any other kind of
+        vocabulary. The engine's streaming holds back incomplete UTF-8 sequences with it."""
+        if not hasattr(self, "_byte_pieces"):
+            self._byte_pieces = None
+            if type(self.tok.decoder).__name__ == "ByteLevel":
+                byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+                pieces = [b""] * self.vocab_size
+                for token, i in self.tok.get_vocab().items():
+                    if i < self.vocab_size:
+                        pieces[i] = (bytes(byte_of[ch] for ch in token) if all(ch in byte_of for ch in token)
+                                     else token.encode())
+                self._byte_pieces = pieces
+        return self._byte_pieces
+
     def token_bytes(self) -> list[int]:
         """UTF-8 byte length of every token id (0 for special tokens): the denominator of bits-per-byte."""
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
@@ -349,10 +365,10 @@ def encode_records(tok: Tokenizer, records, max_len: int) -> tuple[list, dict]:
 def _train_arguments(p):
     p.add_argument("--input", nargs="+", required=True,
                    help="corpus .jsonl/.txt/.md files or folders, or a `data build` dir")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--min-frequency", type=int, default=2)
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, special tokens included")
+    p.add_argument("--min-frequency", type=int, default=2, help="a merge must occur at least this often")
     p.add_argument("--max-chars", type=int, default=None, help="train on at most this many characters")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="tokenizer directory to write")
 
 
 def _train_main(a):

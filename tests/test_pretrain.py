@@ -108,7 +108,7 @@ def test_corrupt_checkpoint_is_skipped_on_resume_and_named_on_load(base_model, c
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--preset", "enormous"], "unknown preset"),
+    (["--preset", "enormous"], "invalid choice: 'enormous'"),
     (["--seq-len", "500"], "beyond"),
     (["--schedule", "linear"], "--schedule"),
     (["--max-steps", "abc"], "--max-steps"),

@@ -287,7 +287,9 @@ def test_echo_logprobs_score_the_prompt_like_lm_eval_harness(server, srv):
     r = post(server, "/v1/completions", {"prompt": "The king said", "max_tokens": 0, "echo": True, "logprobs": 0})
     c = r.json()["choices"][0]
     assert c["text"] == "The king said" and c["finish_reason"] == "length"
-    assert r.json()["usage"]["completion_tokens"] == 0 and c["logprobs"]["token_logprobs"][0] is None
+    # a text prompt: its <|bos|> is not echoed, so the first token of the text has a logprob
+    assert r.json()["usage"]["completion_tokens"] == 0 and c["logprobs"]["tokens"][0] != "<|bos|>"
+    assert "".join(c["logprobs"]["tokens"]) == c["text"] and c["logprobs"]["token_logprobs"][0] is not None
 
 
 def test_concurrent_requests_batch_and_match_solo_results(server, srv):

@@ -177,3 +177,12 @@ def test_speedrun_stages_add_up_to_the_budget(monkeypatch, tmp_path):
     # every stage used exactly what it was given, every fixed cost its reserve: the run ends with
     # RESERVE_S left for the samples and the report (which take no time here)
     assert res["seconds"] == pytest.approx(run.minutes * 60 - S.RESERVE_S, abs=0.2)
+
+
+def test_speedrun_every_second_belongs_to_a_stage_row(monkeypatch, tmp_path):
+    run = FakeRun(monkeypatch, tmp_path)
+    res = run()
+    st = res["stages"]
+    assert st["dpo pairs"]["seconds"] == pytest.approx(20, abs=0.1)  # pair sampling is its own row
+    assert "samples" in st and st["samples"]["invalid_utf8_sequences"] == 0
+    assert sum(v["seconds"] for v in st.values()) == pytest.approx(res["seconds"], abs=0.5)

@@ -475,10 +475,10 @@ def _train_arguments(p):
     p.add_argument("--input", nargs="+", required=True,
                    help="corpus .jsonl/.txt/.md files or folders, or a `data build` dir (its train.jsonl)")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
-    p.add_argument("--order", type=int, default=3)
+    p.add_argument("--order", type=int, default=3, help="n: tokens per n-gram")
     p.add_argument("--discount", type=float, default=None, help="one fixed discount in (0,1] (plain "
                    "interpolated KN) instead of modified KN's estimated D1/D2/D3+")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="n-gram model directory to write")
 
 
 def _eval_arguments(p):

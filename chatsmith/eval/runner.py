@@ -13,6 +13,7 @@ from pathlib import Path
 
 from chatsmith.atomic import write_json
 from chatsmith.checkpoint import load_model
+from chatsmith.config import DEVICES
 from chatsmith.engine import Engine
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
@@ -160,7 +161,7 @@ def add_arguments(p):
     p.add_argument("--mode", choices=list(MODES), default="zero-shot", help="prompting strategy")
     p.add_argument("--k", type=int, default=3, help="examples per prompt in k-shot mode")
     p.add_argument("--limit", type=int, default=None, help="first N items (documents for lm:) per task")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest generated answer (tokens)")
     p.add_argument("--seed", type=int, default=0, help="seeds the k-shot example draws")
     p.add_argument("--out", default=None, help="folder for metrics.json (default: MODEL/eval)")
     p.add_argument("--pool", default=None, help="example pool for k-shot on task files (default: NAME.pool.jsonl)")
@@ -175,7 +176,7 @@ def add_arguments(p):
     grp.add_argument("--no-chat", dest="chat", action="store_false", default=None,
                      help="plain 'Question: ... Answer:' prompts even for a chat model")
     grp.add_argument("--chat", dest="chat", action="store_true", help="force the chat template")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
 
 
 def main(a):

@@ -70,7 +70,7 @@ def _import_main(a):
 
 def _export_arguments(p):
     p.add_argument("model", help="model directory (or smollm2)")
-    p.add_argument("--format", choices=["hf", "gguf"], required=True)
+    p.add_argument("--format", choices=["hf", "gguf"], required=True, help="a Hugging Face directory or a GGUF file")
     p.add_argument("--out", default=None, help="output directory (hf) or file (gguf); default: MODEL-hf or "
                    "MODEL-TYPE.gguf beside the model")
     p.add_argument("--gguf-type", choices=list(EXPORT_TYPES), default="f16",

@@ -5,6 +5,7 @@ chunks out. Pure functions of their arguments (a tokenizer, the model's limits),
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 
@@ -190,6 +191,9 @@ class Call:
     stream: bool
     include_usage: bool
     echo: bool
+    # per prompt: leading tokens the server added (a text prompt's <|bos|>), which the echoed text
+    # does not contain, so echo's logprobs leave them out (OpenAI's tokens join to the text)
+    added: list[int] = dataclasses.field(default_factory=list)
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:  # (stream, include_usage)
@@ -217,11 +221,12 @@ def parse_call(body: dict, chat: bool, tok, ctx: int, max_batch: int) -> Call:
         p = dataclasses.replace(params, stop=list(params.stop))
         check_prompt(ids, p, "messages" if chat else "prompt", ctx, tok.vocab_size)
         jobs.append((ids, p))
+    added = [int(t is not None and tok.add_bos) for t in texts]  # encode(text, bos=True) put one <|bos|> first
     texts = [t if t is not None else tok.decode(ids) for t, ids in zip(texts, prompts)]
     if len(jobs) * n > max_batch:
         raise APIError(400, f"{len(jobs)} prompts x n={n} is more than the {max_batch} sequences this "
                             f"server decodes at once", param="n")
-    return Call(chat, jobs, texts, n, stream, include_usage, (not chat) and bool(body.get("echo")))
+    return Call(chat, jobs, texts, n, stream, include_usage, (not chat) and bool(body.get("echo")), added)
 
 
 # --- response bodies --------------------------------------------------------------------------
@@ -254,18 +259,31 @@ def chat_logprobs(tt: TokenText, entries) -> dict:
             "refusal": None}
 
 
-def completion_logprobs(tt: TokenText, entries, offset0: int, token_ids=None) -> dict:
+def utf8_decoder():
+    """Bytes in, text out, holding back a multi-byte character until its last byte arrives; only a
+    sequence that can no longer complete becomes U+FFFD (as the whole text's decode does)."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+
+def completion_logprobs(tt: TokenText, entries, offset0: int, token_ids=None, decoder=None, final=True) -> dict:
     """Legacy completions logprobs: tokens, token_logprobs, top_logprobs, text_offset.
-    entries may start with None (the first prompt token has no logprob; its id is in token_ids)."""
+    entries may start with None (the first prompt token has no logprob; its id is in token_ids).
+
+    `tokens` join to the text, as in OpenAI's API: a token that ends inside a multi-byte character
+    is "" and the token that completes it carries the whole character. A stream passes its choice's
+    `decoder` along, and final=False until its last chunk."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    off = offset0
+    off, dec = offset0, decoder or utf8_decoder()
     for j, e in enumerate(entries):
         t = e[0] if e is not None else token_ids[j]
-        out["tokens"].append(tt.text[t])
+        piece = dec.decode(tt.bytes[t])
+        out["tokens"].append(piece)
         out["token_logprobs"].append(e[1] if e is not None else None)
         out["top_logprobs"].append({tt.text[a]: alp for a, alp in e[2]} if e is not None else None)
         out["text_offset"].append(off)
-        off += len(tt.text[t])
+        off += len(piece)
+    if final and out["tokens"]:
+        out["tokens"][-1] += dec.decode(b"", final=True)
     return out
 
 
@@ -285,7 +303,8 @@ def _completion_choice(call: Call, j: int, i: int, c, tt: TokenText) -> dict:
     lp = None
     if c.logprobs is not None or c.prompt_logprobs is not None:
         if call.echo:
-            lp = completion_logprobs(tt, (c.prompt_logprobs or []) + (c.logprobs or []), 0, call.jobs[j][0])
+            k = call.added[j] if call.added else 0
+            lp = completion_logprobs(tt, (c.prompt_logprobs or [])[k:] + (c.logprobs or []), 0, call.jobs[j][0][k:])
         else:
             lp = completion_logprobs(tt, c.logprobs or [], len(call.texts[j]))
     return {"index": j * call.n + i, "text": (call.texts[j] if call.echo else "") + c.text,
@@ -317,6 +336,7 @@ class Chunks:
         self.head = {"id": rid, "object": "chat.completion.chunk" if call.chat else "text_completion",
                      "created": created, "model": model}
         self.offsets: dict[int, int] = {}  # completions logprobs: the text offset of each choice so far
+        self.decoders: dict[int, codecs.IncrementalDecoder] = {}  # and its tokens' UTF-8 decoder
 
     def chunk(self, choices: list, usage_: dict | None = None) -> str:
         d = {**self.head, "choices": choices}
@@ -345,13 +365,16 @@ class Chunks:
         text, entries, ids0 = ev.text, ev.logprobs or [], None
         if idx not in self.offsets:  # the choice's first chunk
             self.offsets[idx] = 0 if call.echo else len(call.texts[j])
+            self.decoders[idx] = utf8_decoder()
             if call.echo:
                 text = call.texts[j] + text
                 if ev.req.prompt_logprobs is not None:
-                    entries, ids0 = ev.req.prompt_logprobs + entries, call.jobs[j][0]
+                    k = call.added[j] if call.added else 0
+                    entries, ids0 = ev.req.prompt_logprobs[k:] + entries, call.jobs[j][0][k:]
         lp = None
         if call.jobs[j][1].logprobs is not None:
-            lp = completion_logprobs(self.tt, entries, self.offsets[idx], ids0)
+            lp = completion_logprobs(self.tt, entries, self.offsets[idx], ids0, self.decoders[idx],
+                                     final=ev.finish_reason is not None)
             self.offsets[idx] += sum(len(s) for s in lp["tokens"])
         return {"index": idx, "text": text, "finish_reason": ev.finish_reason, "logprobs": lp}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from chatsmith.config import DEVICES
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 from chatsmith.runtime import resolve_device
@@ -13,7 +14,7 @@ from chatsmith.serve.app import serve
 def add_arguments(p):
     p.add_argument("model", help="model directory")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (loopback unless told otherwise)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (1-65535)")
     p.add_argument("--api-key", default=os.environ.get("CHATSMITH_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $CHATSMITH_API_KEY, else no key)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory name)")
@@ -21,7 +22,7 @@ def add_arguments(p):
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is faster for small models on a busy machine)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
 
 
 def main(a):

@@ -187,7 +187,8 @@ def add_arguments(p):
     p.add_argument("--rpo-alpha", type=float, default=0.0, help="weight of an NLL term on the chosen reply "
                    "(RPO); 0 is plain DPO")
     p.add_argument("--skip-bad", action="store_true", help="skip and count bad or over-long pairs")
-    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--epochs", type=float, default=None, help="passes over the pairs when neither --max-steps "
+                   "nor --max-minutes is given (default: 1)")
     add_train_flags(p, DEFAULTS)
 
 
@@ -204,9 +205,9 @@ def add_pairs_arguments(p):
     p.add_argument("--out", required=True, help="the pairs JSONL to write (TRL conversational format)")
     p.add_argument("--limit", type=int, default=1000, help="prompts used (the first N)")
     p.add_argument("--samples", type=int, default=2, help="replies per prompt; the best and worst form the pair")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest sampled reply (tokens)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the replies")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
 
 
 def pairs_main(a):

@@ -23,7 +23,7 @@ from chatsmith.data.shards import TokenShards, write_shards
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
 from chatsmith.model import registry
-from chatsmith.tokenizer import Tokenizer, bytes_per_token, iter_texts, train_tokenizer
+from chatsmith.tokenizer import SPECIAL_TOKENS, Tokenizer, bytes_per_token, iter_texts, train_tokenizer
 from chatsmith.train import mlm
 from chatsmith.train.trainer import Trainer
 
@@ -128,18 +128,36 @@ def build_model(preset_name: str, tok: Tokenizer, seed: int, **overrides):
     return registry.build(mcfg)
 
 
+def check_flags(cfg: TrainConfig, inputs, data, tokenizer, vocab_size: int, overrides: dict):
+    """Everything the flags alone decide, before any tokenizer is trained or shard written."""
+    if not inputs and not data:
+        raise UserError("pretrain needs --input PATH… (corpus files or a `data build` directory) or --data DIR")
+    for p in [*(inputs or []), *([data] if data else []), *([tokenizer] if tokenizer else [])]:
+        if not Path(p).exists():
+            raise UserError(f"{p}: no such file or directory")
+    if tokenizer and not (Path(tokenizer) / "tokenizer.json").exists():
+        raise UserError(f"--tokenizer {tokenizer} holds no tokenizer.json")
+    if not tokenizer and not data and vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"--vocab-size {vocab_size} is too small: the 256 byte tokens and "
+                        f"{len(SPECIAL_TOKENS)} special tokens alone need {256 + len(SPECIAL_TOKENS)}")
+    mcfg = registry.preset(cfg.preset, vocab_size=vocab_size, **overrides)  # a bad override fails here
+    if cfg.seq_len is not None and cfg.seq_len > mcfg.max_seq_len:
+        raise UserError(f"--seq-len {cfg.seq_len} is beyond the {cfg.preset} model's context of "
+                        f"{mcfg.max_seq_len} tokens; lower it or raise --max-seq-len")
+    runtime.resolve_device(cfg.device)  # --device cuda on a machine without one
+
+
 def run(cfg: TrainConfig, inputs=None, data=None, tokenizer=None, vocab_size: int = 8192,
         model_overrides: dict | None = None) -> dict:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with runtime.rank0_first(cfg.device):  # under torchrun rank 0 builds tokenizer and shards, the others reuse them
+    check_flags(cfg, inputs, data, tokenizer, vocab_size, model_overrides or {})
+    # a failure while the tokenizer and shards are made removes an --out this run created
+    with atomic.new_dir_or_nothing(out), runtime.rank0_first(cfg.device):
+        # under torchrun rank 0 builds tokenizer and shards, the others reuse them
         shard_dir, tok_dir = prepare_data(inputs, data, tokenizer, out, vocab_size)
     tok = Tokenizer.load(tok_dir)
     model = build_model(cfg.preset, tok, cfg.seed, **(model_overrides or {}))
     seq_len = cfg.seq_len or model.cfg.max_seq_len
-    if seq_len > model.cfg.max_seq_len:
-        raise UserError(f"--seq-len {seq_len} is beyond the {cfg.preset} model's context of "
-                        f"{model.cfg.max_seq_len} tokens; lower it or raise --max-seq-len")
     n = model.num_params()
     print(f"model: preset {cfg.preset}, {n / 1e6:.2f}M parameters "
           f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), {model.cfg.arch} shape, "
@@ -167,7 +185,9 @@ def add_arguments(p):
     p.add_argument("--nsp", action="store_true", help="encoder: also next-sentence prediction (50%% real next segment)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="encoder: share of tokens chosen for prediction")
     p.add_argument("--lowercase", action="store_true", help="encoder: a lowercasing WordPiece tokenizer")
-    add_train_flags(p, DEFAULTS, skip=())
+    # choices: a wrong preset is refused by argparse, before any tokenizer is trained or shard written
+    presets = list(dict.fromkeys(registry.presets() + registry.presets("encoder")))
+    add_train_flags(p, DEFAULTS, skip=(), choices={"preset": presets})
     p.epilog = (f"decoder presets: {', '.join(registry.presets())}; "
                 f"encoder presets: {', '.join(registry.presets('encoder'))}")
 
@@ -180,9 +200,12 @@ def main(a):
         if not a.input:
             raise UserError("pretrain --family bert needs --input PATH… (a `data build` corpus directory or files)")
         registry.preset(cfg.preset, family="encoder")  # a bad --preset fails before any data work
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        if a.vocab_size < 64:
+            raise UserError(f"--vocab-size must be at least 64, got {a.vocab_size}")
         over = {"max_seq_len": a.max_seq_len} if a.max_seq_len else {}
-        summary = mlm.run(cfg, _corpus_splits(a.input, Path(cfg.out)), tokenizer=a.tokenizer,
+        with atomic.new_dir_or_nothing(cfg.out):  # a failure here leaves no half-made --out
+            corpus = _corpus_splits(a.input, Path(cfg.out))
+        summary = mlm.run(cfg, corpus, tokenizer=a.tokenizer,
                           vocab_size=a.vocab_size, nsp=a.nsp, mask_prob=a.mask_prob, lowercase=a.lowercase,
                           model_overrides=over)
         print(json.dumps(summary, indent=2))

@@ -85,6 +85,31 @@ class RLConfig:
     max_resample: int = 4
 
 
+RL_HELP = {
+    "algo": "the RL algorithm (see the table in the README)",
+    "rollout_prompts": "prompts per rollout",
+    "group_size": "sampled replies per prompt (GRPO's G; grpo needs at least 2)",
+    "max_new_tokens": "longest sampled reply (tokens)",
+    "temperature": "sampling temperature of the rollouts (1 = the policy itself)",
+    "ppo_epochs": "passes over each rollout (reinforce: always 1)",
+    "minibatches": "optimizer steps per pass (reinforce: always 1)",
+    "clip_range": "epsilon of the clipped probability ratio",
+    "value_clip": "ppo: clip range of the value-function update",
+    "vf_coef": "ppo: weight of the value loss",
+    "gamma": "ppo: discount of the per-token rewards",
+    "lam": "ppo: lambda of generalised advantage estimation",
+    "kl_coef": "beta: strength of the KL penalty to the reference",
+    "kl_target": "adapt beta towards this KL per reply in nats (0 = fixed beta)",
+    "kl_horizon": "adaptive KL: steps over which beta moves towards the target",
+    "baseline_momentum": "reinforce: momentum of the moving-average reward baseline",
+    "families": "only prompts of these families, comma-separated (default: all)",
+    "eval_prompts": "held-out prompts per family in the before/after evaluation",
+    "disc_lr": "discriminator reward: its learning rate",
+    "disc_steps": "discriminator reward: its updates per rollout",
+    "max_resample": "grpo: extra draws to fill the batch with groups whose rewards differ (0 = keep all)",
+}
+
+
 class RLStage:
     name = "rlhf"
     show = ("reward", "kl", "response_len")  # on the progress line
@@ -338,10 +363,10 @@ def add_arguments(p):
     p.add_argument("--init", required=True, help="the policy to start from (an SFT model); also the frozen reference")
     p.add_argument("--prompts", nargs="+", required=True, help="chat files whose prompts are rolled out "
                    "(a trailing assistant turn is the reference reply)")
-    p.add_argument("--reward", nargs="+", default=[], help="reward sources, summed: a reward-model dir, "
-                   "exact, format, module:function, discriminator")
+    p.add_argument("--reward", nargs="+", default=[], metavar="SOURCE", help="reward sources, summed: a "
+                   "reward-model directory, exact, format, module:function or discriminator (default: none)")
     p.add_argument("--heldout", nargs="+", help="held-out prompts: exact match, reward and KL before/after")
-    add_dataclass_flags(p, RLConfig)
+    add_dataclass_flags(p, RLConfig, help=RL_HELP, choices={"algo": ALGOS})
     add_train_flags(p, DEFAULTS, skip=("preset", "batch_size"))
 
 

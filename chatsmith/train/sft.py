@@ -130,7 +130,7 @@ def add_arguments(p):
     p.add_argument("--epochs", type=float, default=None, help="passes over the data when neither "
                    "--max-steps nor --max-minutes is given (default 1)")
     p.add_argument("--eval-samples", type=int, default=20, help="held-out prompts generated per task family")
-    p.add_argument("--eval-max-new-tokens", type=int, default=48)
+    p.add_argument("--eval-max-new-tokens", type=int, default=48, help="longest held-out reply generated (tokens)")
     add_train_flags(p, DEFAULTS)
 
 
