@@ -57,8 +57,8 @@ def _embed_arguments(p):
                    "default: JSON lines on stdout")
     p.add_argument("--max-len", type=int, default=256, help="tokens per text; longer texts are truncated")
     p.add_argument("--no-normalize", action="store_true", help="raw mean-pooled vectors instead of unit length")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where the model runs")
 
 
 def _embed_main(a):
@@ -82,7 +82,7 @@ def _embed_main(a):
 def _fill_arguments(p):
     p.add_argument("model", help="an encoder with an MLM head (pretrain --family bert)")
     p.add_argument("text", nargs="+", help="text with one or more [MASK] tokens")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, default=5, help="candidates shown per [MASK]")
 
 
 def _fill_main(a):

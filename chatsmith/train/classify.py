@@ -165,7 +165,7 @@ def _predict_arguments(p):
     p.add_argument("model", help="a fine-tuned classifier directory")
     p.add_argument("text", nargs="*", help="texts to classify (default: one per line on stdin)")
     p.add_argument("--file", help="a file of texts, one per line")
-    p.add_argument("--max-len", type=int, default=None)
+    p.add_argument("--max-len", type=int, default=None, help="tokens per input (default: the model's context)")
 
 
 def _predict_main(a):
