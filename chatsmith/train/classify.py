@@ -151,6 +151,9 @@ def _eval_main(a):
     r["data"] = str(a.data)
     if a.out:
         atomic.write_json(a.out, r)
+    # beside the model, for `chatsmith report` (the held-out rows of this stage's column)
+    atomic.write_json(Path(a.model) / "classify_eval.json",
+                      {"classify": {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "data": str(a.data)}})
     labels = r["labels"]
     print(f"accuracy {r['accuracy']:.4f}  macro-F1 {r['macro_f1']:.4f}  ({r['total']} records)", file=sys.stderr)
     w = max(6, *(len(x) for x in labels))

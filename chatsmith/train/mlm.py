@@ -175,7 +175,34 @@ def run(cfg: TrainConfig, corpus: dict[str, list[str]], tokenizer=None, vocab_si
     summary = trainer.fit()
     summary["params"] = model.num_params()
     summary["before"] = before  # the untrained model on the same masked val windows
+    if trainer.master:  # the report's before/after rows and fill-mask examples
+        after = {k: v for k, v in trainer.last_eval.items() if k.startswith("val_")}
+        atomic.write_json(out / "mlm_eval.json", {
+            "init": before,
+            "pretrain": {**after, "samples": fill_mask_samples(trainer.unwrapped, tok, stage.val)}})
     return summary
 
 
-__all__ = ["mask_tokens", "MLMStage", "run"]
+@torch.no_grad()
+def fill_mask_samples(model, tok: EncoderTokenizer, val: TokenShards, n: int = 8, width: int = 16) -> list[dict]:
+    """Val snippets with their middle token masked: what the model puts there (top 3) vs what was there."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for k in range(min(n, max(len(val) // width - 1, 0))):
+        ids = val.data[k * width * 7 % max(len(val) - width, 1):][:width].astype("int64").tolist()
+        ids = [i for i in ids if i not in tok.special_ids]
+        if len(ids) < 5:
+            continue
+        mid = len(ids) // 2
+        masked = ids[:mid] + [tok.mask_id] + ids[mid + 1:]
+        row = tok.join(masked, None, width + 2)
+        b = tok.batch([row], device)
+        logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], head="mlm")[0, row[0].index(tok.mask_id)]
+        top = logits[:tok.vocab_size].float().topk(3).indices.tolist()
+        out.append({"family": "fill-mask", "prompt": tok.decode(masked, skip_special=False),
+                    "reply": " | ".join(tok.decode([t]) for t in top), "reference": tok.decode([ids[mid]])})
+    return out
+
+
+__all__ = ["mask_tokens", "MLMStage", "run", "fill_mask_samples"]

@@ -175,6 +175,8 @@ def _eval_main(a):
     r = squad_scores(gold_answers(data), preds)
     if a.out:
         atomic.write_json(a.out, {**r, "data": str(a.data), "predictions": preds})
+    # beside the model, for `chatsmith report` (the held-out rows of this stage's column)
+    atomic.write_json(Path(a.model) / "qa_eval.json", {"qa": {"exact": r["exact"], "f1": r["f1"], "data": str(a.data)}})
     print(f"exact match {r['exact']:.2f}  F1 {r['f1']:.2f}  ({r['total']} questions, {data.version})", file=sys.stderr)
     print(json.dumps(r))
 
