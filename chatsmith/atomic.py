@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -102,4 +103,48 @@ def atomic_dir(path: str | os.PathLike):
         raise
 
 
-__all__ = ["atomic_file", "atomic_dir", "write_text", "write_json", "write_jsonl", "copy_file", "fsync_dir"]
+# what the writers here (and the corpus writer's ".train.jsonl.tmp-PID") leave behind when killed:
+# ".tmp-NAME-RANDOM" siblings, ".old-NAME-PID" directories moved aside, ".NAME.tmp-PID" files
+_STALE = re.compile(r"^\.(?:tmp-.+|old-.+|.+\.tmp-\d+)$")
+
+
+def remove_stale_temporaries(root: str | os.PathLike, depth: int = 2) -> list[Path]:
+    """Delete the temporaries a killed writer left in root and the folders `depth` levels below it
+    (out/checkpoints, out/corpus, ...): a killed checkpoint write leaves a whole model's worth. Only
+    for a directory this process owns (an output folder at the start of its run): a live writer's
+    temporaries would go too. Returns what was removed."""
+    gone, root = [], Path(root)
+    for d, dirs, files in os.walk(root):
+        if len(Path(d).relative_to(root).parts) >= depth:
+            dirs[:] = []
+        for name in [*dirs, *files]:
+            if _STALE.match(name):
+                p = Path(d) / name
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+                gone.append(p)
+        dirs[:] = [n for n in dirs if not _STALE.match(n)]
+    return gone
+
+
+@contextlib.contextmanager
+def provisional_dir(path: str | os.PathLike, complete):
+    """An output folder that only stays if it holds something complete: when the body fails and
+    complete(path) is false, everything the body added is removed (the folder too, if the body
+    created it), so a failed run does not leave a half-made --out behind."""
+    path = Path(path)
+    before = set(os.listdir(path)) if path.is_dir() else None
+    try:
+        yield path
+    except BaseException:
+        if path.is_dir() and not complete(path):
+            if before is None:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                for name in set(os.listdir(path)) - before:
+                    p = path / name
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        raise
+
+
+__all__ = ["atomic_file", "atomic_dir", "write_text", "write_json", "write_jsonl", "copy_file", "fsync_dir",
+           "remove_stale_temporaries", "provisional_dir"]

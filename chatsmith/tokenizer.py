@@ -335,7 +335,17 @@ def train_command(inputs: list[str], vocab_size: int, out: str, val: list[str] |
                   max_chars: int | None = None, min_frequency: int = 2) -> dict:
     t0 = time.time()
     print(f"training byte-level BPE, vocab {vocab_size}, on {', '.join(inputs)}", file=sys.stderr)
-    tok = train_tokenizer(iter_texts(inputs, max_chars), vocab_size, min_frequency)
+    chars = 0
+
+    def counted():
+        nonlocal chars
+        for t in iter_texts(inputs, max_chars):
+            chars += len(t)
+            yield t
+
+    tok = train_tokenizer(counted(), vocab_size, min_frequency)
+    if not chars:  # it would save the bare byte alphabet and call that a tokenizer
+        raise UserError(f"no text to train on in {', '.join(inputs)}: the inputs are empty")
     tok.save(out)
     stats = {"vocab_size": tok.vocab_size, "seconds": round(time.time() - t0, 1)}
     if val:

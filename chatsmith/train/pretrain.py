@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from chatsmith import atomic, runtime
+from chatsmith.checkpoint import list_checkpoints
 from chatsmith.config import TrainConfig
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.shards import TokenShards, write_shards
@@ -126,9 +127,26 @@ def build_model(preset_name: str, tok: Tokenizer, seed: int, **overrides):
     return registry.build(mcfg)
 
 
+def _complete(out: Path) -> bool:
+    """Whether a failed run leaves something worth keeping at out: a checkpoint (to --resume from)
+    or a published model."""
+    return bool(list_checkpoints(out)) or (out / "config.json").exists()
+
+
 def run(cfg: TrainConfig, inputs=None, data=None, tokenizer=None, vocab_size: int = 8192,
         model_overrides: dict | None = None) -> dict:
+    """A run that fails before its first checkpoint leaves no --out behind (nor what it added to an
+    existing one): no empty corpus/, no token shards without their meta.json."""
     out = Path(cfg.out)
+    if runtime.rank() != 0:  # rank 0 owns the folder: the others must not remove what it builds
+        return _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides)
+    if out.is_dir():
+        atomic.remove_stale_temporaries(out)  # a killed run's corpus/.train.jsonl.tmp-PID, .tmp-* files
+    with atomic.provisional_dir(out, _complete):
+        return _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides)
+
+
+def _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with runtime.rank0_first(cfg.device):  # under torchrun rank 0 builds tokenizer and shards, the others reuse them
         shard_dir, tok_dir = prepare_data(inputs, data, tokenizer, out, vocab_size)
