@@ -283,6 +283,9 @@ def test_gguf_malformed_headers_and_bytes_are_exit_2(tmp_path, capsys):
         bad[off:off + 8] = struct.pack("<Q", 2 ** 60)
         (tmp_path / "bad.gguf").write_bytes(bytes(bad))
         _one_line_exit_2(capsys, "import", tmp_path / "bad.gguf", tmp_path / "out", match="GGUF")
+    # a metadata key that repeats one the reader keeps itself: the gguf package raises KeyError
+    (tmp_path / "bad.gguf").write_bytes(raw.replace(b"llama.block_count", b"GGUF.tensor_count"))
+    _one_line_exit_2(capsys, "import", tmp_path / "bad.gguf", tmp_path / "out", match="KeyError")
     rng = random.Random(0)  # and any corruption of the header and metadata: never a traceback
     for _ in range(40):
         bad = bytearray(raw)
