@@ -108,6 +108,13 @@ def atomic_dir(path: str | os.PathLike):
 _STALE = re.compile(r"^\.(?:tmp-.+|old-.+|.+\.tmp-\d+)$")
 
 
+def _remove(p: Path):
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def remove_stale_temporaries(root: str | os.PathLike, depth: int = 2) -> list[Path]:
     """Delete the temporaries a killed writer left in root and the folders `depth` levels below it
     (out/checkpoints, out/corpus, ...): a killed checkpoint write leaves a whole model's worth. Only
@@ -119,9 +126,8 @@ def remove_stale_temporaries(root: str | os.PathLike, depth: int = 2) -> list[Pa
             dirs[:] = []
         for name in [*dirs, *files]:
             if _STALE.match(name):
-                p = Path(d) / name
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-                gone.append(p)
+                _remove(Path(d) / name)
+                gone.append(Path(d) / name)
         dirs[:] = [n for n in dirs if not _STALE.match(n)]
     return gone
 
@@ -141,8 +147,7 @@ def provisional_dir(path: str | os.PathLike, complete):
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 for name in set(os.listdir(path)) - before:
-                    p = path / name
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+                    _remove(path / name)
         raise
 
 
