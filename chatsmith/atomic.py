@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -102,20 +103,56 @@ def atomic_dir(path: str | os.PathLike):
         raise
 
 
+# what the writers here (and the corpus writer's ".train.jsonl.tmp-PID") leave behind when killed:
+# ".tmp-NAME-RANDOM" siblings, ".old-NAME-PID" directories moved aside, ".NAME.tmp-PID" files
+_STALE = re.compile(r"^\.(?:tmp-.+|old-.+|.+\.tmp-\d+)$")
+
+
+def _remove(p: Path):
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(root: str | os.PathLike, depth: int = 2) -> list[Path]:
+    """Delete the temporaries a killed writer left in root and the folders `depth` levels below it
+    (out/checkpoints, out/corpus, ...): a killed checkpoint write leaves a whole model's worth. Only
+    for a directory this process owns (an output folder at the start of its run): a live writer's
+    temporaries would go too. Returns what was removed."""
+    gone, root = [], Path(root)
+    for d, dirs, files in os.walk(root):
+        if len(Path(d).relative_to(root).parts) >= depth:
+            dirs[:] = []
+        for name in [*dirs, *files]:
+            if _STALE.match(name):
+                _remove(Path(d) / name)
+                gone.append(Path(d) / name)
+        dirs[:] = [n for n in dirs if not _STALE.match(n)]
+    return gone
+
+
 @contextlib.contextmanager
-def new_dir_or_nothing(path: str | os.PathLike):
-    """Creates `path` (and its parents) for work that fills it; when that work fails, the directories
-    this call created are removed again, so a failed command leaves no half-made output behind and
-    its corrected rerun is not refused. A directory that already existed is left as it is."""
-    p = Path(path)
-    created = [q for q in (p, *p.parents) if not q.exists()]
-    p.mkdir(parents=True, exist_ok=True)
+def provisional_dir(path: str | os.PathLike, complete=lambda _path: False):
+    """An output folder (created here, with its parents) that only stays if it holds something
+    complete: when the body fails and complete(path) is false, everything the body added is removed
+    (the folder and the parents this call created, if it created them), so a failed run leaves no
+    half-made --out behind and its corrected rerun is not refused."""
+    path = Path(path)
+    created = [q for q in (path, *path.parents) if not q.exists()]
+    before = set(os.listdir(path)) if path.is_dir() else None
+    path.mkdir(parents=True, exist_ok=True)
     try:
-        yield p
+        yield path
     except BaseException:
-        if created:
-            shutil.rmtree(created[-1], ignore_errors=True)
+        if path.is_dir() and not complete(path):
+            if before is None:
+                shutil.rmtree(created[-1], ignore_errors=True)
+            else:
+                for name in set(os.listdir(path)) - before:
+                    _remove(path / name)
         raise
 
 
-__all__ = ["atomic_file", "atomic_dir", "new_dir_or_nothing", "write_text", "write_json", "write_jsonl", "copy_file", "fsync_dir"]
+__all__ = ["atomic_file", "atomic_dir", "write_text", "write_json", "write_jsonl", "copy_file", "fsync_dir",
+           "remove_stale_temporaries", "provisional_dir"]

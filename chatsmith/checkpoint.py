@@ -97,6 +97,12 @@ def list_checkpoints(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def has_results(out: Path) -> bool:
+    """Whether an output folder holds something worth keeping after a failure: a training checkpoint
+    (to --resume from) or a published model."""
+    return bool(list_checkpoints(out)) or (Path(out) / "config.json").exists()
+
+
 def prune_checkpoints(out: Path, keep: int):
     for p in list_checkpoints(out)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)

@@ -7,12 +7,18 @@ temperature / top-k / top-p (nucleus, Holtzman et al. 2020) / repetition penalty
 al. 2019); temperature 0 is greedy; `num_beams > 1` is beam search. Stop strings are matched on
 the decoded text, never appear in the output, and streamed text is held back while it could still
 be the start of a stop string.
+
+Only ids the tokenizer has are ever sampled or reported: a model's vocabulary is padded (to a
+multiple of 64 by `pretrain`), and the logits of those padding rows are masked out of sampling,
+logprobs and top_logprobs. `logit_bias` (OpenAI's: token id -> a bias in [-100, 100] added to its
+logit before sampling) shifts what is sampled; reported logprobs stay the model's own.
 """
 
 from __future__ import annotations
 
 import codecs
 import dataclasses
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -36,6 +42,7 @@ class SamplingParams:
     length_penalty: float = 1.0  # beam search: score / length**length_penalty
     logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token (echo scoring); allows max_new_tokens=0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
 
     def validate(self):
         if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):
@@ -52,6 +59,9 @@ class SamplingParams:
             raise UserError("num_return_sequences and num_beams must be at least 1")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise UserError("num_return_sequences cannot exceed num_beams in beam search")
+        for t, b in (self.logit_bias or {}).items():
+            if not (isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100):
+                raise UserError(f"logit_bias maps token ids to biases in [-100, 100]; got {t!r}: {b!r}")
 
 
 @dataclass
@@ -64,6 +74,10 @@ class Completion:
     # per generated token (under the model's raw distribution, before temperature and filters)
     logprobs: list | None = None
     prompt_logprobs: list | None = None  # the same per prompt token; None for the first
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -235,6 +249,8 @@ class Engine:
             i = tokenizer.token_to_id(t)
             if i is not None:
                 self.eos_ids.add(i)
+        # the ids the tokenizer can decode: the model's rows past them are padding, never sampled
+        self.n_vocab = min(getattr(tokenizer, "vocab_size", model.cfg.vocab_size), model.cfg.vocab_size)
         self.max_batch = max_batch
         self.cache = None
         self.rows: list[Seq] = []  # row r of the cache holds self.rows[r]
@@ -254,9 +270,9 @@ class Engine:
             raise UserError("the prompt is empty")
         if len(prompt_ids) >= ctx + (p.max_new_tokens == 0):
             raise UserError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {ctx}")
-        bad = [t for t in prompt_ids if not 0 <= t < self.model.cfg.vocab_size]
+        bad = [t for t in [*prompt_ids, *(p.logit_bias or {})] if not 0 <= t < self.n_vocab]
         if bad:
-            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.cfg.vocab_size - 1})")
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
         return min(p.max_new_tokens, ctx - len(prompt_ids))
 
     def add_request(self, prompt_ids: list[int], p: SamplingParams, stream_id: int | None = None) -> Request:
@@ -327,6 +343,13 @@ class Engine:
             comps.append(Completion(s.out, s.text, s.finish, logprobs=s.lps, prompt_logprobs=req.prompt_logprobs))
         req.completions = comps
 
+    def _real(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) with the padding rows of the vocabulary at -inf (in place), so no
+        sampler, argmax or top-k can reach an id the tokenizer does not have."""
+        if logits.shape[-1] > self.n_vocab:
+            logits[..., self.n_vocab:] = float("-inf")
+        return logits
+
     # --- one step --------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -338,7 +361,7 @@ class Engine:
         if self.rows:
             B = len(self.rows)
             idx = torch.tensor([s.out[-1] for s in self.rows], device=self.device)
-            logits = self.model.decode_step(idx, self.cache, span=max(self.lens) + 1, fused=self._fused)
+            logits = self._real(self.model.decode_step(idx, self.cache, span=max(self.lens) + 1, fused=self._fused))
             for r in range(B):
                 self.lens[r] += 1
             self._advance(list(self.rows), logits, events)
@@ -355,14 +378,14 @@ class Engine:
         h = self.model.hidden_states(x, cache=self.cache.row_view(r0))[0]  # (T, d)
         self.cache.lens[r0] = T
         if req.params.prompt_logprobs is not None:  # echo + logprobs: score every prompt token
-            logp = self.model.lm_head(h).float().log_softmax(-1)
+            logp = self._real(self.model.lm_head(h).float()).log_softmax(-1)
             entries = [None]
             for t in range(1, T):
                 entries.append(self._lp_entry(logp[t - 1], req.prompt_ids[t], req.params.prompt_logprobs))
             req.prompt_logprobs = entries
             logits = logp[-1:]  # log-softmax preserves the argmax and the sampling distribution
         else:
-            logits = self.model.lm_head(h[-1:])
+            logits = self._real(self.model.lm_head(h[-1:]))
         for i, s in enumerate(req.seqs):
             if i:
                 self.cache.move_row(r0, r0 + i, T)
@@ -382,12 +405,14 @@ class Engine:
         self._advance(req.seqs, logits.expand(n, -1), events)
 
     def _lp_entry(self, logp_row: torch.Tensor, t: int, top: int):
-        """(token id, logprob, [(id, logprob) of the `top` most likely]) from a log-softmax row."""
+        """(token id, logprob, [(id, logprob) of the `top` most likely]) from a log-softmax row.
+        A logprob that is not finite (-inf; NaN from broken weights) reads -9999.0, OpenAI's value for
+        "very unlikely", so every response stays valid JSON."""
         alts = []
         if top > 0:
-            v, i = logp_row.topk(top)
-            alts = list(zip(i.tolist(), v.tolist()))
-        return t, float(logp_row[t]), alts
+            v, i = logp_row.topk(min(top, self.n_vocab))
+            alts = list(zip(i.tolist(), map(_finite, v.tolist())))
+        return t, _finite(float(logp_row[t])), alts
 
     def _advance(self, seqs: list[Seq], logits: torch.Tensor, events: list[Event]):
         """Sample one token for each of seqs (row i of logits), append it, emit text, retire the done."""
@@ -448,6 +473,11 @@ class Engine:
         inverse-CDF sampling with one uniform number per row from that row's generator, so a
         request's samples do not depend on what else shares the batch."""
         ps = [s.req.params for s in seqs]
+        biased = [i for i, p in enumerate(ps) if p.logit_bias]
+        if biased:  # before the penalty and temperature, as OpenAI adds it to the raw logits
+            logits = logits.float().clone()
+            for i in biased:
+                logits[i] += self._bias_row(ps[i], logits.device)
         penal = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]
         if penal:
             logits = logits.float().clone()
@@ -490,9 +520,16 @@ class Engine:
                 # drop a token when the tokens ranked above it already cover top_p of the mass
                 probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
             pick[filt] = order.gather(1, _inverse_cdf(probs, u[filt]))
-        for i, t in zip(samp, pick[:, 0].tolist()):
+        # NaN logits (broken weights) make the inverse CDF run off the end: keep even those in the vocabulary
+        for i, t in zip(samp, pick[:, 0].clamp_(max=self.n_vocab - 1).tolist()):
             out[i] = t
         return out
+
+    def _bias_row(self, p: SamplingParams, device) -> torch.Tensor:
+        row = torch.zeros(self.model.cfg.vocab_size, device=device)
+        ids = list(p.logit_bias)
+        row[ids] = torch.tensor([float(p.logit_bias[t]) for t in ids], device=device)
+        return row
 
     # --- the public API ---------------------------------------------------------------------------
     def run_until_done(self, reqs: list[Request]):
@@ -554,7 +591,8 @@ class Engine:
         budget = self._check(prompt_ids, p)
         cache = self.model.new_cache(B, len(prompt_ids) + budget)
         x = torch.tensor([prompt_ids] * B, device=self.device)
-        logp = self.model(x, cache=cache)[:, -1].float().log_softmax(-1)
+        bias = self._bias_row(p, self.device) if p.logit_bias else 0.0
+        logp = (self._real(self.model(x, cache=cache)[:, -1].float()) + bias).log_softmax(-1)
         scores = torch.zeros(B, device=self.device)
         scores[1:] = float("-inf")  # all beams start identical: expand only the first
         seqs: list[list[int]] = [[] for _ in range(B)]
@@ -590,7 +628,8 @@ class Engine:
                 new_seqs.append(new_seqs[0]), new_scores.append(float("-inf")), rows.append(rows[0]), toks.append(toks[0])
             cache.reorder(torch.tensor(rows, device=self.device))
             seqs, scores = new_seqs, torch.tensor(new_scores, device=self.device)
-            logp = self.model(torch.tensor(toks, device=self.device)[:, None], cache=cache)[:, -1].float().log_softmax(-1)
+            logits = self.model(torch.tensor(toks, device=self.device)[:, None], cache=cache)[:, -1].float()
+            logp = (self._real(logits) + bias).log_softmax(-1)
         for s, seq in zip(scores.tolist(), seqs):
             if s > float("-inf"):
                 finished.append((s / max(len(seq), 1) ** p.length_penalty, seq, "length"))

@@ -49,7 +49,7 @@ def main(a):
     model = load_model(a.model, device=resolve_device(a.device))
     tok = Tokenizer.load(a.model)
     engine = Engine(model, tok, max_batch=1)
-    ids = tok.encode(a.prompt, bos=True)
+    ids = tok.encode(a.prompt, bos=True, special=True)
     torch.manual_seed(params.seed if params.seed is not None else torch.seed())
     n = params.num_return_sequences
     if a.no_stream or params.num_beams > 1 or n > 1:

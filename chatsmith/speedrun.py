@@ -170,7 +170,7 @@ def run(a) -> dict:
     run_dir = Path(a.out)
     # a failure before training starts (the data, the tokenizer, the budget) removes an --out this
     # run created, so the corrected rerun is not refused
-    with atomic.new_dir_or_nothing(run_dir):
+    with atomic.provisional_dir(run_dir):
         stages, corpus, chat, tok_dir, train_s = _prepare(a, run_dir, t0)
     return _train_and_report(a, run_dir, t0, stages, corpus, chat, tok_dir, train_s)
 

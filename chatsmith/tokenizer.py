@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,11 @@ def _token_str(v) -> str | None:
 class Tokenizer:
     def __init__(self, tok: HFTokenizer, path: Path | None = None, config: dict | None = None):
         self.tok = tok
+        # the same vocabulary with control-token text read as plain bytes: message content and data are
+        # encoded with it, so "<|user_end|>" typed by a user is ten byte tokens, never the real turn end
+        # (a second object because the flag is tokenizer state, and serve encodes from several threads)
+        self.plain = HFTokenizer.from_str(tok.to_str())
+        self.plain.encode_special_tokens = True
         self.path = path
         self.config = dict(config or {})
         # native: a chatsmith-trained tokenizer (our <|...|> tokens, Python chat template, BOS always)
@@ -99,14 +105,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
 
-    def encode(self, text: str, bos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool = False, special: bool = False) -> list[int]:
         """bos=True: the start of a document, as the model was trained (chatsmith models always see
-        BOS first; an imported model only if its tokenizer_config says add_bos_token)."""
-        ids = self.tok.encode(text, add_special_tokens=False).ids
+        BOS first; an imported model only if its tokenizer_config says add_bos_token).
+        special=True: control-token text ("<|eos|>") becomes the control token; only for a raw prompt
+        whose writer owns the whole text (completions, generate). Content and data stay plain text."""
+        ids = (self.tok if special else self.plain).encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if bos and self.add_bos else ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        """Documents as plain text (a corpus that quotes "<|eos|>" does not end there)."""
+        return [e.ids for e in self.plain.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
@@ -135,18 +144,31 @@ class Tokenizer:
     def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         """An imported model's own Jinja chat template (e.g. ChatML). The mask marks each assistant
         turn as the text its rendering adds to the rendering of the conversation before it with a
-        generation prompt (the reply, its end token and whatever the template puts after it)."""
+        generation prompt (the reply, its end token and whatever the template puts after it).
+
+        The template is rendered with a placeholder for each message's content, so its own text
+        (and only it) is read with control tokens, and each content is encoded as plain text in its
+        place: content cannot forge a turn. A template that changes what it is given (strips it,
+        tests it) renders placeholders differently from the content; then the whole rendering is
+        encoded, which is safe only if no content holds control-token text, else it is refused."""
         if not self.chat_template:
             raise UserError(f"the tokenizer at {self.path} has no chat template: this model cannot chat")
         for m in messages:
             if not isinstance(m.get("content"), str):
                 raise UserError("chat messages need string content")
+        holes = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        held = [{**m, "content": h} for m, h in zip(messages, holes)]
         render = lambda msgs, gen: _render_jinja(self.chat_template, msgs, gen, self.config)  # noqa: E731
-        text = render(messages, add_generation_prompt)
+        text = render(held, add_generation_prompt)
+        contents = dict(zip(holes, (m["content"] for m in messages)))
+        split = lambda s: re.split("(" + "|".join(map(re.escape, contents)) + ")", s) if contents else [s]  # noqa: E731
+        if "".join(contents.get(p, p) for p in split(text)) != render(messages, add_generation_prompt):
+            self._refuse_control_text(messages)
+            held, contents, text = messages, {}, render(messages, add_generation_prompt)
         spans = []
-        for i, m in enumerate(messages):
+        for i, m in enumerate(held):
             if m["role"] == "assistant":
-                a, b = render(messages[:i], True), render(messages[:i + 1], False)
+                a, b = render(held[:i], True), render(held[:i + 1], False)
                 if not (b.startswith(a) and text.startswith(b)):
                     raise UserError("the model's chat template does not render a conversation as an extension "
                                     "of its prefix, so the assistant's tokens cannot be located")
@@ -154,12 +176,20 @@ class Tokenizer:
         ids, mask, pos = [], [], 0
         for start, end in spans + [(len(text), len(text))]:
             for piece, learn in ((text[pos:start], 0), (text[start:end], 1)):
-                if piece:
-                    p = self.encode(piece)
-                    ids += p
-                    mask += [learn] * len(p)
+                for p in split(piece):
+                    if p:
+                        e = self.encode(contents[p]) if p in contents else self.encode(p, special=True)
+                        ids += e
+                        mask += [learn] * len(e)
             pos = end
         return ids, mask
+
+    def _refuse_control_text(self, messages: list[dict]) -> None:
+        added = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        for i, m in enumerate(messages):
+            if hit := next((t for t in added if t in m["content"]), None):
+                raise UserError(f"messages[{i}].content contains the control token {hit!r}, and this model's "
+                                f"chat template transforms content, so it cannot be kept as plain text")
 
     def token_to_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
@@ -321,7 +351,17 @@ def train_command(inputs: list[str], vocab_size: int, out: str, val: list[str] |
                   max_chars: int | None = None, min_frequency: int = 2) -> dict:
     t0 = time.time()
     print(f"training byte-level BPE, vocab {vocab_size}, on {', '.join(inputs)}", file=sys.stderr)
-    tok = train_tokenizer(iter_texts(inputs, max_chars), vocab_size, min_frequency)
+    chars = 0
+
+    def counted():
+        nonlocal chars
+        for t in iter_texts(inputs, max_chars):
+            chars += len(t)
+            yield t
+
+    tok = train_tokenizer(counted(), vocab_size, min_frequency)
+    if not chars:  # it would save the bare byte alphabet and call that a tokenizer
+        raise UserError(f"no text to train on in {', '.join(inputs)}: the inputs are empty")
     tok.save(out)
     stats = {"vocab_size": tok.vocab_size, "seconds": round(time.time() - t0, 1)}
     if val:

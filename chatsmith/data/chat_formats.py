@@ -51,6 +51,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
+from chatsmith.data.corpus import check_file, json_line
 from chatsmith.errors import UserError
 from chatsmith.messages import ALIASES, ROLES
 
@@ -438,13 +439,13 @@ def _jsonl_items(name: str, text: str) -> Iterator[_Item]:
             continue
         src = f"{name}:{lineno}"
         try:
-            yield _Item(src, src, json.loads(line))
-        except json.JSONDecodeError as e:
+            yield _Item(src, src, json_line(line))
+        except ValueError as e:
             hint = ""
             if line.strip() in ("[", "{"):
                 hint = ("; the file looks like pretty-printed JSON: name it .json, or write one "
                         "record per line")
-            yield _Item(src, src, error=f"not valid JSON ({e.msg} at column {e.colno}){hint}")
+            yield _Item(src, src, error=f"{e}{hint}")
 
 
 def _is_corpus(obj: Any) -> bool:
@@ -465,6 +466,12 @@ def _json_items(name: str, text: str, forced: str | None) -> Iterator[_Item]:
         raise UserError(f"{name}:{e.lineno}: not valid JSON ({e.msg} at line {e.lineno} column "
                         f"{e.colno}). A .json chat file holds one JSON array of records (or "
                         f"one record); use .jsonl for one record per line.") from None
+    except (ValueError, RecursionError):  # a number of more than 4300 digits, or nesting too deep
+        m = re.search(r"\d{4301,}", text)
+        if m is None:
+            raise UserError(f"{name}:1: JSON nested too deeply to read") from None
+        raise UserError(f"{name}:{text.count(chr(10), 0, m.start()) + 1}: a number of more than 4300 digits, "
+                        f"which chatsmith does not read") from None
     if forced in (None, "chatterbot") and _is_corpus(obj):
         meta = _meta(obj, ("conversations",))
         for i, conv in enumerate(obj["conversations"]):
@@ -504,7 +511,11 @@ def _yaml_items(name: str, text: str, forced: str | None) -> Iterator[_Item]:
                             f"records.") from None
 
         def build(node: yaml.Node) -> Any:
-            return loader.construct_document(node)
+            try:
+                return loader.construct_document(node)
+            except (ValueError, RecursionError):  # an integer of more than 4300 digits
+                raise UserError(f"{name}:{_yaml_line(node)}: a number of more than 4300 digits (or nesting too "
+                                f"deep), which chatsmith does not read") from None
 
         def turns(node: yaml.Node) -> Any:
             # Chatterbot turns keep the text as written: PyYAML would read `yes` as True and
@@ -572,6 +583,7 @@ def _check_paths(weighted: list[tuple[str, float]]) -> None:
         if p.is_dir():
             raise UserError(f"{name}: is a folder; pass the chat data files in it instead "
                             f"({', '.join(SUFFIXES)}).")
+        check_file(p, "chat data file")
         if p.suffix.lower() not in SUFFIXES:
             raise UserError(f"{name}: unsupported file type {p.suffix or '(no extension)'!r}. "
                             f"Chat data is .jsonl (one record per line), .json (an array of "

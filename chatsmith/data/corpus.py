@@ -230,6 +230,36 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
             yield lineno, line
 
 
+def check_file(p: Path, what: str, missing: str = "") -> None:
+    """p is a regular file, or a UserError saying what it is instead. A FIFO (or a device) would
+    block the read forever, or stream without end, so it is refused before anything is opened."""
+    if p.is_file():
+        return
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder, not a {what}")
+    if p.exists() or p.is_symlink():
+        kind = "a broken symbolic link" if not p.exists() else (
+            "a FIFO (named pipe)" if p.is_fifo() else "a socket" if p.is_socket() else "a device")
+        raise UserError(f"{p}: is {kind}, not a regular file; chatsmith reads a {what} from a regular file")
+    raise UserError(f"{p}: no such {what}{missing}")
+
+
+def json_line(line: str):
+    """json.loads for one record; a ValueError whose message says what is wrong, for file:line errors.
+    Beyond JSONDecodeError: Python refuses integers of more than 4300 digits (ValueError) and deep
+    nesting (RecursionError); both would otherwise surface as a traceback."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:
+        if "digits" not in str(e):
+            raise ValueError(f"not valid JSON ({e})") from None
+        raise ValueError("a number of more than 4300 digits, which chatsmith does not read") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
 def _is_hidden(p: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in p.relative_to(root).parts)
 
@@ -248,6 +278,8 @@ def collect_input_files(inputs: Iterable[str | os.PathLike]) -> list[tuple[Path,
         if not p.exists():
             raise UserError(f"{p}: no such file or folder. Pass existing .txt, .md or .jsonl "
                             f"files, or folders that contain them.")
+        if not p.is_dir():
+            check_file(p, "corpus input")
         if p.is_dir():
             found = sorted(f for f in p.rglob("*")
                            if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES
@@ -277,13 +309,9 @@ def iter_jsonl(path: Path, what: str = "JSONL file") -> Iterator[tuple[int, obje
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}). "
-                            f"Each line of a {what} must be one JSON object.") from None
-        except ValueError as e:  # an integer past Python's int-conversion digit limit
-            raise UserError(f"{path}:{lineno}: not usable JSON ({e}). "
-                            f"Each line of a {what} must be one JSON object.") from None
+            obj = json_line(line)
+        except ValueError as e:
+            raise UserError(f"{path}:{lineno}: {e}. Each line of a {what} must be one JSON object.") from None
         yield lineno, obj
 
 

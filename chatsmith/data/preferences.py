@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatsmith import atomic
-from chatsmith.data.corpus import iter_jsonl
+from chatsmith.data.corpus import check_file, iter_jsonl
 from chatsmith.errors import UserError
 from chatsmith.messages import ROLES, MessageError, check_messages
 
@@ -99,8 +99,7 @@ def read_pairs(paths: list[str], skip_bad: bool = False) -> tuple[list[Pair], in
     pairs, skipped = [], 0
     for p in paths:
         path = Path(p)
-        if not path.is_file():
-            raise UserError(f"preference file {path} does not exist")
+        check_file(path, "preference file")
         for lineno, obj in iter_jsonl(path, "preference file"):
             try:
                 pairs.append(parse_pair(obj, f"{path}:{lineno}"))

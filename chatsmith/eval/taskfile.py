@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatsmith.data.corpus import iter_jsonl
+from chatsmith.data.corpus import check_file, iter_jsonl
 from chatsmith.data.tasks import normalise
 from chatsmith.errors import UserError
 from chatsmith.messages import MessageError, check_messages
@@ -177,8 +177,7 @@ def parse_item(obj: dict, loc: str) -> Item:
 def read_task_file(path: str | os.PathLike, what: str = "task file") -> list[Item]:
     """Every item of a user task file (or example pool), checked; all of one kind."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such {what}" + (" (it is a folder)" if p.is_dir() else ""))
+    check_file(p, what)
     items: list[Item] = []
     for lineno, obj in read_objects(p, what):
         it = parse_item(obj, f"{p}:{lineno}")
@@ -196,9 +195,8 @@ def read_task_file(path: str | os.PathLike, what: str = "task file") -> list[Ite
 def read_dialogue_items(path: str | os.PathLike, family: str, what: str) -> list[Item]:
     """Checkable built-in dialogues of one family (records with ``answers``) as exact-match items."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such file; the built-in tasks read the {what} of `chatsmith data build "
-                        f"--out data` (data/chat/), or pass --heldout PATH")
+    check_file(p, what, f"; the built-in tasks read the {what} of `chatsmith data build --out data` "
+                        f"(data/chat/), or pass --heldout PATH")
     out = []
     for lineno, obj in read_objects(p, "dialogue file"):
         if obj.get("family") != family or not obj.get("answers"):
@@ -223,11 +221,8 @@ def read_prompt_items(path: str | os.PathLike, what: str) -> list[Item]:
     assistant turn (a reference reply, a dialogue's answer) is dropped, other keys are ignored.
     Repeated prompts are kept once (pair files repeat a prompt for each recipe)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such {what}" + (" (it is a folder)" if p.is_dir() else
-                                                  "; build the held-out dialogues with `chatsmith data build "
-                                                  "--out data`, or pass --heldout PATH" if what.startswith("held")
-                                                  else ""))
+    check_file(p, what, "; build the held-out dialogues with `chatsmith data build --out data`, or pass "
+                        "--heldout PATH" if what.startswith("held") else "")
     items, seen = [], set()
     for lineno, obj in read_objects(p, what):
         loc = f"{p}:{lineno}"

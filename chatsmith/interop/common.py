@@ -17,7 +17,13 @@ from chatsmith.model.family import FamilyModel
 
 def build_model(cfg, hf_sd: dict[str, torch.Tensor], source: str) -> FamilyModel:
     """A model of cfg's family holding `hf_sd` (HF tensor names); every missing, unexpected or misshapen tensor is a
-    UserError naming `source`, raised before anything is written."""
+    UserError naming `source`, raised before anything is written; so is a tensor holding NaN or Inf
+    (corrupt bytes: such a model answers NaN, and no trained model has them)."""
+    for name, w in hf_sd.items():
+        if w.is_floating_point() and not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise UserError(f"{source}: tensor {name} holds {bad} non-finite (NaN or Inf) values of {w.numel()}; "
+                            f"the weights are corrupt")
     return model_from_hf_state(cfg, hf_sd, f"{source}: the weights").eval()
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -90,14 +91,26 @@ def _tensor_map(n_layer: int) -> dict[str, str]:
     return m
 
 
+# what the gguf reader raises on a malformed file: a count of 2^60 entries runs off the end
+# (IndexError) or reads later bytes as fields (a duplicate key: KeyError), bad strings, bad enums
+_MALFORMED = (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, MemoryError, RuntimeError,
+              struct.error)
+
+
 def read_gguf(path: str | Path) -> tuple[DecoderConfig, dict[str, torch.Tensor], dict | None, dict]:
-    """-> (config, tensors in HF Llama names, tokenizer files or None, metadata summary)."""
-    gguf = _gguf()
+    """-> (config, tensors in HF Llama names, tokenizer files or None, metadata summary).
+    Any malformed file is a UserError (the header, the metadata and the tensor data are all
+    read lazily, so the whole read is guarded, not only the opening)."""
     p = Path(path)
     try:
-        r = gguf.GGUFReader(str(p))
-    except (ValueError, OSError, IndexError) as e:
-        raise UserError(f"{p} is not a readable GGUF file ({e})") from None
+        return _read_gguf(p)
+    except _MALFORMED as e:
+        raise UserError(f"{p} is not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _read_gguf(p: Path):
+    gguf = _gguf()
+    r = gguf.GGUFReader(str(p))
     arch = _field(r, "general.architecture")
     if arch != "llama":
         raise UserError(f"{p}: GGUF architecture {arch!r} is not supported; chatsmith imports 'llama' "

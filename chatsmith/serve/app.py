@@ -219,7 +219,8 @@ async def tokenize(request: Request):
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise APIError(400, "'prompt' must be a string (or send 'messages')", param="prompt")
-        ids = tok.encode(prompt, bos=bool(get_field(body, "add_special_tokens", bool, True, what="a boolean")))
+        bos = bool(get_field(body, "add_special_tokens", bool, True, what="a boolean"))
+        ids = tok.encode(prompt, bos=bos, special=True)  # a raw prompt: its writer owns the control tokens
     out = {"tokens": ids, "count": len(ids), "max_model_len": srv.ctx}
     if get_field(body, "return_token_strs", bool, False, what="a boolean"):
         out["token_strs"] = [srv.token_text.text[i] for i in ids]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
+import math
 
 from chatsmith.engine import SamplingParams
 from chatsmith.messages import MessageError, check_messages
@@ -102,6 +103,36 @@ def _logprobs(body: dict, chat: bool, n: int) -> int | None:
     return logprobs
 
 
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (JSON keys are strings)."""
+    lb = body.get("logit_bias")
+    if lb is None:
+        return None
+    if not isinstance(lb, dict):
+        raise APIError(400, "'logit_bias' must be an object mapping token ids to biases", param="logit_bias",
+                       code="invalid_type")
+    out = {}
+    for k, v in lb.items():
+        if not (k.isascii() and k.isdigit() and len(k) <= 9) or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                or not -100 <= v <= 100:
+            raise APIError(400, f"'logit_bias' maps token ids to numbers in [-100, 100]; got {k!r}: {v!r}",
+                           param="logit_bias", code="invalid_value")
+        out[int(k)] = float(v)
+    return out or None
+
+
+def _response_format(body: dict):
+    """Only plain text: JSON mode would need decoding constrained to a grammar, which chatsmith does not
+    do, and checking the reply after the fact would fail requests the client already paid for."""
+    rf = body.get("response_format")
+    if rf is None or (isinstance(rf, dict) and rf.get("type") == "text"):
+        return
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    raise APIError(400, f"'response_format' {kind!r} is not supported: chatsmith does not constrain replies to "
+                        f"JSON; only {{\"type\": \"text\"}} is accepted", param="response_format",
+                   code="unsupported_value")
+
+
 def sampling_from(body: dict, chat: bool) -> tuple[SamplingParams, int]:
     """SamplingParams from an OpenAI request body. max_new_tokens 0 means 'the rest of the context'
     (chat's default) until `check_prompt` knows the prompt."""
@@ -119,11 +150,12 @@ def sampling_from(body: dict, chat: bool) -> tuple[SamplingParams, int]:
     top_k = get_field(body, "top_k", int, 0, lambda v: v >= 0, "an integer >= 0")  # vLLM's extension
     rep = get_field(body, "repetition_penalty", num, 1.0, lambda v: v > 0, "a number > 0")
     logprobs = _logprobs(body, chat, n)
+    _response_format(body)
     if body.get("tools") or body.get("functions"):
         raise APIError(400, "tool and function calling are not supported", param="tools")
     params = SamplingParams(max_new_tokens=max_tokens or 0, temperature=float(temperature), top_p=float(top_p),
                             top_k=top_k, repetition_penalty=float(rep), stop=stops, seed=seed,
-                            num_return_sequences=n, logprobs=logprobs,
+                            num_return_sequences=n, logprobs=logprobs, logit_bias=_logit_bias(body),
                             prompt_logprobs=logprobs if (echo and logprobs is not None) else None)
     if echo and max_tokens == 0 and params.prompt_logprobs is None:
         params.prompt_logprobs = 0  # echo without generation: still a valid (scoring-free) request
@@ -156,7 +188,7 @@ def completion_prompts(body: dict, tok) -> tuple[list[list[int]], list[str | Non
                             "of token id lists (non-empty)", param="prompt", code="invalid_type")
     if len(prompts) > MAX_PROMPTS:
         raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
-    ids = [tok.encode(p, bos=True) if isinstance(p, str) else list(p) for p in prompts]
+    ids = [tok.encode(p, bos=True, special=True) if isinstance(p, str) else list(p) for p in prompts]
     return ids, [p if isinstance(p, str) else None for p in prompts]
 
 
@@ -178,6 +210,9 @@ def check_prompt(ids: list[int], params: SamplingParams, param: str, ctx: int, v
                        param="max_tokens", code="context_length_exceeded")
     if any(not 0 <= t < vocab_size for t in ids):
         raise APIError(400, f"token ids must be in [0, {vocab_size})", param=param, code="invalid_value")
+    if any(not 0 <= t < vocab_size for t in params.logit_bias or ()):
+        raise APIError(400, f"'logit_bias' token ids must be in [0, {vocab_size})", param="logit_bias",
+                       code="invalid_value")
 
 
 @dataclasses.dataclass
@@ -316,15 +351,32 @@ def response(call: Call, done: dict[int, list], rid: str, created: int, model: s
     by_job = [done[j] for j in range(len(call.jobs))]
     choices = [_chat_choice(i, c, tt) if call.chat else _completion_choice(call, j, i, c, tt)
                for j, comps in enumerate(by_job) for i, c in enumerate(comps)]
-    return {"id": rid, "object": "chat.completion" if call.chat else "text_completion", "created": created,
-            "model": model, "choices": choices, "usage": usage(call, by_job)}
+    return json_safe({"id": rid, "object": "chat.completion" if call.chat else "text_completion",
+                      "created": created, "model": model, "choices": choices, "usage": usage(call, by_job)})
 
 
 SSE_DONE = "data: [DONE]\n\n"
 
 
+def json_safe(d):
+    """d with every NaN/Infinity replaced by -9999.0 (OpenAI's "very unlikely" logprob): JSON has no
+    such numbers, and a client's parser rejects the bare NaN Python would write. The engine already
+    reports finite logprobs; this is the last line, for whatever else a broken model makes."""
+    if isinstance(d, float):
+        return d if math.isfinite(d) else -9999.0
+    if isinstance(d, dict):
+        return {k: json_safe(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [json_safe(v) for v in d]
+    return d
+
+
 def sse(d: dict, ensure_ascii: bool = False) -> str:
-    return f"data: {json.dumps(d, ensure_ascii=ensure_ascii)}\n\n"
+    try:
+        text = json.dumps(d, ensure_ascii=ensure_ascii, allow_nan=False)
+    except ValueError:  # a non-finite number: the slow path only then
+        text = json.dumps(json_safe(d), ensure_ascii=ensure_ascii, allow_nan=False)
+    return f"data: {text}\n\n"
 
 
 class Chunks:

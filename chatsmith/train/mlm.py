@@ -155,7 +155,7 @@ def run(cfg: TrainConfig, corpus: dict[str, list[str]], tokenizer=None, vocab_si
     if not 0 < mask_prob < 1:
         raise UserError(f"--mask-prob must be in (0, 1), got {mask_prob:g}")
     out = Path(cfg.out)
-    with atomic.new_dir_or_nothing(out), runtime.rank0_first(cfg.device):
+    with runtime.rank0_first(cfg.device):
         shard_dir, tok_dir = prepare_data(corpus, tokenizer, out, vocab_size, lowercase)
     tok = EncoderTokenizer.load(tok_dir)
     mcfg = registry.preset(cfg.preset, family="encoder", vocab_size=(tok.vocab_size + 63) // 64 * 64,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from chatsmith import atomic, runtime
+from chatsmith.checkpoint import has_results
 from chatsmith.config import TrainConfig
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.shards import TokenShards, write_shards
@@ -149,11 +150,27 @@ def check_flags(cfg: TrainConfig, inputs, data, tokenizer, vocab_size: int, over
 
 def run(cfg: TrainConfig, inputs=None, data=None, tokenizer=None, vocab_size: int = 8192,
         model_overrides: dict | None = None) -> dict:
+    """A run that fails before its first checkpoint leaves no --out behind (nor what it added to an
+    existing one): no empty corpus/, no token shards without their meta.json."""
     out = Path(cfg.out)
     check_flags(cfg, inputs, data, tokenizer, vocab_size, model_overrides or {})
-    # a failure while the tokenizer and shards are made removes an --out this run created
-    with atomic.new_dir_or_nothing(out), runtime.rank0_first(cfg.device):
-        # under torchrun rank 0 builds tokenizer and shards, the others reuse them
+    return _provisional(cfg, lambda: _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides))
+
+
+def _provisional(cfg: TrainConfig, body):
+    """body() with cfg.out provisional: a run that fails before its first checkpoint leaves no --out
+    behind (nor what it added to an existing one), and a killed run's temporaries go first."""
+    out = Path(cfg.out)
+    if runtime.rank() != 0:  # rank 0 owns the folder: the others must not remove what it builds
+        return body()
+    if out.is_dir():
+        atomic.remove_stale_temporaries(out)  # a killed run's corpus/.train.jsonl.tmp-PID, .tmp-* files
+    with atomic.provisional_dir(out, has_results):
+        return body()
+
+
+def _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides) -> dict:
+    with runtime.rank0_first(cfg.device):  # under torchrun rank 0 builds tokenizer and shards, the others reuse them
         shard_dir, tok_dir = prepare_data(inputs, data, tokenizer, out, vocab_size)
     tok = Tokenizer.load(tok_dir)
     model = build_model(cfg.preset, tok, cfg.seed, **(model_overrides or {}))
@@ -203,11 +220,9 @@ def main(a):
         if a.vocab_size < 64:
             raise UserError(f"--vocab-size must be at least 64, got {a.vocab_size}")
         over = {"max_seq_len": a.max_seq_len} if a.max_seq_len else {}
-        with atomic.new_dir_or_nothing(cfg.out):  # a failure here leaves no half-made --out
-            corpus = _corpus_splits(a.input, Path(cfg.out))
-        summary = mlm.run(cfg, corpus, tokenizer=a.tokenizer,
-                          vocab_size=a.vocab_size, nsp=a.nsp, mask_prob=a.mask_prob, lowercase=a.lowercase,
-                          model_overrides=over)
+        summary = _provisional(cfg, lambda: mlm.run(
+            cfg, _corpus_splits(a.input, Path(cfg.out)), tokenizer=a.tokenizer, vocab_size=a.vocab_size, nsp=a.nsp,
+            mask_prob=a.mask_prob, lowercase=a.lowercase, model_overrides=over))
         print(json.dumps(summary, indent=2))
         return
     overrides = {k: v for k, v in (("max_seq_len", a.max_seq_len), ("arch", a.arch)) if v is not None}

@@ -257,6 +257,8 @@ class Trainer:
         if self.device.type == "cpu":
             runtime.keep_freed_memory()
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.master:  # a killed run's half-written checkpoint (or file) is never resumed from: drop it
+            atomic.remove_stale_temporaries(self.out)
         self.unwrapped = self.model
         self.t_start = time.time()
         if cfg.resume:
@@ -265,7 +267,7 @@ class Trainer:
         elif list_checkpoints(self.out):
             raise UserError(f"{self.out} already holds checkpoints: pass --resume to continue that run, "
                             f"or choose another --out")
-        if not cfg.resume and self.master:
+        if self.step == 0 and self.master:  # a fresh start, also a --resume that found no checkpoint
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
         if self.step == 0:  # dropout RNG; a resumed run restored its RNG state instead
             torch.manual_seed(cfg.seed + self.rank)
