@@ -47,7 +47,8 @@ def live(base_model):
 
 def post(url, path, body=None, raw=None, headers=None, **kw):
     h = {**H, "Content-Type": "application/json", **(headers or {})}
-    return httpx.post(url + path, content=raw if raw is not None else json.dumps(body), headers=h, timeout=60, **kw)
+    kw.setdefault("timeout", 60)
+    return httpx.post(url + path, content=raw if raw is not None else json.dumps(body), headers=h, **kw)
 
 
 def error(r, status: int, param="any") -> dict:
