@@ -297,6 +297,7 @@ def main(argv=None):  # the measurement run (see the module docstring)
     ap.add_argument("model")
     ap.add_argument("--port", type=int, default=8765)
     ap.add_argument("--out", default=None, help="write per-case statuses as JSON here")
+    ap.add_argument("--passes", type=int, default=3, help="replay the corpus this many times (memory growth)")
     a = ap.parse_args(argv)
     proc = subprocess.Popen([sys.executable, "-m", "chatsmith", "serve", a.model, "--port", str(a.port),
                              "--api-key", KEY, "--model-name", "model", "--threads", "1"],
@@ -314,8 +315,11 @@ def main(argv=None):  # the measurement run (see the module docstring)
         res = replay("127.0.0.1", a.port, cases(), progress=sys.stderr)
         took = time.time() - t0
         rss1 = psutil.Process(proc.pid).memory_info().rss
-        again = replay("127.0.0.1", a.port, cases())  # a second pass: does memory keep growing?
-        rss2 = psutil.Process(proc.pid).memory_info().rss
+        rss_passes, same = [rss1], True
+        for _ in range(a.passes - 1):  # more passes: does memory keep growing?
+            again = replay("127.0.0.1", a.port, cases())
+            same = same and [s for _, s, _ in again] == [s for _, s, _ in res]
+            rss_passes.append(psutil.Process(proc.pid).memory_info().rss)
         health = httpx.get(base + "/health").status_code
         chat = httpx.post(base + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                           json={"messages": MSG, "max_tokens": 4}, timeout=60).status_code
@@ -323,9 +327,9 @@ def main(argv=None):  # the measurement run (see the module docstring)
                           "5xx": sum(1 for _, s, _ in res if s is not None and s >= 500),
                           "closed_without_response": sum(1 for _, s, _ in res if s is None),
                           "truncated": sum(1 for c, s, r in res if s is not None and not complete(r, c.method)),
-                          "second_pass_same_statuses": [s for _, s, _ in again] == [s for _, s, _ in res],
+                          "later_passes_same_statuses": same,
                           "rss_mib_before": round(rss0 / 2 ** 20, 1), "rss_mib_after": round(rss1 / 2 ** 20, 1),
-                          "rss_mib_after_second_pass": round(rss2 / 2 ** 20, 1),
+                          "rss_mib_after_each_pass": [round(r / 2 ** 20, 1) for r in rss_passes],
                           "health_after": health, "chat_after": chat, "seconds": round(took, 1)}, indent=1))
         bad = [(c.name, s, r[:300].decode("latin-1")) for c, s, r in res if s is None or s >= 500 or not complete(r, c.method)]
         for b in bad:

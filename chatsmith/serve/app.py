@@ -19,6 +19,7 @@ import json
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -61,6 +62,9 @@ class Server:
         self.scheduler: Scheduler | None = None
         self._token_text: TokenText | None = None
         self._max_chars: int | None = None
+        # parsing and tokenising run here, off the event loop; two threads, so a burst of long
+        # prompts queues instead of taking every core (and a malloc arena per thread)
+        self.pool: ThreadPoolExecutor | None = None
 
     @property
     def token_text(self) -> TokenText:
@@ -77,10 +81,18 @@ class Server:
         return self._max_chars
 
     def start(self, loop):
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chatsmith-tokenize")
         if self.scheduler is None or not self.scheduler.thread.is_alive():
             self.scheduler = Scheduler(self.engine, loop)
 
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
     def stop(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
         if self.scheduler is not None:
             self.scheduler.stop()
             self.scheduler.thread.join(timeout=10)
@@ -226,8 +238,7 @@ async def complete(request: Request, chat: bool):
     body = await body_of(request)
     # tokenising can take seconds for a long prompt: in a worker thread, so /health and the
     # other clients are answered meanwhile (the tokenizer releases the GIL)
-    call = await asyncio.to_thread(protocol.parse_call, body, chat, srv.tok, srv.ctx, srv.max_batch,
-                                   srv.max_chars)
+    call = await srv.off_loop(protocol.parse_call, body, chat, srv.tok, srv.ctx, srv.max_batch, srv.max_chars)
     srv.admit(len(call.jobs))
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     created = int(time.time())
@@ -275,7 +286,7 @@ async def completions(request: Request):
 
 async def tokenize(request: Request):
     srv, body = server_of(request), await body_of(request)
-    return await asyncio.to_thread(tokenize_body, srv, body)
+    return await srv.off_loop(tokenize_body, srv, body)
 
 
 def tokenize_body(srv: Server, body: dict) -> dict:
