@@ -119,13 +119,15 @@ class StopMatcher:
         return min(hits) if hits else -1
 
     def safe_len(self, text: str) -> int:
-        """Length of the prefix that cannot become part of a stop string as more text arrives."""
+        """Length of the prefix that cannot become part of a stop string as more text arrives.
+        Looks only at the text's end (no copy of it): the cost per token is bounded by the stop
+        strings, not by the length of the reply."""
         n = len(text)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
-            n = len(text.rstrip("\ufffd"))
+        while n and text[n - 1] == "\ufffd":  # an incomplete UTF-8 sequence: wait for its other bytes
+            n -= 1
         for s in self.stops:
             for k in range(min(len(s) - 1, n), 0, -1):
-                if text[:n].endswith(s[:k]):
+                if text.endswith(s[:k], 0, n):
                     n -= k
                     break
         return n

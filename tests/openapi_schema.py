@@ -25,9 +25,72 @@ from pathlib import Path
 import pytest
 
 SPEC = Path(__file__).resolve().parents[1].parent / "shared" / "openai-openapi" / "openapi.yaml"
-# the same schemas, extracted unchanged, for a checkout without shared/ beside it (a clean CI clone)
+# the same schemas and operations, extracted unchanged by `extract` (run this file to rewrite it),
+# for a checkout without shared/ beside it (a clean CI clone)
 SUBSET = Path(__file__).resolve().parent / "data" / "openai_openapi_subset.json"
 URI = "urn:openai:openapi"
+# the operations chatsmith serve implements, which the fuzzer (tests/test_serve_fuzz.py) drives
+OPERATIONS = {"/chat/completions": "post", "/completions": "post", "/models": "get", "/models/{model}": "get"}
+# the schemas `validate` is asked for (and everything they reference)
+RESPONSES = ["CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "CreateCompletionResponse",
+             "ErrorResponse", "ListModelsResponse", "Model"]
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref" and isinstance(v, str):
+                yield v
+            else:
+                yield from _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _refs(v)
+
+
+def extract(doc: dict) -> dict:
+    """The part of the OpenAI document the tests use: OPERATIONS (without their x-oaiMeta
+    documentation examples), the RESPONSES schemas, and every component those reference, unchanged."""
+    paths = {p: {m: {k: v for k, v in doc["paths"][p][m].items() if k != "x-oaiMeta"}}
+             for p, m in OPERATIONS.items()}
+    todo = list(_refs(paths)) + [f"#/components/schemas/{n}" for n in RESPONSES]
+    seen: set[str] = set()
+    comps: dict = {}
+    while todo:
+        ref = todo.pop()
+        if ref in seen:
+            continue
+        seen.add(ref)
+        _, _, kind, name = ref.split("/", 3)
+        node = doc["components"][kind][name]
+        comps.setdefault(kind, {})[name] = node
+        todo.extend(_refs(node))
+    comps["securitySchemes"] = {"ApiKeyAuth": doc["components"]["securitySchemes"]["ApiKeyAuth"]}
+    return {"openapi": doc["openapi"], "info": {
+        "title": doc["info"]["title"], "version": doc["info"]["version"],
+        "description": "An extract of OpenAI's official OpenAPI document (shared/openai-openapi/openapi.yaml, "
+                       "see its SOURCE.md) made by tests/openapi_schema.py: the operations chatsmith serve "
+                       "implements, the response schemas the serving tests validate against and every "
+                       "component they reference, unchanged. Used when the full document is not beside the "
+                       "checkout (a clean CI clone)."},
+        "servers": [{"url": "/v1"}], "security": doc.get("security", []), "paths": paths,
+        "components": {k: dict(sorted(v.items())) for k, v in sorted(comps.items())}}
+
+
+@functools.cache
+def document() -> tuple[dict, str]:
+    """(the extract, where it came from: the full document's path or the subset's)."""
+    import json
+
+    import yaml
+
+    if SPEC.exists():
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        with SPEC.open(encoding="utf-8") as f:
+            return extract(yaml.load(f, Loader=loader)), str(SPEC)
+    if SUBSET.exists():
+        return json.loads(SUBSET.read_text(encoding="utf-8")), str(SUBSET)
+    pytest.skip(f"the OpenAI OpenAPI document is not at {SPEC}, nor its extract at {SUBSET}")
 
 
 def _nullable_to_2020(node):
@@ -63,21 +126,11 @@ def _patch_gaps(schemas: dict) -> dict:
 
 @functools.cache
 def _registry():
-    import json
-
-    import yaml
     from referencing import Registry, Resource
     from referencing.jsonschema import DRAFT202012
 
-    if SPEC.exists():
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        with SPEC.open(encoding="utf-8") as f:
-            doc = yaml.load(f, Loader=loader)
-    elif SUBSET.exists():
-        doc = json.loads(SUBSET.read_text(encoding="utf-8"))
-    else:
-        pytest.skip(f"the OpenAI OpenAPI document is not at {SPEC}, nor its extract at {SUBSET}")
-    doc = {"components": {"schemas": _patch_gaps(_nullable_to_2020(doc["components"]["schemas"]))}}
+    doc, _ = document()
+    doc = {"components": {"schemas": _patch_gaps(_nullable_to_2020(copy.deepcopy(doc["components"]["schemas"])))}}
     return Registry().with_resource(URI, Resource(doc, specification=DRAFT202012))
 
 
@@ -94,3 +147,16 @@ def validate(obj, name: str):
     if errors:
         lines = [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in errors[:10]]
         raise AssertionError(f"response does not match {name}:\n" + "\n".join(lines))
+
+
+if __name__ == "__main__":  # rewrite the subset: python tests/openapi_schema.py [path/to/openapi.yaml]
+    import json
+    import sys
+
+    import yaml
+
+    src = Path(sys.argv[1]) if len(sys.argv) > 1 else SPEC
+    with src.open(encoding="utf-8") as f:
+        doc = extract(yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+    SUBSET.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {SUBSET} from {src}")

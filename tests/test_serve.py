@@ -138,7 +138,7 @@ def test_errors_are_openai_shaped_4xx(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny-chat", prompt="x " * 10, max_tokens=10_000)
     assert e.value.body["code"] == "context_length_exceeded"
-    h = {"Authorization": "Bearer sekrit"}
+    h = {"Authorization": "Bearer sekrit", "Content-Type": "application/json"}
     bad = [b"{not json", b"[1, 2]", json.dumps({"messages": "hi"}).encode(),
            json.dumps({"messages": [{"role": "wizard", "content": "x"}]}).encode(),
            json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(),
@@ -317,7 +317,7 @@ def test_concurrent_requests_batch_and_match_solo_results(server, srv):
 
 def test_every_error_code_and_no_500s(server, srv, monkeypatch):
     def status(path, body=None, headers=H, raw=None):
-        r = httpx.post(server + path, headers=headers, timeout=30,
+        r = httpx.post(server + path, headers={**headers, "Content-Type": "application/json"}, timeout=30,
                        **({"content": raw} if raw is not None else {"json": body}))
         if r.status_code != 200:
             err = r.json()["error"]

@@ -3,7 +3,10 @@
 Endpoints: GET / (the chat page), GET /health, GET /v1/models, POST /v1/chat/completions,
 POST /v1/completions, POST /tokenize, POST /detokenize, GET /tokenizer_info. Errors use OpenAI's
 shape {"error": {"message", "type", "param", "code"}} with a 4xx status; a malformed request never
-yields a 500 and never stops the server.
+yields a 500 and never stops the server. A bug that does raise is answered with a generic 500 that
+carries a request id; the details go to the server's log only. Browser-facing defaults: the API
+takes `Content-Type: application/json` only, and the `Host` header must name an allowed host
+(loopback by default), so a web page the user visits cannot drive the server (DNS rebinding).
 
 This module wires the routes: request bodies are parsed and responses shaped by
 `chatsmith.serve.protocol`, generation runs on the one thread of `chatsmith.serve.scheduler`.
@@ -13,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -36,7 +41,12 @@ from chatsmith.serve.scheduler import Scheduler, admit, run_jobs
 from chatsmith.tokenizer import Tokenizer
 
 STATIC = Path(__file__).parent / "static"
+# the page's files, listed once: a request names one of these or gets a 404 without the
+# filesystem being asked about whatever it named
+STATIC_FILES = {f.name: f for f in STATIC.iterdir() if f.is_file() and not f.name.startswith(".")}
 MAX_BODY = 4 * 1024 * 1024
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+log = logging.getLogger("chatsmith.serve")
 
 
 class Server:
@@ -53,6 +63,10 @@ class Server:
         self.chat_template = chat_template
         self.scheduler: Scheduler | None = None
         self._token_text: TokenText | None = None
+        self._max_chars: int | None = None
+        # parsing and tokenising run here, off the event loop; two threads, so a burst of long
+        # prompts queues instead of taking every core (and a malloc arena per thread)
+        self.pool: ThreadPoolExecutor | None = None
 
     @property
     def token_text(self) -> TokenText:
@@ -60,11 +74,27 @@ class Server:
             self._token_text = TokenText(self.tok)
         return self._token_text
 
+    @property
+    def max_chars(self) -> int:
+        """The longest prompt text worth tokenising: the context times the most bytes one token
+        covers, times 4 for normalisers that drop characters."""
+        if self._max_chars is None:
+            self._max_chars = self.ctx * max(1, max(map(len, self.token_text.bytes), default=1)) * 4
+        return self._max_chars
+
     def start(self, loop):
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chatsmith-tokenize")
         if self.scheduler is None or not self.scheduler.thread.is_alive():
             self.scheduler = Scheduler(self.engine, loop)
 
+    async def off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
     def stop(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
         if self.scheduler is not None:
             self.scheduler.stop()
             self.scheduler.thread.join(timeout=10)
@@ -83,7 +113,7 @@ def server_of(request: Request) -> Server:
 # --- errors: always OpenAI's shape ------------------------------------------------------------
 
 async def on_api_error(_req, e: APIError):
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 async def on_validation_error(_req, e: RequestValidationError):
@@ -92,11 +122,47 @@ async def on_validation_error(_req, e: RequestValidationError):
 
 async def on_http_error(_req, e: StarletteHTTPException):
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+    return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code, headers=e.headers)
 
 
-async def on_unexpected_error(_req, e: Exception):  # a bug in chatsmith: say so, keep serving
-    return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+def internal_error(request: Request | None, e: BaseException) -> dict:
+    """A bug in chatsmith: the client gets a generic message and an id to quote; the exception,
+    with its paths and values, goes to the server's log only."""
+    rid = "req_" + secrets.token_hex(8)
+    where = f"{request.method} {request.url.path}" if request is not None else "a stream"
+    log.error("internal error in %s (request id %s)", where, rid, exc_info=e)
+    return error_body(f"internal server error (request id {rid}); the details are in the server's log",
+                      "server_error", code="internal_error")
+
+
+async def on_unexpected_error(request: Request, e: Exception):  # keep serving
+    return JSONResponse(internal_error(request, e), status_code=500)
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header names no allowed host gets a 400 (a page on
+    another site that rebinds its DNS name to 127.0.0.1 sends its own name). `allowed` None: any."""
+
+    def __init__(self, app, allowed: frozenset[str] | None):
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.allowed is not None:
+            host = next((v for k, v in scope["headers"] if k == b"host"), None)
+            if host is not None and host_name(host) not in self.allowed:
+                r = JSONResponse(error_body("the Host header names a host this server does not answer for "
+                                            "(see chatsmith serve --allowed-hosts)", "invalid_request_error",
+                                            code="invalid_host"), status_code=400)
+                return await r(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def host_name(host: bytes) -> str:
+    """'Host: name:port' / '[v6]:port' -> the name, lower-case."""
+    h = host.decode("latin-1").strip().lower()
+    if h.startswith("["):
+        return h[1:h.find("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
 # --- requests ---------------------------------------------------------------------------------
@@ -115,6 +181,12 @@ async def body_of(request: Request) -> dict:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
         raise APIError(413, "the request body is larger than 4 MiB", code="request_too_large")
+    # JSON only: a browser sends text/plain or a form across sites without asking first (CORS
+    # "simple" requests); application/json needs a preflight this server never grants
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise APIError(415, "the request body must be JSON sent with 'Content-Type: application/json'",
+                       code="unsupported_media_type")
     raw = bytearray()
     async for part in request.stream():  # read at most 4 MiB, whatever the headers said
         raw += part
@@ -126,13 +198,13 @@ async def body_of(request: Request) -> dict:
 # --- routes -----------------------------------------------------------------------------------
 
 async def index():
-    return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+    return FileResponse(STATIC_FILES["index.html"], headers={"Cache-Control": "no-cache"})
 
 
 async def static(name: str):
-    f = STATIC / name
-    if "/" in name or name.startswith(".") or not f.is_file():
-        raise APIError(404, f"no such file: {name}", "not_found_error")
+    f = STATIC_FILES.get(name)
+    if f is None:
+        raise APIError(404, "no such file", "not_found_error")
     return FileResponse(f, headers={"Cache-Control": "no-cache"})
 
 
@@ -165,7 +237,10 @@ async def model_info(model_id: str, request: Request):
 
 async def complete(request: Request, chat: bool):
     srv = server_of(request)
-    call = protocol.parse_call(await body_of(request), chat, srv.tok, srv.ctx, srv.max_batch)
+    body = await body_of(request)
+    # tokenising can take seconds for a long prompt: in a worker thread, so /health and the
+    # other clients are answered meanwhile (the tokenizer releases the GIL)
+    call = await srv.off_loop(protocol.parse_call, body, chat, srv.tok, srv.ctx, srv.max_batch, srv.max_chars)
     srv.admit(len(call.jobs))
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     created = int(time.time())
@@ -199,6 +274,8 @@ async def stream_events(srv: Server, call: Call, chunks: protocol.Chunks):
         yield protocol.SSE_DONE
     except APIError as e:  # after the 200 went out: the error travels as an event
         yield protocol.sse(e.body(), ensure_ascii=True)
+    except Exception as e:  # a bug: the stream still ends with a JSON event, not a cut connection
+        yield protocol.sse(internal_error(None, e), ensure_ascii=True)
 
 
 async def chat_completions(request: Request):
@@ -211,6 +288,10 @@ async def completions(request: Request):
 
 async def tokenize(request: Request):
     srv, body = server_of(request), await body_of(request)
+    return await srv.off_loop(tokenize_body, srv, body)
+
+
+def tokenize_body(srv: Server, body: dict) -> dict:
     tok = srv.tok
     if "messages" in body:
         gen = get_field(body, "add_generation_prompt", bool, True, what="a boolean")
@@ -267,7 +348,9 @@ async def lifespan(app: FastAPI):
 
 
 def create_app(model_dir: str | Path, api_key: str | None = None, model_name: str | None = None,
-               max_queue: int = 64, device: str = "cpu", max_batch: int = 32) -> FastAPI:
+               max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
+    """allowed_hosts: the names a request's Host header may give (default: loopback); '*': any."""
     model = load_model(model_dir, device=device)
     tok = Tokenizer.load(model_dir)
     cfg_path = Path(model_dir) / "tokenizer_config.json"
@@ -281,17 +364,29 @@ def create_app(model_dir: str | Path, api_key: str | None = None, model_name: st
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected_error)
     for method, path, handler, schema in ROUTES:
-        app.add_api_route(path, handler, methods=[method], include_in_schema=schema)
+        methods = [method, "HEAD"] if method == "GET" else [method]
+        app.add_api_route(path, handler, methods=methods, include_in_schema=schema)
+    hosts = list(LOOPBACK) if allowed_hosts is None else allowed_hosts
+    app.add_middleware(HostCheck, allowed=None if "*" in hosts else frozenset(h.lower().strip("[]") for h in hosts))
     return app
+
+
+def default_hosts(host: str) -> list[str]:
+    """Bound to loopback: loopback names; to one address: that one too; to every address
+    (0.0.0.0, ::): any Host, since the names the machine is reached by are not known here."""
+    if host in ("0.0.0.0", "::", ""):
+        return ["*"]
+    return list(dict.fromkeys([*LOOPBACK, host.lower().strip("[]")]))
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
-          threads: int | None = None):
+          threads: int | None = None, allowed_hosts: list[str] | None = None):
     sock = listen(host, port)  # before the model loads: a busy port is said at once, with nothing to undo
     torch.seed()  # requests without a seed should differ from one server start to the next
     set_threads(threads)
-    app = create_app(model_dir, api_key, model_name, max_queue, device, max_batch)
+    app = create_app(model_dir, api_key, model_name, max_queue, device, max_batch,
+                     allowed_hosts if allowed_hosts else default_hosts(host))
     print(f"serving {model_dir} as '{app.state.server.model_name}' on http://{host}:{port}/v1 "
           f"(chat page: http://{host}:{port}/)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

@@ -16,13 +16,21 @@ from chatsmith.tokenizer import SPECIAL_TOKENS, _bytes_to_unicode
 
 MAX_LOGPROBS = 20
 MAX_PROMPTS = 64
+# What one request may ask for. Each bound keeps one request's cost to the shared scheduler thread
+# and the event loop small: the stop check is per token and per stop string, a message list is
+# validated and rendered before anything else runs.
+MAX_STOPS = 16  # OpenAI allows 4; lm-evaluation-harness tasks send a few more
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 2048
+MAX_DIGITS = 100  # an integer literal longer than this is out of range for every field
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers  # HTTP headers of the error response (Retry-After on a 429)
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.param, self.code)
@@ -34,14 +42,56 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
 
 # --- request bodies ---------------------------------------------------------------------------
 
+class _Huge(float):
+    """An integer literal of more than MAX_DIGITS digits, kept as +-inf: Python would refuse to
+    convert it past 4,300 digits, and no field takes it; `check_strings` names where it was."""
+
+
+def _parse_int(digits: str):
+    if len(digits.lstrip("-")) > MAX_DIGITS:
+        return _Huge("-inf" if digits.startswith("-") else "inf")
+    return int(digits)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def check_strings(body) -> None:
+    """400 naming the field for what JSON can carry but the server cannot take: a lone surrogate
+    ("\\ud800" is valid JSON, not valid Unicode: it cannot be tokenised, encoded or echoed back)
+    in a value or key, or an integer too long to be a number (`_Huge`). Iterative: nesting depth is
+    whatever json.loads allowed."""
+    stack = [(body, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, f"'{where or 'body'}' holds a lone UTF-16 surrogate (invalid Unicode)",
+                               param=where or None, code="invalid_value") from None
+        elif isinstance(node, _Huge):
+            raise APIError(400, f"'{where}' is a number out of range (more than {MAX_DIGITS} digits)",
+                           param=where or None, code="invalid_value")
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                stack.append((k, where or "body"))
+                stack.append((v, f"{where}.{k}" if where else k))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
+
+
 def parse_body(raw: bytes, model_name: str) -> dict:
-    """A request body: a JSON object whose optional 'model' names this server's model."""
+    """A request body: a JSON object whose optional 'model' names this server's model. Strict JSON
+    (no NaN / Infinity literals); lone surrogates and over-long integers are refused by field."""
     try:
-        body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        body = json.loads(raw or b"null", parse_int=_parse_int, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, NaN literals
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    check_strings(body)
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"the model '{model}' does not exist; this server has '{model_name}'",
@@ -80,10 +130,13 @@ def _stops(body: dict) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return stop
-    raise APIError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+        stop = [stop]
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise APIError(400, "'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+    if len(stop) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"'stop' takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
+                       param="stop", code="invalid_value")
+    return stop
 
 
 def _logprobs(body: dict, chat: bool, n: int) -> int | None:
@@ -163,6 +216,10 @@ def sampling_from(body: dict, chat: bool) -> tuple[SamplingParams, int]:
 
 
 def parse_messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if isinstance(msgs, list) and len(msgs) > MAX_MESSAGES:
+        raise APIError(400, f"'messages' has {len(msgs)} messages; at most {MAX_MESSAGES} are allowed",
+                       param="messages", code="invalid_value")
     try:
         return check_messages(body.get("messages"), "messages", parts=True, null_assistant=True)
     except MessageError as e:
@@ -175,7 +232,17 @@ def _token_ids(x) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
 
-def completion_prompts(body: dict, tok) -> tuple[list[list[int]], list[str | None]]:
+def check_chars(text_len: int, param: str, ctx: int, max_chars: int | None):
+    """Refuse, before tokenising it, a prompt too long for any tokenisation to fit the context:
+    `max_chars` is the context times the most characters one token covers (with slack), so
+    tokenising a 4 MiB body never holds a thread for seconds to find that out."""
+    if max_chars is not None and text_len > max_chars:
+        raise APIError(400, f"the prompt is {text_len} characters, more than this model's maximum context "
+                            f"length of {ctx} tokens can hold", param=param, code="context_length_exceeded")
+
+
+def completion_prompts(body: dict, tok, ctx: int = 0, max_chars: int | None = None
+                       ) -> tuple[list[list[int]], list[str | None]]:
     """The legacy `prompt`: a string, a list of strings, a list of token ids, or a list of lists.
     -> token ids per prompt, and its text (None for token ids: decoded once they are known valid)."""
     prompt = body.get("prompt")
@@ -188,6 +255,8 @@ def completion_prompts(body: dict, tok) -> tuple[list[list[int]], list[str | Non
                             "of token id lists (non-empty)", param="prompt", code="invalid_type")
     if len(prompts) > MAX_PROMPTS:
         raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    for p in prompts:
+        check_chars(len(p), "prompt", ctx, max_chars)
     ids = [tok.encode(p, bos=True, special=True) if isinstance(p, str) else list(p) for p in prompts]
     return ids, [p if isinstance(p, str) else None for p in prompts]
 
@@ -241,15 +310,18 @@ def _stream_options(body: dict) -> tuple[bool, bool]:  # (stream, include_usage)
     return stream, bool(get_field(opts or {}, "include_usage", bool, False, what="a boolean"))
 
 
-def parse_call(body: dict, chat: bool, tok, ctx: int, max_batch: int) -> Call:
+def parse_call(body: dict, chat: bool, tok, ctx: int, max_batch: int, max_chars: int | None = None) -> Call:
+    """The validated call; tokenises, so the server runs it off the event loop."""
     params, n = sampling_from(body, chat)
     if chat:
         if not tok.has_chat:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
-        ids, _ = tok.render_chat(parse_messages(body), add_generation_prompt=True)
+        msgs = parse_messages(body)
+        check_chars(sum(len(m["content"]) for m in msgs), "messages", ctx, max_chars)
+        ids, _ = tok.render_chat(msgs, add_generation_prompt=True)
         prompts, texts = [ids], [None]
     else:
-        prompts, texts = completion_prompts(body, tok)
+        prompts, texts = completion_prompts(body, tok, ctx, max_chars)
     stream, include_usage = _stream_options(body)
     jobs = []
     for ids in prompts:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
 from chatsmith.engine import Engine, SamplingParams
@@ -161,7 +162,7 @@ def admit(sched: Scheduler | None, jobs: int, max_queue: int):
                        type_="server_error", code="engine_unavailable")
     if sched.waiting() + jobs > max_queue:
         raise APIError(429, f"the server is busy: {sched.waiting()} requests are waiting; retry later",
-                       type_="rate_limit_error", code="queue_full")
+                       type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
 
 async def run_jobs(sched: Scheduler, jobs: list[tuple[list[int], SamplingParams]],
@@ -169,20 +170,27 @@ async def run_jobs(sched: Scheduler, jobs: list[tuple[list[int], SamplingParams]
     """Run several engine requests (the prompts of one API call) together. Async iterator of
     (job index, kind, item): kind 'events' (a list of engine Events) or 'done' (Completions).
     Leaving early (client gone, error) cancels whatever is still running. `disconnected` is asked
-    once a second without news: a non-streaming client that hung up is only noticed by asking."""
+    about once a second: a non-streaming client that hung up is only noticed by asking."""
     tickets = [Ticket(ids, p, i) for i, (ids, p) in enumerate(jobs)]
     merged: asyncio.Queue = asyncio.Queue()
     for i, t in enumerate(tickets):
         t.queue = _Tagged(merged, i)
         sched.submit(t)
     left = len(tickets)
+    asked = time.monotonic()
     try:
         while left:
             try:
                 i, (kind, item) = await asyncio.wait_for(merged.get(), timeout=1.0)
             except asyncio.TimeoutError:
-                if disconnected is not None and await disconnected():
+                kind = None
+            # ask once a second whether the client is still there, news or not: a long reply
+            # produces tokens all the time, and a client that left must not keep its rows
+            if disconnected is not None and time.monotonic() - asked >= 1.0:
+                asked = time.monotonic()
+                if await disconnected():
                     return
+            if kind is None:
                 if not sched.alive:
                     raise APIError(503, "the generation engine stopped", "server_error",
                                    code="engine_unavailable") from None

@@ -22,6 +22,9 @@ def add_arguments(p):
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (KV-cache slots)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's; 1 is faster for small models on a busy machine)")
+    p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
+                   help="names the Host header may give ('*': any); default: loopback names, plus --host "
+                        "when it is one address, any when it is 0.0.0.0 or ::")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
 
 
@@ -29,7 +32,7 @@ def main(a):
     if a.max_batch < 1 or (a.threads is not None and a.threads < 1):
         raise UserError("--max-batch and --threads must be at least 1")
     serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device),
-          max_batch=a.max_batch, threads=a.threads)
+          max_batch=a.max_batch, threads=a.threads, allowed_hosts=a.allowed_hosts)
 
 
 VERB = Verb("serve", "OpenAI-compatible API server and web chat page", add_arguments, main)
