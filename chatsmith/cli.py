@@ -62,12 +62,12 @@ def build_parser() -> Parser:
 
 def _resolve_model_names(a):
     """A known model name (smollm2) in place of a model directory: imported once into the cache."""
-    for attr in ("model", "init"):
+    for attr, name_attr in (("model", "model_name"), ("init", None), ("embeddings", "embeddings_name")):
         v = getattr(a, attr, None)
         if isinstance(v, str) and v in KNOWN and not Path(v).exists():
             setattr(a, attr, resolve(v))
-            if a.verb == "serve" and getattr(a, "model_name", 1) is None:
-                a.model_name = v  # clients ask for "smollm2", not the cache directory's name
+            if a.verb == "serve" and name_attr and getattr(a, name_attr, 1) is None:
+                setattr(a, name_attr, v)  # clients ask for "smollm2", not the cache directory's name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,3 +84,23 @@ def pytest_report_header(config):
         return (f"OpenAI OpenAPI document: {SPEC} not found; using the extract {SUBSET} "
                 f"(the same schemas, unchanged)")
     return f"OpenAI OpenAPI document: neither {SPEC} nor {SUBSET}: the schema checks skip"
+
+
+@pytest.fixture(scope="session")
+def encoder_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT-style encoder (2 layers, d=32, 24 positions) with a WordPiece tokenizer
+    trained on the synthetic docs: for serving embeddings."""
+    import torch
+
+    from chatsmith.checkpoint import save_checkpoint
+    from chatsmith.model.encoder import Encoder, EncoderConfig
+    from chatsmith.wordpiece import EncoderTokenizer, train_wordpiece
+
+    d = tmp_path_factory.mktemp("encoder")
+    train_wordpiece(iter(synthetic_docs(150)), 250).save(d / "tok")
+    tok = EncoderTokenizer.load(d / "tok")
+    torch.manual_seed(0)
+    m = Encoder(EncoderConfig(vocab_size=(tok.vocab_size + 63) // 64 * 64, n_layer=2, n_head=2, d_model=32,
+                              max_seq_len=24))
+    save_checkpoint(d / "enc", m, tokenizer_dir=d / "tok")
+    return d / "enc"

@@ -10,6 +10,7 @@ Known gaps, patched explicitly (see `_patch_gaps`):
 - legacy completions with `echo` + `logprobs`: the first prompt token has no logprob, and the API
   (and lm-evaluation-harness, which indexes token_logprobs[ctxlen:-1]) has null there; the document
   types the arrays' items as number / object only.
+- embeddings requested as base64: `embedding` is then a base64 string, not an array.
 - streamed legacy completions: the document says the chunks share CreateCompletionResponse's shape,
   but a chunk before the last has finish_reason null (as in every OpenAI stream and the SDK's type).
   Those chunks are validated against "CreateCompletionStreamChunk", the same schema with a
@@ -30,7 +31,8 @@ SPEC = Path(__file__).resolve().parents[1].parent / "shared" / "openai-openapi" 
 SUBSET = Path(__file__).resolve().parent / "data" / "openai_openapi_subset.json"
 URI = "urn:openai:openapi"
 # the operations chatsmith serve implements, which the fuzzer (tests/test_serve_fuzz.py) drives
-OPERATIONS = {"/chat/completions": "post", "/completions": "post", "/models": "get", "/models/{model}": "get"}
+OPERATIONS = {"/chat/completions": "post", "/completions": "post", "/models": "get", "/models/{model}": "get",
+              "/embeddings": "post"}
 # the schemas `validate` is asked for (and everything they reference)
 RESPONSES = ["CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "CreateCompletionResponse",
              "ErrorResponse", "ListModelsResponse", "Model"]
@@ -121,6 +123,10 @@ def _patch_gaps(schemas: dict) -> dict:
     fr = chunk["properties"]["choices"]["items"]["properties"]["finish_reason"]
     fr["type"], fr["enum"] = ["string", "null"], [*fr["enum"], None]
     schemas["CreateCompletionStreamChunk"] = chunk
+    # embeddings with encoding_format "base64": the API (and the SDK, which decodes it) sends the vector
+    # as a base64 string of little-endian float32s; the document types `embedding` as an array only
+    emb = schemas["Embedding"]["properties"]
+    emb["embedding"] = {"anyOf": [emb["embedding"], {"type": "string", "contentEncoding": "base64"}]}
     return schemas
 
 

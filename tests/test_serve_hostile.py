@@ -36,10 +36,11 @@ def start(app):
 
 
 @pytest.fixture(scope="module")
-def live(base_model):
+def live(base_model, encoder_dir):
     from chatsmith.serve.app import create_app
 
-    app = create_app(base_model, api_key=KEY, model_name="model", max_queue=32)
+    app = create_app(base_model, api_key=KEY, model_name="model", max_queue=32, embeddings=str(encoder_dir),
+                     embeddings_name="embed")
     url, port, srv = start(app)
     yield url, port, app.state.server
     srv.should_exit = True

@@ -31,11 +31,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chatsmith.checkpoint import load_model
+from chatsmith.checkpoint import load_model, read_config
+from chatsmith.encoder_engine import EncoderEngine
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.runtime import set_threads
+from chatsmith.model.encoder import EncoderConfig
 from chatsmith.serve import protocol
+from chatsmith.serve.embeddings import Embedder
 from chatsmith.serve.protocol import APIError, Call, TokenText, error_body, get_field
 from chatsmith.serve.scheduler import Scheduler, admit, run_jobs
 from chatsmith.tokenizer import Tokenizer
@@ -50,16 +53,18 @@ log = logging.getLogger("chatsmith.serve")
 
 
 class Server:
-    """What the routes share: the model's engine and tokenizer, the limits, the scheduler thread."""
+    """What the routes share: the model's engine and tokenizer, the limits, the scheduler thread, and
+    the embeddings model (an encoder served alone, model=None, or beside the generative model)."""
 
     def __init__(self, model, tok, model_name: str, api_key: str | None = None, max_queue: int = 64,
-                 max_batch: int = 32, chat_template: str | None = None):
-        self.engine = Engine(model, tok, max_batch=max_batch)
+                 max_batch: int = 32, chat_template: str | None = None, embedder: Embedder | None = None):
+        self.engine = Engine(model, tok, max_batch=max_batch) if model is not None else None
         self.tok, self.model_name, self.api_key = tok, model_name, api_key
+        self.embedder = embedder
         self.max_queue, self.max_batch = max_queue, max_batch
         self.created = int(time.time())
-        self.has_chat = tok.has_chat  # our chat tokens, or an imported model's chat template
-        self.ctx = model.cfg.max_seq_len
+        self.has_chat = tok is not None and tok.has_chat  # our chat tokens, or an imported model's template
+        self.ctx = model.cfg.max_seq_len if model is not None else embedder.engine.max_len
         self.chat_template = chat_template
         self.scheduler: Scheduler | None = None
         self._token_text: TokenText | None = None
@@ -85,7 +90,7 @@ class Server:
     def start(self, loop):
         if self.pool is None:
             self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chatsmith-tokenize")
-        if self.scheduler is None or not self.scheduler.thread.is_alive():
+        if self.engine is not None and (self.scheduler is None or not self.scheduler.thread.is_alive()):
             self.scheduler = Scheduler(self.engine, loop)
 
     async def off_loop(self, fn, *args):
@@ -98,6 +103,12 @@ class Server:
         if self.scheduler is not None:
             self.scheduler.stop()
             self.scheduler.thread.join(timeout=10)
+
+    def generative(self):
+        """This route needs the generative model: an embeddings-only server says so (400)."""
+        if self.engine is None:
+            raise APIError(400, f"'{self.model_name}' is an embeddings model (an encoder): this server answers "
+                           f"POST /v1/embeddings only", param="model", code="model_not_supported")
 
     def admit(self, jobs: int):
         admit(self.scheduler, jobs, self.max_queue)
@@ -176,7 +187,9 @@ def auth_only(request: Request):
                            type_="authentication_error", code="invalid_api_key")
 
 
-async def body_of(request: Request) -> dict:
+async def body_of(request: Request, model_name: str | None = "") -> dict:
+    """The request's JSON body; its 'model' must be this server's generative model (model_name ""),
+    a given name, or anything (None: the route checks)."""
     auth_only(request)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
@@ -192,7 +205,7 @@ async def body_of(request: Request) -> dict:
         raw += part
         if len(raw) > MAX_BODY:
             raise APIError(413, "the request body is larger than 4 MiB", code="request_too_large")
-    return protocol.parse_body(bytes(raw), server_of(request).model_name)
+    return protocol.parse_body(bytes(raw), server_of(request).model_name if model_name == "" else model_name)
 
 
 # --- routes -----------------------------------------------------------------------------------
@@ -211,33 +224,37 @@ async def static(name: str):
 async def health(request: Request):
     srv = server_of(request)
     s = srv.scheduler
-    ok = s is not None and s.alive
+    ok = srv.engine is None or (s is not None and s.alive)
     body = {"status": "ok" if ok else "unavailable", "model": srv.model_name,
-            "running": srv.engine.num_active, "waiting": s.waiting() if s else 0}
+            "running": srv.engine.num_active if srv.engine else 0, "waiting": s.waiting() if s else 0}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
-def model_card(srv: Server) -> dict:
-    return {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "chatsmith"}
+def model_cards(srv: Server) -> list[dict]:
+    cards = [{"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "chatsmith"}]
+    if srv.embedder is not None and srv.embedder.name != srv.model_name:
+        cards.append(srv.embedder.card(srv.created))
+    return cards
 
 
 async def models(request: Request):
     auth_only(request)
-    return {"object": "list", "data": [model_card(server_of(request))]}
+    return {"object": "list", "data": model_cards(server_of(request))}
 
 
 async def model_info(model_id: str, request: Request):
     auth_only(request)
-    srv = server_of(request)
-    if model_id != srv.model_name:
+    card = next((c for c in model_cards(server_of(request)) if c["id"] == model_id), None)
+    if card is None:
         raise APIError(404, f"the model '{model_id}' does not exist", "invalid_request_error", param="model",
                        code="model_not_found")
-    return model_card(srv)
+    return card
 
 
 async def complete(request: Request, chat: bool):
     srv = server_of(request)
     body = await body_of(request)
+    srv.generative()
     # tokenising can take seconds for a long prompt: in a worker thread, so /health and the
     # other clients are answered meanwhile (the tokenizer releases the GIL)
     call = await srv.off_loop(protocol.parse_call, body, chat, srv.tok, srv.ctx, srv.max_batch, srv.max_chars)
@@ -288,6 +305,7 @@ async def completions(request: Request):
 
 async def tokenize(request: Request):
     srv, body = server_of(request), await body_of(request)
+    srv.generative()
     return await srv.off_loop(tokenize_body, srv, body)
 
 
@@ -310,6 +328,7 @@ def tokenize_body(srv: Server, body: dict) -> dict:
 
 async def detokenize(request: Request):
     srv, body = server_of(request), await body_of(request)
+    srv.generative()
     ids = body.get("tokens")
     V = srv.tok.vocab_size
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < V
@@ -321,9 +340,19 @@ async def detokenize(request: Request):
 async def tokenizer_info(request: Request):
     auth_only(request)
     srv = server_of(request)
+    srv.generative()
     return {"tokenizer_class": "PreTrainedTokenizerFast", "vocab_size": srv.tok.vocab_size,
             "bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>",
             "model_max_length": srv.ctx, "chat_template": srv.chat_template}
+
+
+async def embeddings(request: Request):
+    srv = server_of(request)
+    body = await body_of(request, model_name=None)
+    if srv.embedder is None:
+        raise APIError(404, f"this server has no embeddings model ('{srv.model_name}' generates text); start it "
+                       f"with --embeddings ENCODER_DIR (e.g. minilm)", param="model", code="model_not_found")
+    return await srv.embedder.create(body)
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -333,7 +362,7 @@ ROUTES = [  # (method, path, handler, in the OpenAPI schema)
     ("GET", "/v1/models", models, True), ("GET", "/v1/models/{model_id}", model_info, True),
     ("POST", "/v1/chat/completions", chat_completions, True), ("POST", "/v1/completions", completions, True),
     ("POST", "/tokenize", tokenize, True), ("POST", "/detokenize", detokenize, True),
-    ("GET", "/tokenizer_info", tokenizer_info, True),
+    ("GET", "/tokenizer_info", tokenizer_info, True), ("POST", "/v1/embeddings", embeddings, True),
 ]
 
 
@@ -349,14 +378,30 @@ async def lifespan(app: FastAPI):
 
 def create_app(model_dir: str | Path, api_key: str | None = None, model_name: str | None = None,
                max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
-    """allowed_hosts: the names a request's Host header may give (default: loopback); '*': any."""
-    model = load_model(model_dir, device=device)
-    tok = Tokenizer.load(model_dir)
-    cfg_path = Path(model_dir) / "tokenizer_config.json"
-    chat_template = json.loads(cfg_path.read_text()).get("chat_template") if cfg_path.exists() else None
-    srv = Server(model, tok, model_name or Path(model_dir).resolve().name, api_key, max_queue, max_batch,
-                 chat_template)
+               allowed_hosts: list[str] | None = None, embeddings: str | None = None,
+               embeddings_name: str | None = None) -> FastAPI:
+    """allowed_hosts: the names a request's Host header may give (default: loopback); '*': any.
+    An encoder model_dir is served for /v1/embeddings alone; `embeddings` adds an encoder beside a
+    generative model (clients pick it by `embeddings_name`, default its directory's name)."""
+    name = model_name or Path(model_dir).resolve().name
+    if isinstance(read_config(model_dir), EncoderConfig):
+        if embeddings:
+            raise UserError(f"{model_dir} is itself an encoder: serve it alone, or give a generative model with --embeddings")
+        srv = Server(None, None, name, api_key, max_queue, max_batch,
+                     embedder=Embedder(EncoderEngine.load(str(model_dir), device=device), name))
+    else:
+        model = load_model(model_dir, device=device)
+        tok = Tokenizer.load(model_dir)
+        cfg_path = Path(model_dir) / "tokenizer_config.json"
+        chat_template = json.loads(cfg_path.read_text()).get("chat_template") if cfg_path.exists() else None
+        embedder = None
+        if embeddings:
+            ename = embeddings_name or Path(embeddings).resolve().name
+            if ename == name:
+                raise UserError(f"the embeddings model needs a name other than the chat model's ({name!r}): "
+                                f"--embeddings-name")
+            embedder = Embedder(EncoderEngine.load(embeddings, device=device), ename)
+        srv = Server(model, tok, name, api_key, max_queue, max_batch, chat_template, embedder)
     app = FastAPI(title="chatsmith", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = srv
     app.add_exception_handler(APIError, on_api_error)
@@ -381,12 +426,13 @@ def default_hosts(host: str) -> list[str]:
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
-          threads: int | None = None, allowed_hosts: list[str] | None = None):
+          threads: int | None = None, allowed_hosts: list[str] | None = None, embeddings: str | None = None,
+          embeddings_name: str | None = None):
     sock = listen(host, port)  # before the model loads: a busy port is said at once, with nothing to undo
     torch.seed()  # requests without a seed should differ from one server start to the next
     set_threads(threads)
     app = create_app(model_dir, api_key, model_name, max_queue, device, max_batch,
-                     allowed_hosts if allowed_hosts else default_hosts(host))
+                     allowed_hosts if allowed_hosts else default_hosts(host), embeddings, embeddings_name)
     print(f"serving {model_dir} as '{app.state.server.model_name}' on http://{host}:{port}/v1 "
           f"(chat page: http://{host}:{port}/)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

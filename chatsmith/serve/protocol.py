@@ -82,8 +82,9 @@ def check_strings(body) -> None:
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(node))
 
 
-def parse_body(raw: bytes, model_name: str) -> dict:
-    """A request body: a JSON object whose optional 'model' names this server's model. Strict JSON
+def parse_body(raw: bytes, model_name: str | None) -> dict:
+    """A request body: a JSON object whose optional 'model' names this server's model (None: the
+    route checks it itself). Strict JSON
     (no NaN / Infinity literals); lone surrogates and over-long integers are refused by field."""
     try:
         body = json.loads(raw or b"null", parse_int=_parse_int, parse_constant=_no_constant)
@@ -93,7 +94,7 @@ def parse_body(raw: bytes, model_name: str) -> dict:
         raise APIError(400, "the request body must be a JSON object")
     check_strings(body)
     model = body.get("model")
-    if model is not None and model != model_name:
+    if model is not None and model_name is not None and model != model_name:
         raise APIError(404, f"the model '{model}' does not exist; this server has '{model_name}'",
                        param="model", code="model_not_found")
     return body

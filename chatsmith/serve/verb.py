@@ -25,6 +25,11 @@ def add_arguments(p):
     p.add_argument("--allowed-hosts", nargs="+", default=None, metavar="HOST",
                    help="names the Host header may give ('*': any); default: loopback names, plus --host "
                         "when it is one address, any when it is 0.0.0.0 or ::")
+    p.add_argument("--embeddings", default=None, metavar="ENCODER",
+                   help="also answer POST /v1/embeddings with this encoder (a directory or minilm); a MODEL that "
+                        "is itself an encoder is served for embeddings alone")
+    p.add_argument("--embeddings-name", default=None,
+                   help="the model id clients give for embeddings (default: the encoder's name)")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
 
 
@@ -32,7 +37,8 @@ def main(a):
     if a.max_batch < 1 or (a.threads is not None and a.threads < 1):
         raise UserError("--max-batch and --threads must be at least 1")
     serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device),
-          max_batch=a.max_batch, threads=a.threads, allowed_hosts=a.allowed_hosts)
+          max_batch=a.max_batch, threads=a.threads, allowed_hosts=a.allowed_hosts, embeddings=a.embeddings,
+          embeddings_name=a.embeddings_name)
 
 
 VERB = Verb("serve", "OpenAI-compatible API server and web chat page", add_arguments, main)
