@@ -85,6 +85,9 @@ class Tokenizer:
         ids = {k: tok.token_to_id(s) if (s := _token_str(cfg.get(f"{k}_token"))) else None
                for k in ("bos", "eos", "pad", "unk")}
         if ids["eos"] is None:
+            if cfg.get("cls_token") and cfg.get("sep_token"):  # BERT's [CLS]/[SEP]: an encoder's
+                raise UserError(f"{path} holds an encoder (BERT-style) model: this command needs a decoder (GPT); "
+                                f"encoders are for classify, qa, embed and fill-mask")
             raise UserError(f"tokenizer at {path} is neither a chatsmith tokenizer (no {BOS}/{EOS}/{PAD}) "
                             f"nor names an eos_token in its tokenizer_config.json")
         self.eos_id = ids["eos"]

@@ -308,3 +308,13 @@ def test_classify_train_eval_predict_from_the_cli(tmp_path, wordpiece_dir, capsy
     assert cli("classify", "eval", tmp_path / "clf", "--data", bad) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "peace" in err
+
+
+def test_decoder_verbs_refuse_an_encoder(encoder_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    for args in (["generate", encoder_dir, "--prompt", "hi"], ["chat", encoder_dir],
+                 ["sft", "--data", data, "--init", encoder_dir, "--out", tmp_path / "s"]):
+        assert cli(*args) == 2
+        assert "encoder (BERT-style) model" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
