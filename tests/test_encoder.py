@@ -318,3 +318,42 @@ def test_decoder_verbs_refuse_an_encoder(encoder_dir, tmp_path, capsys):
         assert cli(*args) == 2
         assert "encoder (BERT-style) model" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_qa_train_eval_predict_from_the_cli(tmp_path, wordpiece_dir, capsys):
+    """Plumbing on a tiny model: windows with a stride, span labels, EM/F1, answers that are exact
+    substrings of the context, and v2 no-answer predictions."""
+    tok = EncoderTokenizer.load(wordpiece_dir)
+    torch.manual_seed(0)
+    base = Encoder(EncoderConfig(vocab_size=(tok.vocab_size + 63) // 64 * 64, n_layer=2, n_head=2, d_model=32,
+                                 max_seq_len=64, dropout=0.0, attn_dropout=0.0))
+    save_checkpoint(tmp_path / "base", base, tokenizer_dir=wordpiece_dir)
+    names = ["king", "queen", "river", "house", "heart", "night"]
+    arts = []
+    for i in range(60):
+        a = names[i % 6]
+        ctx = f"the {a} was born in the sea. " + " ".join(synthetic_docs(1, seed=i)[0].split()[:30])
+        qas = [{"id": f"q{i}", "question": f"where was the {a} born?",
+                "answers": [{"text": "the sea", "answer_start": ctx.index("the sea")}]}]
+        if i % 4 == 0:
+            qas.append({"id": f"q{i}x", "question": "who said it?", "answers": [], "is_impossible": True})
+        arts.append({"title": str(i), "paragraphs": [{"context": ctx, "qas": qas}]})
+    (tmp_path / "train.json").write_text(json.dumps({"version": "v2.0", "data": arts}))
+    assert cli("qa", "train", "--data", tmp_path / "train.json", "--init", tmp_path / "base", "--out",
+               tmp_path / "qa", "--max-steps", "150", "--lr", "3e-3", "--warmup-steps", "5", "--batch-size", "16",
+               "--max-len", "32", "--stride", "8", "--eval-every", "1000") == 0
+    capsys.readouterr()
+    assert cli("qa", "eval", tmp_path / "qa", "--data", tmp_path / "train.json", "--out", tmp_path / "r.json",
+               "--max-len", "32", "--stride", "8") == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert 0 <= r["exact"] <= 100 and r["HasAns"]["total"] == 60 and r["NoAns"]["total"] == 15
+    assert r["f1"] > 50  # one answer, always at the start of the context: learnable in 150 steps
+    assert json.loads((tmp_path / "qa" / "qa_eval.json").read_text())["qa"]["f1"] == r["f1"]
+    capsys.readouterr()
+    context = "the heart was born in the sea. and then it went home."
+    assert cli("qa", "predict", tmp_path / "qa", "-q", "where was the heart born?", "--context", context,
+               "--max-len", "32", "--stride", "8") == 0
+    ans = json.loads(capsys.readouterr().out)
+    assert ans["answer"] and context[ans["start"]:ans["start"] + len(ans["answer"])] == ans["answer"]
+    hf = transformers.BertForQuestionAnswering.from_pretrained(tmp_path / "qa")
+    assert hf.qa_outputs.weight.shape == (2, 32)

@@ -20,15 +20,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from chatsmith import atomic, runtime
-from chatsmith.batching import epoch_batch
+from chatsmith import atomic
 from chatsmith.config import TrainConfig
 from chatsmith.data.labelled import LabelledData, read_eval, read_train
 from chatsmith.encoder_engine import EncoderEngine, load_encoder
 from chatsmith.errors import UserError
 from chatsmith.eval.classification import classification_report
 from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
-from chatsmith.train.trainer import Trainer
+from chatsmith.train.finetune_encoder import EncoderStage, fine_tune
 
 
 def _held(ex) -> bool:
@@ -37,37 +36,27 @@ def _held(ex) -> bool:
     return hashlib.sha1(f"{ex.text}\x00{ex.text_pair}".encode()).digest()[0] < 26
 
 
-class ClassifyStage:
+class ClassifyStage(EncoderStage):
     name = "classify"
 
     def __init__(self, engine: EncoderEngine, train: LabelledData, val: LabelledData | None, cfg: TrainConfig):
-        self.engine, self.cfg, self.val = engine, cfg, val
         tok, L = engine.tok, engine.max_len
-        self.labels = list(train.labels)
         a = tok.pieces([e.text for e in train.examples])
         b = tok.pieces([e.text_pair for e in train.examples]) if train.pairs else [None] * len(a)
-        self.rows = [tok.join(x, y, L) for x, y in zip(a, b)]
+        index = {lab: i for i, lab in enumerate(train.labels)}
+        rows = [(*tok.join(x, y, L), index[e.label]) for x, y, e in zip(a, b, train.examples)]
+        super().__init__(engine, cfg, rows, val)
         self.truncated = sum(len(x) + len(y or ()) + (3 if y is not None else 2) > L for x, y in zip(a, b))
-        index = {lab: i for i, lab in enumerate(self.labels)}
-        self.y = torch.tensor([index[e.label] for e in train.examples])
 
-    def batch(self, step: int, micro: int, rank: int):
-        i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, runtime.world_size())
-        idx = epoch_batch(self.cfg.seed, i, self.cfg.batch_size, len(self.rows))
-        return {**self.engine.tok.batch([self.rows[j] for j in idx]), "labels": self.y[idx]}
+    def targets(self, rows):
+        return {"labels": torch.tensor([r[2] for r in rows])}
 
     def loss(self, model, b):
         logits = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], head="classify")
         return F.cross_entropy(logits.float(), b["labels"]), {}
 
-    def tokens(self, b) -> int:
-        return int(b["attention_mask"].sum())
-
-    @torch.no_grad()
-    def evaluate(self, model) -> dict:
-        if not self.val:
-            return {}
-        r = score(EncoderEngine(model, self.engine.tok, self.engine.max_len), self.val)
+    def score(self, engine):
+        r = score(engine, self.val)
         return {"val_accuracy": r["accuracy"], "val_macro_f1": r["macro_f1"]}
 
 
@@ -102,16 +91,9 @@ def run(cfg: TrainConfig, data: str, init: str, val: str | None = None, epochs: 
     print(f"classify data: {len(train.examples)} train records ({stage.truncated} truncated to "
           f"{engine.max_len} tokens), {len(held.examples) if held else 0} validation; labels "
           f"{', '.join(train.labels)}{' (text pairs)' if train.pairs else ''}", file=sys.stderr)
-    if cfg.max_steps is None and cfg.max_minutes is None:
-        per_step = cfg.batch_size * cfg.grad_accum * runtime.world_size()
-        cfg.max_steps = max(1, int((epochs or 3.0) * len(train.examples) / per_step))
-    trainer = Trainer(model, stage, cfg, tokenizer_dir=init, extra_config={"stage": "classify"})
-    summary = trainer.fit()
-    summary["data"] = {"train": len(train.examples), "validation": len(held.examples) if held else 0,
-                       "labels": train.labels, "truncated": stage.truncated}
-    if trainer.master:
-        atomic.write_json(Path(cfg.out) / "train_summary.json", summary)
-    return summary
+    return fine_tune(model, stage, cfg, init, epochs or 3.0, {"stage": "classify"},
+                     {"train": len(train.examples), "validation": len(held.examples) if held else 0,
+                      "labels": train.labels, "truncated": stage.truncated})
 
 
 # --- the verbs ------------------------------------------------------------------------------------

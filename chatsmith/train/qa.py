@@ -22,15 +22,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from chatsmith import atomic, runtime
-from chatsmith.batching import epoch_batch
+from chatsmith import atomic
 from chatsmith.config import TrainConfig
 from chatsmith.data.squad import SquadData, gold_answers, read_squad
 from chatsmith.encoder_engine import EncoderEngine, load_encoder
 from chatsmith.errors import UserError
 from chatsmith.eval.squad import squad_scores
 from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
-from chatsmith.train.trainer import Trainer
+from chatsmith.train.finetune_encoder import EncoderStage, fine_tune
 
 
 def span_labels(window, start_char: int, end_char: int) -> tuple[int, int]:
@@ -61,20 +60,17 @@ def features(engine: EncoderEngine, data: SquadData, stride: int):
     return rows, lost
 
 
-class QAStage:
+class QAStage(EncoderStage):
     name = "qa"
 
     def __init__(self, engine: EncoderEngine, train: SquadData, val: SquadData | None, cfg: TrainConfig,
                  stride: int, max_answer_tokens: int):
-        self.engine, self.cfg, self.val, self.stride, self.max_answer = engine, cfg, val, stride, max_answer_tokens
-        self.rows, self.lost = features(engine, train, stride)
+        rows, self.lost = features(engine, train, stride)
+        super().__init__(engine, cfg, rows, val)
+        self.stride, self.max_answer = stride, max_answer_tokens
 
-    def batch(self, step: int, micro: int, rank: int):
-        i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, runtime.world_size())
-        idx = epoch_batch(self.cfg.seed, i, self.cfg.batch_size, len(self.rows))
-        rows = [self.rows[j] for j in idx]
-        return {**self.engine.tok.batch([(r[0], r[1]) for r in rows]),
-                "start": torch.tensor([r[2] for r in rows]), "end": torch.tensor([r[3] for r in rows])}
+    def targets(self, rows):
+        return {"start": torch.tensor([r[2] for r in rows]), "end": torch.tensor([r[3] for r in rows])}
 
     def loss(self, model, b):
         lg = model(b["input_ids"], b["attention_mask"], b["token_type_ids"], head="span").float()
@@ -82,15 +78,8 @@ class QAStage:
         lg = lg.masked_fill(b["attention_mask"][..., None] == 0, -1e4)
         return (F.cross_entropy(lg[..., 0], b["start"]) + F.cross_entropy(lg[..., 1], b["end"])) / 2, {}
 
-    def tokens(self, b) -> int:
-        return int(b["attention_mask"].sum())
-
-    @torch.no_grad()
-    def evaluate(self, model) -> dict:
-        if not self.val:
-            return {}
-        eng = EncoderEngine(model, self.engine.tok, self.engine.max_len, self.engine.batch_size)
-        r = score(eng, self.val, self.stride, self.max_answer)
+    def score(self, engine):
+        r = score(engine, self.val, self.stride, self.max_answer)
         return {"val_exact": r["exact"], "val_f1": r["f1"]}
 
 
@@ -118,18 +107,11 @@ def run(cfg: TrainConfig, data: str, init: str, val: str | None = None, epochs: 
     print(f"qa data ({train.version}): {n_q} questions -> {len(stage.rows)} windows of <= {engine.max_len} tokens "
           f"(stride {stride}); {stage.lost} answers fall in no window; validation: "
           f"{len(held.examples) if held else 0}", file=sys.stderr)
-    if cfg.max_steps is None and cfg.max_minutes is None:
-        per_step = cfg.batch_size * cfg.grad_accum * runtime.world_size()
-        cfg.max_steps = max(1, int((epochs or 2.0) * len(stage.rows) / per_step))
-    trainer = Trainer(model, stage, cfg, tokenizer_dir=init,
-                      extra_config={"stage": "qa", "qa": {"stride": stride, "max_answer_tokens": max_answer_tokens,
-                                                         "version": train.version}})
-    summary = trainer.fit()
-    summary["data"] = {"questions": n_q, "windows": len(stage.rows), "answers_in_no_window": stage.lost,
-                       "version": train.version}
-    if trainer.master:
-        atomic.write_json(Path(cfg.out) / "train_summary.json", summary)
-    return summary
+    return fine_tune(model, stage, cfg, init, epochs or 2.0,
+                     {"stage": "qa", "qa": {"stride": stride, "max_answer_tokens": max_answer_tokens,
+                                            "version": train.version}},
+                     {"questions": n_q, "windows": len(stage.rows), "answers_in_no_window": stage.lost,
+                      "version": train.version})
 
 
 # --- the verbs ------------------------------------------------------------------------------------
