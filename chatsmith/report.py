@@ -35,6 +35,7 @@ from chatsmith.flags import Verb
 ORDER = ["data", "tokenizer", "ngram", "base", "pretrain", "sft", "reward", "rl", "rlhf", "ppo", "grpo", "reinforce",
          "adversarial", "dpo"]
 COUNTS = {"generated", "n", "heldout_prompts", "heldout", "max_new_tokens"}  # sizes in *_eval.json, not metrics
+RL_KINDS = {"rl", "rlhf", "ppo", "grpo", "reinforce", "adversarial"}
 RL_KEYS = ("reward", "kl", "entropy", "clip_frac", "value_loss", "response_len")
 # bookkeeping in train_summary.json: shown in the time/tokens table, not as metrics
 BOOKKEEPING = {"steps", "max_steps", "tokens", "seconds", "interrupted", "elapsed", "tok_per_s", "step"}
@@ -57,7 +58,8 @@ NAMES = {"assistant_loss": "assistant-token loss", "ended_share": "replies ended
          "mean_reward_b": "mean reward of the compared model", "kl_k3": "KL to the reference (k3, per token)",
          "approx_kl": "KL to the rollout policy (per token)", "chosen_nll": "chosen reply NLL (per token)",
          "dpo_loss": "DPO loss", "kept_share": "groups kept (share)", "kl_coef": "KL coefficient",
-         "response_len": "reply length (tokens)", "clip_frac": "clipped share"}
+         "response_len": "reply length (tokens)", "clip_frac": "clipped share",
+         "kl": "KL to the reference (nats per reply)"}
 WORDS = {"heldout": "held-out", "kl": "KL", "bpb": "bits per byte", "nll": "NLL", "bleu": "BLEU", "chrf": "chrF",
          "f1": "F1", "ppl": "perplexity", "acc": "accuracy", "vs": "vs"}
 
@@ -375,13 +377,21 @@ SHORT = 12  # a series of fewer points is drawn as points with markers: a line b
 
 
 def _line(ax, rows: list[dict], key: str, label: str | None = None):
-    x, y = _series(rows, key)
-    if not x:
-        return
-    short = len(x) < SHORT or key.startswith("heldout_")  # evals come every few hundred steps
-    (ln,) = ax.plot(x, y, "o-" if short else "-", label=label, markersize=5 if len(x) < SHORT else 3,
-                    linewidth=1.0 if short else 1.3, alpha=0.9)
-    ln.set_gid(key)  # the logged key, for tests and for anyone reading the figure back
+    """One logged key as a line; where eval rows log it too (an RL stage's held-out ended_share
+    beside its rollouts' ended_share), the eval points are a series of their own."""
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "loss" not in r]
+    parts = [(rows, key, label)]
+    if any(_is_num(r.get(key)) for r in train) and any(_is_num(r.get(key)) for r in evals):
+        parts = [(train, key, label), (evals, f"{key} (held-out)", f"{label or human(key)} (held-out)")]
+    for part, gid, lab in parts:
+        x, y = _series(part, key)
+        if not x:
+            continue
+        short = len(x) < SHORT or key.startswith("heldout_") or part is evals  # evals come every few hundred steps
+        (ln,) = ax.plot(x, y, "o-" if short else "-", label=lab, markersize=5 if len(x) < SHORT else 3,
+                        linewidth=1.0 if short else 1.3, alpha=0.9)
+        ln.set_gid(gid)  # the logged key, for tests and for anyone reading the figure back
 
 
 def _step_axis(ax, steps: list[float]):
@@ -432,7 +442,9 @@ def loss_panels(s: Stage) -> list[tuple[str, list[str]]]:
         panels.append((f"{s.name}: train objective, DPO + {s.rpo_alpha:g}·NLL", ["loss"]))
         rest.remove("loss")
         train = "dpo_loss"
-    main = [k for k in (train, *(k for k in rest if k.startswith(("heldout_", "val_")))) if k in rest]
+    # a train loss, its held-out twins, and (RL) the policy loss it is the sum of with the KL or value terms
+    parts = ("policy_loss",) if s.kind in RL_KINDS else ()
+    main = [k for k in (train, *(k for k in rest if k.startswith(("heldout_", "val_")) or k in parts)) if k in rest]
     if len(main) > 1 and _spread(s.rows, main) > 4:  # not one quantity, whatever the names say
         main = main[:1]
     if main:
@@ -451,7 +463,10 @@ def loss_figure(stages: list[Stage]):
         for k in keys:
             _line(ax, s.rows, k, "train" if k in ("loss", "dpo_loss") else human(k))
         ax.set_title(title, fontsize=11)
-        ax.set_ylabel("nats per pair" if s.kind == "reward" else "nats per token")
+        # units where the stage says what they are: LM losses per token, Bradley–Terry and DPO per pair
+        unit = ("nats per token" if s.kind in ("pretrain", "sft") and keys[0] == "loss" else
+                "nats per pair" if s.kind == "reward" or "dpo_loss" in keys else "loss")
+        ax.set_ylabel(unit)
         _step_axis(ax, _steps_of(s.rows, keys))
         if len(keys) > 1:
             ax.legend(fontsize=8)
@@ -463,8 +478,20 @@ def plot_losses(stages: list[Stage], out: Path) -> Path | None:
     return None if fig is None else _save(fig, out / "loss.png")
 
 
+def rl_keys(stages: list[Stage]) -> tuple[list[str], list[str]]:
+    """The RL keys worth a panel, and notes on those that never change (GRPO's clip share of 0)."""
+    keys, notes = [], []
+    for k in RL_KEYS:
+        ys = [y for s in stages for y in _series(s.rows, k)[1]]
+        if len(set(ys)) > 1:
+            keys.append(k)
+        elif ys:
+            notes.append(f"{human(k)} {fmt(ys[0])} ({'one value' if len(ys) == 1 else 'constant'})")
+    return keys, notes
+
+
 def rl_figure(stages: list[Stage]):
-    keys = [k for k in RL_KEYS if any(_is_num(r.get(k)) for s in stages for r in s.rows)]
+    keys, _ = rl_keys(stages)
     if not keys:
         return None
     fig, axes = _figure(len(keys))
@@ -476,7 +503,8 @@ def rl_figure(stages: list[Stage]):
                 steps += _steps_of(s.rows, [k])
         ax.set_title(human(k), fontsize=11)
         _step_axis(ax, steps)
-        ax.legend(fontsize=8)
+        if len(ax.lines) > 1:  # one RL stage needs no legend: the section names it
+            ax.legend(fontsize=8)
     return fig
 
 
@@ -518,7 +546,9 @@ def other_panels(stage: Stage, done: set[str]) -> tuple[list[tuple[str, list[str
         else:
             g = base
         groups.setdefault(g, []).append(k)
-    return [(human(g), ks) for g, ks in groups.items()], notes
+    for ks in groups.values():  # the train series first (the first colour), its held-out twin after it
+        ks.sort(key=lambda k: k.startswith("heldout_"))
+    return [(human(g) if len(ks) > 1 else human(ks[0]), ks) for g, ks in groups.items()], notes
 
 
 def other_figure(stage: Stage, done: set[str]):
@@ -545,44 +575,64 @@ def plot_other(stage: Stage, out: Path, done: set[str]) -> tuple[Path | None, li
     return _save(fig, out / f"metrics_{safe}.png"), notes
 
 
-def accuracy_rows(t: Table) -> dict[str, dict[str, float]]:
-    """Accuracy per task family, each bar named by its prompt set: exact match per family of the
-    before/after files ("arithmetic (held-out chats)") and `chatsmith eval` accuracies."""
-    acc = {}
+def accuracy_rows(t: Table) -> dict[str, dict[str, dict[str, float]]]:
+    """Accuracy per task family, per prompt set: {"held-out chats": {"arithmetic": {column: value}}}
+    from the before/after files' exact match, {"chatsmith eval": {task: …}} from `chatsmith eval`."""
+    acc: dict[str, dict[str, dict[str, float]]] = {}
     evals = set(EVALS.values())
     for m, cells in t.cells.items():
         head, _, rest = m.partition(": exact match: ")
         if rest and head in evals and rest != "all families":
-            acc[f"{rest} ({head})"] = cells
+            acc.setdefault(head, {})[rest] = cells
         elif m.endswith(": accuracy") and m.split(": ")[0] not in evals:
-            acc[m[:-len(": accuracy")] + " (eval)"] = cells
+            acc.setdefault("chatsmith eval", {})[m[:-len(": accuracy")]] = cells
     return acc
 
 
-def plot_accuracy(t: Table, out: Path) -> Path | None:
+def accuracy_figure(t: Table):
+    """One panel per prompt set, with the columns measured on it: bars of different prompt sets
+    are never side by side."""
     acc = accuracy_rows(t)
     if not acc:
         return None
-    cols = [c for c in t.columns if any(c in cells for cells in acc.values())]
-    fams = list(acc)
-    fig, (ax,) = _figure(1, max(5.0, 1.2 * len(fams) * max(1, len(cols)) / 2 + 2), 3.6)
-    w = 0.8 / len(cols)
-    for j, c in enumerate(cols):
-        xs = [i + (j - (len(cols) - 1) / 2) * w for i in range(len(fams))]
-        vals = [acc[f].get(c) for f in fams]
-        bars = ax.bar(xs, [v or 0.0 for v in vals], width=w, label=c)
-        # the value on each bar, so a zero is told apart from a missing stage ("–")
-        for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, (v or 0.0) + 0.01, "–" if v is None else f"{v:.0%}",
-                    ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(fams)))
-    ax.set_xticklabels(fams, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title("accuracy per task family")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "accuracy.png")
+    sets = list(acc)
+    widths = []
+    for name in sets:
+        cols = [c for c in t.columns if any(c in cells for cells in acc[name].values())]
+        widths.append(max(3.2, 0.55 * len(acc[name]) * (len(cols) + 1) + 1.2))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(min(sum(widths), 16), 3.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(sets), squeeze=False, sharey=True, width_ratios=widths)[0]
+    for ax, name in zip(axes, sets):
+        fams = list(acc[name])
+        cols = [c for c in t.columns if any(c in cells for cells in acc[name].values())]
+        w = 0.8 / len(cols)
+        for j, c in enumerate(cols):
+            xs = [i + (j - (len(cols) - 1) / 2) * w for i in range(len(fams))]
+            vals = [acc[name][f].get(c) for f in fams]
+            bars = ax.bar(xs, [v or 0.0 for v in vals], width=w, label=c)
+            # the value on each bar, so a zero is told apart from a missing stage ("–")
+            for b, v in zip(bars, vals):
+                ax.text(b.get_x() + b.get_width() / 2, (v or 0.0) + 0.01, "–" if v is None else f"{v:.0%}",
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(fams)))
+        ax.set_xticklabels(fams, rotation=20 if len(fams) > 3 else 0, ha="right" if len(fams) > 3 else "center",
+                           fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_title(name, fontsize=11)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="upper right")
+    axes[0].set_ylabel("exact match / accuracy")
+    fig.suptitle("accuracy per task family, per prompt set", fontsize=12)
+    return fig
+
+
+def plot_accuracy(t: Table, out: Path) -> Path | None:
+    fig = accuracy_figure(t)
+    return None if fig is None else _save(fig, out / "accuracy.png")
 
 
 def plot_time(rows: list[dict], out: Path) -> Path | None:
@@ -764,6 +814,9 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         if p is not None:
             plots.append((title, p))
     captions: dict[str, str] = {}
+    rl_notes = rl_keys(stages)[1]
+    if rl_notes:
+        captions["Reward and KL (RL stages)"] = "Not plotted: " + "; ".join(rl_notes) + "."
     for s in stages:
         done = {k for r in s.rows for k in r if k.endswith("loss") or k in RL_KEYS}
         p, notes = plot_other(s, out_dir, done)
