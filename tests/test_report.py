@@ -97,21 +97,28 @@ def test_report_on_a_micro_run(run_dir):
         line = next(ln for ln in md.splitlines() if ln.startswith(f"| {name} |"))
         return dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
 
-    assert row("held-out exact match: arithmetic")["rl"] == "0.5"
-    assert row("held-out exact match: arithmetic")["rl: init"] == "0.25"
-    assert row("held-out accuracy")["reward"] == "0.875" and row("held-out accuracy")["reward: untrained_head"] == "0.5"
+    assert row("held-out RL prompts: exact match: arithmetic")["rl"] == "0.5"
+    assert row("held-out RL prompts: exact match: arithmetic")["rl: init"] == "0.25"
+    acc = row("held-out pairs: accuracy")
+    assert acc["reward"] == "0.875" and acc["reward: untrained_head"] == "0.5"
     assert "heldout prompts" not in md and "RL says 4" in md
     bpb = row("val bits-per-byte (all val documents)")
     assert (bpb["base"], bpb["3-gram"], bpb["3-gram (same tokens)"]) == ("2.5", "3.1", "3.4")
-    assert row("judge: win rate vs sft")["rl"] == "0.8125"
-    assert row("judge: mean reward")["sft"] == "-0.5" and row("judge: mean reward")["rl"] == "0.25"
+    assert row("reward-model judge: win rate vs sft")["rl"] == "0.8125"
+    judge = row("reward-model judge: mean reward")
+    assert judge["sft"] == "-0.5" and judge["rl"] == "0.25"
     assert "I am chatsmith" in md and "### rl, greedy" in md and "bot> four" in md
     sft_eval = json.loads((run_dir / "sft" / "sft_eval.json").read_text())
-    loss = row("held-out assistant loss")
+    loss = row("held-out chats: assistant-token loss")
     assert (loss["base"], loss["sft"]) == (fmt(sft_eval["base"]["assistant_loss"]), fmt(sft_eval["sft"]["assistant_loss"]))
-    assert "| arithmetic accuracy" in md and row("win rate: vs_sft")["rl"] == "0.625"
+    assert "| arithmetic: accuracy" in md and row("win rate: vs sft")["rl"] == "0.625"
     # the final eval in train_summary.json (heldout_reward 0.7) repeats rl_eval.json's own side: one row
-    assert "| heldout_reward" not in md and row("held-out reward")["rl"] == "0.75"
+    assert "heldout_reward" not in md and "| held-out reward |" not in md
+    assert row("held-out RL prompts: reward")["rl"] == "0.75"
+    # SFT's held-out loss is the assistant-token loss of sft_eval.json: one row, not two
+    labels = [ln.split("|")[1].strip() for ln in md.split("## Metrics by stage")[1].split("\n\n")[1].splitlines()[2:]]
+    assert [m for m in labels if "loss" in m and m != "final train loss" and row(m)["sft"] != "–"] == [
+        "held-out chats: assistant-token loss"]
     # time and tokens per stage, speedrun's record merged with the stage directories
     assert "| data | 3 |" in md and "| base | 50 | 60 | 15,360 |" in md and "| rl | 12.5 | 8 | 800 |" in md
     # samples (a "|" in a sample does not break the markdown) and a note on the broken line
