@@ -34,12 +34,46 @@ from chatsmith.flags import Verb
 # stages in pipeline order; others follow alphabetically
 ORDER = ["data", "tokenizer", "ngram", "base", "pretrain", "sft", "reward", "rl", "rlhf", "ppo", "grpo", "reinforce",
          "adversarial", "dpo"]
-COUNTS = {"generated", "n", "heldout_prompts", "heldout"}  # sizes in *_eval.json, not metrics
+COUNTS = {"generated", "n", "heldout_prompts", "heldout", "max_new_tokens"}  # sizes in *_eval.json, not metrics
+RL_KINDS = {"rl", "rlhf", "ppo", "grpo", "reinforce", "adversarial"}
 RL_KEYS = ("reward", "kl", "entropy", "clip_frac", "value_loss", "response_len")
 # bookkeeping in train_summary.json: shown in the time/tokens table, not as metrics
 BOOKKEEPING = {"steps", "max_steps", "tokens", "seconds", "interrupted", "elapsed", "tok_per_s", "step"}
 NOT_PLOTTED = {"step", "tokens", "elapsed"}
 STAGE_FILES = ("metrics.jsonl", "train_summary.json", "config.json", "ngram.json", "tokenizer_stats.json")
+# each before/after file evaluates its own prompt set: its rows carry its name, so that one model's
+# figures from two prompt sets (SFT's ended share on held-out chats and on the RL prompts) are
+# never read as one metric that disagrees with itself
+EVALS = {"sft_eval.json": "held-out chats", "rl_eval.json": "held-out RL prompts",
+         "reward_eval.json": "held-out pairs", "mlm_eval.json": "held-out masked tokens",
+         "classify_eval.json": "classification", "qa_eval.json": "question answering"}
+JUDGE = "reward-model judge"  # `chatsmith eval --tasks reward --compare`, the speedrun's DPO-vs-SFT judge
+
+# table labels: whole keys whose words alone would not say what they are, then single words
+NAMES = {"assistant_loss": "assistant-token loss", "ended_share": "replies ended (share)",
+         "kl_to_ref": "KL to the reference (nats per reply)", "top_answer_share": "share of the most common answer",
+         "exact_match_all": "exact match: all families", "win_rate_ci95": "win rate 95% CI (±)",
+         "tok_per_s": "tokens per second", "grad_norm": "gradient norm", "lr": "learning rate",
+         "reward_std": "reward standard deviation", "accuracy_norm": "accuracy (length-normalised)",
+         "mean_reward_b": "mean reward of the compared model", "kl_k3": "KL to the reference (k3, per token)",
+         "approx_kl": "KL to the rollout policy (per token)", "chosen_nll": "chosen reply NLL (per token)",
+         "dpo_loss": "DPO loss", "kept_share": "groups kept (share)", "kl_coef": "KL coefficient",
+         "response_len": "reply length (tokens)", "clip_frac": "clipped share",
+         "kl": "KL to the reference (nats per reply)"}
+WORDS = {"heldout": "held-out", "kl": "KL", "bpb": "bits per byte", "nll": "NLL", "bleu": "BLEU", "chrf": "chrF",
+         "f1": "F1", "ppl": "perplexity", "acc": "accuracy", "vs": "vs"}
+
+
+def human(key: str) -> str:
+    """A logged key as a label: "heldout_loss" -> "held-out loss", "exact_match/word_problem" ->
+    "exact match: word problem"; unknown keys keep their words, never their underscores."""
+    out = []
+    for part in str(key).split("/"):
+        pre = ""
+        if part.startswith("heldout_"):
+            pre, part = "held-out ", part[len("heldout_"):]
+        out.append(pre + NAMES.get(part, " ".join(WORDS.get(w.lower(), w) for w in part.split("_") if w)))
+    return ": ".join(out)
 
 
 @dataclass
@@ -50,6 +84,14 @@ class Stage:
     rows: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     bad_rows: int = 0
+    config: dict = field(default_factory=dict)  # config.json's "chatsmith" block (stage, rl_config, rpo_alpha, …)
+
+    @property
+    def rpo_alpha(self) -> float:
+        """DPO's weight of the chosen reply's NLL: >0 means its train loss is DPO + α·NLL, not the
+        DPO loss its held-out evaluation measures."""
+        a = self.config.get("rpo_alpha")
+        return float(a) if _is_num(a) else 0.0
 
 
 def invalid_utf8(text: str) -> int:
@@ -99,6 +141,8 @@ def load_stage(path: Path, name: str | None = None) -> Stage | None:
         kind = "ngram" if (path / "ngram.json").is_file() else (
             "tokenizer" if (path / "tokenizer_stats.json").is_file() else (name or path.name))
     st = Stage(name or path.name, path, kind)
+    block = cfg.get("chatsmith") if isinstance(cfg, dict) else None
+    st.config = block if isinstance(block, dict) else {}
     st.rows, st.bad_rows = _read_rows(path / "metrics.jsonl")
     summary = _read_json(path / "train_summary.json")
     st.summary = summary if isinstance(summary, dict) else {}
@@ -148,19 +192,21 @@ class Table:
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
-    """Numbers of a (nested) metrics dict as "a: b" names; lists and strings are skipped."""
+    """Numbers of a (nested) metrics dict under "a/b" keys; lists and strings are skipped."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k.replace('_', ' ')}: "))
+            out.update(_flatten(v, f"{prefix}{k}/"))
         elif _is_num(v):
             out[f"{prefix}{k}"] = v
     return out
 
 
-def _norm(name: str) -> str:
-    """A metric name without its held-out prefix and separators, to spot one metric under two names."""
-    return re.sub(r"[\s_/:]+", " ", re.sub(r"^(held-out |heldout_)", "", name)).strip()
+def _norm(key: str) -> str:
+    """A metric key without its held-out prefix and separators, to spot one metric under two names;
+    SFT's held-out loss is its assistant-token loss (the same tokens of the same held-out chats)."""
+    n = re.sub(r"[\s_/:]+", " ", re.sub(r"^(held-out |heldout_)", "", key)).strip()
+    return "loss" if n == "assistant loss" else n
 
 
 def _column_for(side: str, stages: list[Stage], owner: Stage | None = None) -> str:
@@ -182,11 +228,11 @@ def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
         summary = []  # final-eval numbers of train_summary.json, tabled after the *_eval.json files
         for k, v in s.summary.items():
             if k not in BOOKKEEPING and _is_num(v):
-                summary.append((k.replace("/", ": "), v))
+                summary.append((k, v))
             # a flat dict of numbers (e.g. per-family scores); "data" is bookkeeping and "eval"
             # repeats the *_eval.json file read below
             elif isinstance(v, dict) and k not in ("data", "eval") and all(_is_num(x) for x in v.values()):
-                summary += [(f"{k.replace('_', ' ')}: {kk}", vv) for kk, vv in v.items()]
+                summary += [(f"{k}/{kk}", vv) for kk, vv in v.items()]
         from_eval: set[str] = set()
         if s.kind != "ngram" and s.rows and not any(k == "loss" for k in s.summary):
             train = [r for r in s.rows if _is_num(r.get("loss"))]
@@ -197,6 +243,7 @@ def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
             d = _read_json(f)
             if not isinstance(d, dict):
                 continue
+            label = eval_label(f.name)
             for side, m in d.items():
                 if isinstance(m, dict):
                     col = _column_for(side, stages, s)
@@ -204,14 +251,14 @@ def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
                         if k in COUNTS:
                             continue
                         name = k[len("heldout_"):] if k.startswith("heldout_") else k
-                        t.put(f"held-out {name.replace('_', ' ')}", col, v, override=col == s.name)
+                        t.put(f"{label}: {human(name)}", col, v, override=col == s.name)
                         if col == s.name:
                             from_eval.add(_norm(name))
         # the stage's final eval repeats its own side of the *_eval.json under other names
         # (exact_match/arithmetic, heldout_accuracy): keep one row per metric
         for k, v in summary:
             if _norm(k) not in from_eval:
-                t.put(k, s.name, v)
+                t.put(human(k), s.name, v)
         for f in sorted(s.path.glob("eval*/metrics.json")):
             d = _read_json(f)
             if not isinstance(d, dict) or not isinstance(d.get("tasks"), dict):
@@ -219,13 +266,8 @@ def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
             mode = d.get("mode", "zero-shot")
             tag = "" if mode == "zero-shot" else f" [{mode}{', k=' + str(d['k']) if d.get('k') else ''}]"
             for task, r in d["tasks"].items():
-                if not isinstance(r, dict):
-                    continue
-                label = Path(task).name if task.endswith(".jsonl") else task
-                for k, v in r.items():
-                    if k not in ("n", "correct", "correct_norm", "too_long", "truncated", "fewer_shots",
-                                 "shots_mean", "tokens", "bytes", "brevity_penalty") and _is_num(v):
-                        t.put(f"{label}{tag} {k}", s.name, v)
+                if isinstance(r, dict):
+                    _put_task(t, stages, s, task, tag, r)
         if s.kind == "ngram":
             meta = _read_json(s.path / "ngram.json") or {}
             for k in ("order", "tokens", "documents"):
@@ -240,15 +282,47 @@ def collect_metrics(stages: list[Stage], speedrun: dict | None) -> Table:
         elif k == "neural_val_bpb":
             col = next((s.name for s in stages if s.kind == "pretrain"), "base")
             t.put("val bits-per-byte (all val documents)", col, v)
-    # the speedrun's reward-model judge: mean reward per model, win rate of one model over another
+    # the speedrun's reward-model judge (the same `chatsmith eval` result as DPO's eval/metrics.json,
+    # so the same rows): mean reward per model, win rate of one model over another
     judge = (speedrun or {}).get("judge") or {}
+    winner = None
     for k, v in judge.items():
         m = re.fullmatch(r"(.+)_win_rate_vs_(.+)", k)
         if m:
-            t.put(f"judge: win rate vs {m.group(2)}", _column_for(m.group(1), stages), v)
+            winner = _column_for(m.group(1), stages)
+            t.put(f"{JUDGE}: win rate vs {m.group(2)}", winner, v)
         elif k.endswith("_mean_reward"):
-            t.put("judge: mean reward", _column_for(k[:-len("_mean_reward")], stages), v)
+            t.put(f"{JUDGE}: mean reward", _column_for(k[:-len("_mean_reward")], stages), v)
+    if winner is not None:
+        t.put(f"{JUDGE}: {human('win_rate_ci95')}", winner, judge.get("win_rate_ci95"))
     return t
+
+
+# per-item counts and tallies of `chatsmith eval` tasks: sizes, not metrics
+TASK_COUNTS = {"n", "correct", "correct_norm", "too_long", "truncated", "fewer_shots", "shots_mean", "tokens",
+               "bytes", "brevity_penalty", "wins", "ties", "losses"}
+
+
+def _put_task(t: Table, stages: list[Stage], s: Stage, task: str, tag: str, r: dict):
+    """One `chatsmith eval` task's figures. A reward task run with --compare is the reward-model
+    judge: its second model's mean reward goes into that model's column, not into a row of its own."""
+    label = f"`{Path(task).name}`" if task.endswith(".jsonl") else human(task)
+    other = Path(str(r.get("compare"))).name if r.get("compare") else None
+    if r.get("kind") == "reward" and other and "win_rate" in r:
+        col_b = _column_for(other, stages)
+        t.put(f"{JUDGE}{tag}: mean reward", s.name, r.get("mean_reward"))
+        t.put(f"{JUDGE}{tag}: mean reward", col_b, r.get("mean_reward_b"), override=False)
+        t.put(f"{JUDGE}{tag}: win rate vs {other}", s.name, r["win_rate"])
+        t.put(f"{JUDGE}{tag}: {human('win_rate_ci95')}", s.name, r.get("win_rate_ci95"))
+        return
+    for k, v in r.items():
+        if k not in TASK_COUNTS and _is_num(v):
+            t.put(f"{label}{tag}: {human(k)}", s.name, v)
+
+
+def eval_label(filename: str) -> str:
+    """The name of the prompt set a before/after file evaluates ("held-out chats")."""
+    return EVALS.get(filename, filename[:-len("_eval.json")].replace("_", " ") + " eval")
 
 
 def collect_time(stages: list[Stage], speedrun: dict | None) -> list[dict]:
@@ -275,22 +349,21 @@ def collect_time(stages: list[Stage], speedrun: dict | None) -> list[dict]:
 
 # --------------------------------------------------------------------------- plots
 
-def _figure(n_panels: int, width: float = 4.2, height: float = 3.0):
+def _figure(n_panels: int, width: float = 4.8, height: float = 3.3, cols: int | None = None):
     # matplotlib's object API with the Agg canvas: no display, no global pyplot state (safe in tests
-    # and in a server process)
+    # and in a server process); the constrained layout makes room for a figure title and legends
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    cols = min(n_panels, 3)
+    cols = cols or min(n_panels, 2 if n_panels == 4 else 3)
     rows = math.ceil(n_panels / cols)
-    fig = Figure(figsize=(width * cols, height * rows), dpi=100)
+    fig = Figure(figsize=(width * cols, height * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
     return fig, axes
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
     fig.savefig(path, format="png")
     return path
 
@@ -300,95 +373,266 @@ def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_losses(stages: list[Stage], out: Path) -> Path | None:
-    have = [s for s in stages if any("loss" in k for r in s.rows for k in r if k not in RL_KEYS)]
-    if not have:
+SHORT = 12  # a series of fewer points is drawn as points with markers: a line between 3 points invents a curve
+
+
+def _line(ax, rows: list[dict], key: str, label: str | None = None):
+    """One logged key as a line; where eval rows log it too (an RL stage's held-out ended_share
+    beside its rollouts' ended_share), the eval points are a series of their own."""
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "loss" not in r]
+    parts = [(rows, key, label)]
+    if any(_is_num(r.get(key)) for r in train) and any(_is_num(r.get(key)) for r in evals):
+        parts = [(train, key, label), (evals, f"{key} (held-out)", f"{label or human(key)} (held-out)")]
+    for part, gid, lab in parts:
+        x, y = _series(part, key)
+        if not x:
+            continue
+        short = len(x) < SHORT or key.startswith("heldout_") or part is evals  # evals come every few hundred steps
+        (ln,) = ax.plot(x, y, "o-" if short else "-", label=lab, markersize=5 if len(x) < SHORT else 3,
+                        linewidth=1.0 if short else 1.3, alpha=0.9)
+        ln.set_gid(gid)  # the logged key, for tests and for anyone reading the figure back
+
+
+def _step_axis(ax, steps: list[float]):
+    """Steps are whole numbers: integer ticks, and with a handful of logged steps exactly those."""
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    uniq = sorted(set(steps))
+    if 1 < len(uniq) <= 6:
+        ax.xaxis.set_major_locator(FixedLocator(uniq))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(uniq) == 1:  # one point: a window of a step either side, not fractional steps
+        ax.set_xlim(uniq[0] - 1, uniq[0] + 1)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+
+
+def _steps_of(rows: list[dict], keys) -> list[float]:
+    return [r["step"] for r in rows for k in keys if _is_num(r.get(k))]
+
+
+def _loss_keys(s: Stage) -> list[str]:
+    return sorted({k for r in s.rows for k, v in r.items() if k.endswith("loss") and k not in RL_KEYS and _is_num(v)},
+                  key=lambda k: (k != "loss", k))
+
+
+def _spread(rows: list[dict], keys: list[str]) -> float:
+    """How many times larger the largest series' median is than the smallest's (scale check)."""
+    med = []
+    for k in keys:
+        ys = sorted(abs(v) for v in _series(rows, k)[1])
+        if ys:
+            med.append(ys[len(ys) // 2])
+    return max(med) / max(min(med), 1e-12) if len(med) > 1 else 1.0
+
+
+def loss_panels(s: Stage) -> list[tuple[str, list[str]]]:
+    """(title, keys) per panel of one stage's losses. A train loss shares an axis with its held-out
+    loss only when both measure the same thing on a like scale: DPO with RPO trains on DPO + α·NLL
+    (~4 nats) and evaluates the DPO loss alone (~0.7), so its objective gets a panel of its own and
+    the DPO part it logs (dpo_loss) is the one drawn against the held-out loss."""
+    keys = _loss_keys(s)
+    if not keys:
+        return []
+    panels, rest = [], list(keys)
+    train = "loss"
+    if s.kind == "dpo" and s.rpo_alpha > 0 and "loss" in rest:
+        panels.append((f"{s.name}: train objective, DPO + {s.rpo_alpha:g}·NLL", ["loss"]))
+        rest.remove("loss")
+        train = "dpo_loss"
+    # a train loss, its held-out twins, and (RL) the policy loss it is the sum of with the KL or value terms
+    parts = ("policy_loss",) if s.kind in RL_KINDS else ()
+    main = [k for k in (train, *(k for k in rest if k.startswith(("heldout_", "val_")) or k in parts)) if k in rest]
+    if len(main) > 1 and _spread(s.rows, main) > 4:  # not one quantity, whatever the names say
+        main = main[:1]
+    if main:
+        title = f"{s.name} ({s.kind})" if s.kind != s.name else s.name
+        panels.append((f"{title}: {human(train) if train != 'loss' else 'loss'}", main))
+    panels += [(f"{s.name}: {human(k)}", [k]) for k in rest if k not in main]
+    return panels
+
+
+def loss_figure(stages: list[Stage]):
+    panels = [(s, title, keys) for s in stages for title, keys in loss_panels(s)]
+    if not panels:
         return None
-    fig, axes = _figure(len(have))
-    for ax, s in zip(axes, have):
-        keys = sorted({k for r in s.rows for k in r if k.endswith("loss") and k not in RL_KEYS},
-                      key=lambda k: (k != "loss", k))
+    fig, axes = _figure(len(panels))
+    for ax, (s, title, keys) in zip(axes, panels):
         for k in keys:
-            x, y = _series(s.rows, k)
-            # eval losses and short series get markers: a single point drawn as a line is invisible
-            ax.plot(x, y, "o-" if k != "loss" or len(x) < 12 else "-", label=k, markersize=3, linewidth=1.2)
-        ax.set_title(f"{s.name} ({s.kind})" if s.kind != s.name else s.name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, out / "loss.png")
+            _line(ax, s.rows, k, "train" if k in ("loss", "dpo_loss") else human(k))
+        ax.set_title(title, fontsize=11)
+        # units where the stage says what they are: LM losses per token, Bradley–Terry and DPO per pair
+        unit = ("nats per token" if s.kind in ("pretrain", "sft") and keys[0] == "loss" else
+                "nats per pair" if s.kind == "reward" or "dpo_loss" in keys else "loss")
+        ax.set_ylabel(unit)
+        _step_axis(ax, _steps_of(s.rows, keys))
+        if len(keys) > 1:
+            ax.legend(fontsize=8)
+    return fig
 
 
-def plot_rl(stages: list[Stage], out: Path) -> Path | None:
-    keys = [k for k in RL_KEYS if any(_is_num(r.get(k)) for s in stages for r in s.rows)]
+def plot_losses(stages: list[Stage], out: Path) -> Path | None:
+    fig = loss_figure(stages)
+    return None if fig is None else _save(fig, out / "loss.png")
+
+
+def rl_keys(stages: list[Stage]) -> tuple[list[str], list[str]]:
+    """The RL keys worth a panel, and notes on those that never change (GRPO's clip share of 0)."""
+    keys, notes = [], []
+    for k in RL_KEYS:
+        ys = [y for s in stages for y in _series(s.rows, k)[1]]
+        if len(set(ys)) > 1:
+            keys.append(k)
+        elif ys:
+            notes.append(f"{human(k)} {fmt(ys[0])} ({'one value' if len(ys) == 1 else 'constant'})")
+    return keys, notes
+
+
+def rl_figure(stages: list[Stage]):
+    keys, _ = rl_keys(stages)
     if not keys:
         return None
     fig, axes = _figure(len(keys))
     for ax, k in zip(axes, keys):
+        steps = []
         for s in stages:
-            x, y = _series(s.rows, k)
-            if x:
-                ax.plot(x, y, "-", label=s.name, linewidth=1.2)
-        ax.set_title(k)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, out / "reward_kl.png")
+            if any(_is_num(r.get(k)) for r in s.rows):
+                _line(ax, s.rows, k, s.name)
+                steps += _steps_of(s.rows, [k])
+        ax.set_title(human(k), fontsize=11)
+        _step_axis(ax, steps)
+        if len(ax.lines) > 1:  # one RL stage needs no legend: the section names it
+            ax.legend(fontsize=8)
+    return fig
 
 
-def plot_other(stage: Stage, out: Path, done: set[str]) -> Path | None:
-    """Every other numeric key the stage logged (lr, grad_norm, tok/s, bits-per-byte, new ones)."""
+def plot_rl(stages: list[Stage], out: Path) -> Path | None:
+    fig = rl_figure(stages)
+    return None if fig is None else _save(fig, out / "reward_kl.png")
+
+
+def other_panels(stage: Stage, done: set[str]) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Panels of every other numeric key the stage logged (lr, grad_norm, tok/s, new ones), fewer
+    and larger: a key and its held-out twin (accuracy, heldout_accuracy), the parts of one metric
+    (exact_match/arithmetic, …, exact_match_all), chosen/rejected pairs and shares of replies each
+    share a panel. A key that never changes, or has one value, is named in the text (returned
+    second) instead of taking a panel."""
     keys = sorted({k for r in stage.rows for k, v in r.items() if _is_num(v)} - NOT_PLOTTED - done)
-    if not keys:
-        return None
-    fig, axes = _figure(len(keys), 3.6, 2.6)
-    for ax, k in zip(axes, keys):
-        x, y = _series(stage.rows, k)
-        ax.plot(x, y, "o-" if len(x) < 12 else "-", markersize=3, linewidth=1.2)
-        ax.set_title(k, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.suptitle(stage.name)
+    notes, live = [], []
+    varies = {k for k in keys if len(set(_series(stage.rows, k)[1])) > 1}
+    for k in keys:
+        ys = _series(stage.rows, k)[1]
+        if k.startswith("heldout_") and k[len("heldout_"):] in varies:
+            live.append(k)  # a final held-out point beside its train curve says how far apart they are
+        elif len(ys) < 2:
+            notes.append(f"{human(k)} {fmt(ys[0])} (one value)")
+        elif max(ys) == min(ys):
+            notes.append(f"{human(k)} {fmt(ys[0])} (constant)")
+        else:
+            live.append(k)
+    groups: dict[str, list[str]] = {}
+    for k in live:
+        base = k[len("heldout_"):] if k.startswith("heldout_") else k
+        if "/" in base:
+            g = base.split("/")[0]
+        elif any(base.startswith(p.split("/")[0] + "_") for p in live if "/" in p):
+            g = next(p.split("/")[0] for p in live if "/" in p and base.startswith(p.split("/")[0] + "_"))
+        elif base.endswith(("_chosen", "_rejected")):
+            g = base.rsplit("_", 1)[0] + ": chosen and rejected"
+        elif base.endswith("_share") and sum(x.endswith("_share") for x in live) > 1:
+            g = "shares of replies"
+        else:
+            g = base
+        groups.setdefault(g, []).append(k)
+    for ks in groups.values():  # the train series first (the first colour), its held-out twin after it
+        ks.sort(key=lambda k: k.startswith("heldout_"))
+    return [(human(g) if len(ks) > 1 else human(ks[0]), ks) for g, ks in groups.items()], notes
+
+
+def other_figure(stage: Stage, done: set[str]):
+    panels, notes = other_panels(stage, done)
+    if not panels:
+        return None, notes
+    fig, axes = _figure(len(panels), 4.6, 3.2)
+    for ax, (title, ks) in zip(axes, panels):
+        for k in ks:
+            _line(ax, stage.rows, k, human(k) if len(ks) > 1 else None)
+        ax.set_title(title, fontsize=11)
+        _step_axis(ax, _steps_of(stage.rows, ks))
+        if len(ks) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{stage.name}: other logged metrics", fontsize=13)
+    return fig, notes
+
+
+def plot_other(stage: Stage, out: Path, done: set[str]) -> tuple[Path | None, list[str]]:
+    fig, notes = other_figure(stage, done)
+    if fig is None:
+        return None, notes
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stage.name)
-    return _save(fig, out / f"metrics_{safe}.png")
+    return _save(fig, out / f"metrics_{safe}.png"), notes
 
 
-def accuracy_rows(t: Table) -> dict[str, dict[str, float]]:
-    """Accuracy per task family: held-out exact match per family and `chatsmith eval` accuracies."""
-    acc = {}
+def accuracy_rows(t: Table) -> dict[str, dict[str, dict[str, float]]]:
+    """Accuracy per task family, per prompt set: {"held-out chats": {"arithmetic": {column: value}}}
+    from the before/after files' exact match, {"chatsmith eval": {task: …}} from `chatsmith eval`."""
+    acc: dict[str, dict[str, dict[str, float]]] = {}
+    evals = set(EVALS.values())
     for m, cells in t.cells.items():
-        if m.startswith("held-out exact match: "):
-            acc[m[len("held-out exact match: "):] + " (held-out)"] = cells
-        elif m.endswith(" accuracy") and not m.startswith("held-out"):
-            acc[m[:-len(" accuracy")] + " (eval)"] = cells
+        head, _, rest = m.partition(": exact match: ")
+        if rest and head in evals and rest != "all families":
+            acc.setdefault(head, {})[rest] = cells
+        elif m.endswith(": accuracy") and m.split(": ")[0] not in evals:
+            acc.setdefault("chatsmith eval", {})[m[:-len(": accuracy")]] = cells
     return acc
 
 
-def plot_accuracy(t: Table, out: Path) -> Path | None:
+def accuracy_figure(t: Table):
+    """One panel per prompt set, with the columns measured on it: bars of different prompt sets
+    are never side by side."""
     acc = accuracy_rows(t)
     if not acc:
         return None
-    cols = [c for c in t.columns if any(c in cells for cells in acc.values())]
-    fams = list(acc)
-    fig, (ax,) = _figure(1, max(5.0, 1.2 * len(fams) * max(1, len(cols)) / 2 + 2), 3.6)
-    w = 0.8 / len(cols)
-    for j, c in enumerate(cols):
-        xs = [i + (j - (len(cols) - 1) / 2) * w for i in range(len(fams))]
-        vals = [acc[f].get(c) for f in fams]
-        bars = ax.bar(xs, [v or 0.0 for v in vals], width=w, label=c)
-        # the value on each bar, so a zero is told apart from a missing stage ("–")
-        for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, (v or 0.0) + 0.01, "–" if v is None else f"{v:.0%}",
-                    ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(fams)))
-    ax.set_xticklabels(fams, rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
-    ax.set_title("accuracy per task family")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    return _save(fig, out / "accuracy.png")
+    sets = list(acc)
+    widths = []
+    for name in sets:
+        cols = [c for c in t.columns if any(c in cells for cells in acc[name].values())]
+        widths.append(max(3.2, 0.55 * len(acc[name]) * (len(cols) + 1) + 1.2))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(min(sum(widths), 16), 3.8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(sets), squeeze=False, sharey=True, width_ratios=widths)[0]
+    for ax, name in zip(axes, sets):
+        fams = list(acc[name])
+        cols = [c for c in t.columns if any(c in cells for cells in acc[name].values())]
+        w = 0.8 / len(cols)
+        for j, c in enumerate(cols):
+            xs = [i + (j - (len(cols) - 1) / 2) * w for i in range(len(fams))]
+            vals = [acc[name][f].get(c) for f in fams]
+            bars = ax.bar(xs, [v or 0.0 for v in vals], width=w, label=c)
+            # the value on each bar, so a zero is told apart from a missing stage ("–")
+            for b, v in zip(bars, vals):
+                ax.text(b.get_x() + b.get_width() / 2, (v or 0.0) + 0.01, "–" if v is None else f"{v:.0%}",
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(fams)))
+        ax.set_xticklabels(fams, rotation=20 if len(fams) > 3 else 0, ha="right" if len(fams) > 3 else "center",
+                           fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_title(name, fontsize=11)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8, loc="upper right")
+    axes[0].set_ylabel("exact match / accuracy")
+    fig.suptitle("accuracy per task family, per prompt set", fontsize=12)
+    return fig
+
+
+def plot_accuracy(t: Table, out: Path) -> Path | None:
+    fig = accuracy_figure(t)
+    return None if fig is None else _save(fig, out / "accuracy.png")
 
 
 def plot_time(rows: list[dict], out: Path) -> Path | None:
@@ -483,6 +727,44 @@ def samples_md(stages: list[Stage], speedrun: dict | None) -> list[str]:
     return out
 
 
+def evals_md(stages: list[Stage]) -> list[str]:
+    """What each prompt set is: its file, how many replies, to which families, how long they may be;
+    and what a DPO stage's train loss is when it is not the DPO loss."""
+    out = []
+    for s in stages:
+        for f in sorted(s.path.glob("*_eval.json")):
+            d = _read_json(f)
+            sides = {k: v for k, v in d.items() if isinstance(v, dict)} if isinstance(d, dict) else {}
+            if not sides:
+                continue
+            own = sides.get(next((k for k in sides if _column_for(k, stages, s) == s.name), ""), {})
+            bits = []
+            n = own.get("generated", own.get("heldout_prompts", (s.summary.get("data") or {}).get("heldout")))
+            if _is_num(n):
+                bits.append(f"{fmt(n)} items")
+            rl_cfg = s.config.get("rl_config") if isinstance(s.config.get("rl_config"), dict) else {}
+            limit = own.get("max_new_tokens", rl_cfg.get("max_new_tokens"))
+            if _is_num(limit):
+                bits.append(f"greedy replies of up to {fmt(limit)} new tokens")
+            fams = sorted({k for m in sides.values() for k in (m.get("exact_match") or {})
+                           if isinstance(m.get("exact_match"), dict)})
+            if fams:
+                bits.append("families " + ", ".join(fams))
+            cols = []
+            for k in sides:
+                col = _column_for(k, stages, s)
+                # "rl: init": the model the stage started from, measured on the stage's own prompts
+                cols.append(f"`{col}`" + (" (before training)" if col == f"{s.name}: {k}" else ""))
+            cols = ", ".join(cols)
+            out.append(f"- **{eval_label(f.name)}** (`{s.name}/{f.name}`, columns {cols})"
+                       + (": " + "; ".join(bits) if bits else ""))
+    for s in stages:
+        if s.kind == "dpo" and s.rpo_alpha > 0:
+            out.append(f"- `{s.name}`'s final train loss is its objective, the DPO loss + {s.rpo_alpha:g} × the "
+                       f"chosen reply's NLL per token (RPO); its held-out loss is the DPO loss alone.")
+    return ["Prompt sets and notes:", "", *out, ""] if out else []
+
+
 def data_md(run_dir: Path, stages: list[Stage], speedrun: dict | None) -> list[str]:
     out = []
     corpus = _read_json(run_dir / "data" / "corpus" / "corpus_meta.json")
@@ -531,11 +813,18 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
                      ("Accuracy per task family", plot_accuracy(table, out_dir))):
         if p is not None:
             plots.append((title, p))
+    captions: dict[str, str] = {}
+    rl_notes = rl_keys(stages)[1]
+    if rl_notes:
+        captions["Reward and KL (RL stages)"] = "Not plotted: " + "; ".join(rl_notes) + "."
     for s in stages:
         done = {k for r in s.rows for k in r if k.endswith("loss") or k in RL_KEYS}
-        p = plot_other(s, out_dir, done)
+        p, notes = plot_other(s, out_dir, done)
         if p is not None:
             plots.append((f"Other logged metrics: {s.name}", p))
+        if notes:
+            captions[f"Other logged metrics: {s.name}"] = (
+                f"Not plotted{f' for {s.name}' if p is None else ''}: " + "; ".join(notes) + ".")
     if speedrun and _is_num(speedrun.get("seconds")):
         # every second of the run in a row: what no stage recorded, and this report (written after
         # speedrun.json, measured up to here: the time plot and the markdown take well under a second)
@@ -559,10 +848,13 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     if table.cells:
         md.append(md_table(["metric", *cols], [[m, *(fmt(cells.get(c)) for c in cols)]
                                                for m, cells in table.cells.items()]))
-        md += ["", "Language-model losses are nats per token (a reward model's, per pair); bits-per-byte compares models with different tokenizers "
-               "(and the n-gram baseline). \"held-out\" rows come from the stages' before/after files "
-               "(`*_eval.json`), task rows from `chatsmith eval` (`eval*/metrics.json`). A dash: the stage "
-               "has no such metric.", ""]
+        md += ["", "Language-model losses are nats per token (a reward model's, per pair); bits-per-byte "
+               "compares models with different tokenizers (and the n-gram baseline). Rows named after a "
+               "prompt set come from the stages' before/after files (`*_eval.json`); one model measured on "
+               "two prompt sets has two rows, one per set, never one row that disagrees with itself. Task "
+               "rows come from `chatsmith eval` (`eval*/metrics.json`). A dash: the stage has no such "
+               "metric.", ""]
+        md += evals_md(stages)
     else:
         md += ["No metrics recorded yet.", ""]
     if times:
@@ -580,6 +872,10 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         for title, p in plots:
             rel = os.path.relpath(p, out_dir)
             md += [f"### {title}", "", f"![{title}]({rel})", ""]
+            if title in captions:
+                md += [captions.pop(title), ""]
+    if captions:  # stages whose every other metric was constant or a single value
+        md += [*captions.values(), ""]
     smp = samples_md(stages, speedrun)
     if smp:
         md += ["## Samples", "", *smp, ""]

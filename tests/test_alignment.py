@@ -204,6 +204,9 @@ def test_dpo_raises_the_chosen_replys_likelihood(base_model, prefer_yes, tmp_pat
                "--max-steps", 10, "--lr", "1e-3", "--rpo-alpha", "1.0", *TRAIN) == 0
     r = rows(tmp_path / "rpo")
     assert r[-1]["chosen_nll"] < r[0]["chosen_nll"]
+    # the DPO part is logged apart (the report draws it against the held-out DPO loss)
+    assert r[0]["dpo_loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert all(x["loss"] == pytest.approx(x["dpo_loss"] + x["chosen_nll"], rel=1e-4) for x in r)
 
     from chatsmith.batching import completion_batch, sequence_logprobs
     tok = Tokenizer.load(base_model)

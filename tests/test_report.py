@@ -2,6 +2,8 @@
 stages, unknown metric keys, a single training output directory and broken lines."""
 
 import json
+import math
+import re
 import shutil
 
 import pytest
@@ -97,21 +99,28 @@ def test_report_on_a_micro_run(run_dir):
         line = next(ln for ln in md.splitlines() if ln.startswith(f"| {name} |"))
         return dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in line.split("|")]))
 
-    assert row("held-out exact match: arithmetic")["rl"] == "0.5"
-    assert row("held-out exact match: arithmetic")["rl: init"] == "0.25"
-    assert row("held-out accuracy")["reward"] == "0.875" and row("held-out accuracy")["reward: untrained_head"] == "0.5"
+    assert row("held-out RL prompts: exact match: arithmetic")["rl"] == "0.5"
+    assert row("held-out RL prompts: exact match: arithmetic")["rl: init"] == "0.25"
+    acc = row("held-out pairs: accuracy")
+    assert acc["reward"] == "0.875" and acc["reward: untrained_head"] == "0.5"
     assert "heldout prompts" not in md and "RL says 4" in md
     bpb = row("val bits-per-byte (all val documents)")
     assert (bpb["base"], bpb["3-gram"], bpb["3-gram (same tokens)"]) == ("2.5", "3.1", "3.4")
-    assert row("judge: win rate vs sft")["rl"] == "0.8125"
-    assert row("judge: mean reward")["sft"] == "-0.5" and row("judge: mean reward")["rl"] == "0.25"
+    assert row("reward-model judge: win rate vs sft")["rl"] == "0.8125"
+    judge = row("reward-model judge: mean reward")
+    assert judge["sft"] == "-0.5" and judge["rl"] == "0.25"
     assert "I am chatsmith" in md and "### rl, greedy" in md and "bot> four" in md
     sft_eval = json.loads((run_dir / "sft" / "sft_eval.json").read_text())
-    loss = row("held-out assistant loss")
+    loss = row("held-out chats: assistant-token loss")
     assert (loss["base"], loss["sft"]) == (fmt(sft_eval["base"]["assistant_loss"]), fmt(sft_eval["sft"]["assistant_loss"]))
-    assert "| arithmetic accuracy" in md and row("win rate: vs_sft")["rl"] == "0.625"
+    assert "| arithmetic: accuracy" in md and row("win rate: vs sft")["rl"] == "0.625"
     # the final eval in train_summary.json (heldout_reward 0.7) repeats rl_eval.json's own side: one row
-    assert "| heldout_reward" not in md and row("held-out reward")["rl"] == "0.75"
+    assert "heldout_reward" not in md and "| held-out reward |" not in md
+    assert row("held-out RL prompts: reward")["rl"] == "0.75"
+    # SFT's held-out loss is the assistant-token loss of sft_eval.json: one row, not two
+    labels = [ln.split("|")[1].strip() for ln in md.split("## Metrics by stage")[1].split("\n\n")[1].splitlines()[2:]]
+    assert [m for m in labels if "loss" in m and m != "final train loss" and row(m)["sft"] != "–"] == [
+        "held-out chats: assistant-token loss"]
     # time and tokens per stage, speedrun's record merged with the stage directories
     assert "| data | 3 |" in md and "| base | 50 | 60 | 15,360 |" in md and "| rl | 12.5 | 8 | 800 |" in md
     # samples (a "|" in a sample does not break the markdown) and a note on the broken line
@@ -151,3 +160,153 @@ def test_report_bad_input(tmp_path):
     assert cli("report", tmp_path / "missing") == 2
     (tmp_path / "empty").mkdir()
     assert cli("report", tmp_path / "empty") == 2
+
+
+# --- a realistic speedrun directory (no training): the report card's own checks --------------------
+
+@pytest.fixture(scope="module")
+def speedrun(tmp_path_factory):
+    from report_fixtures import speedrun_dir
+
+    run = speedrun_dir(tmp_path_factory.mktemp("speedrun") / "run")
+    write_report(run)
+    return run
+
+
+def table(md: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The metrics table: its columns and {row label: {column: cell}}."""
+    lines = md.split("## Metrics by stage")[1].split("\n\n")[1].splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        assert cells[0] not in rows, f"row {cells[0]!r} twice"
+        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return header[1:], rows
+
+
+def test_one_model_on_two_prompt_sets_is_two_labelled_rows(speedrun):
+    md = (speedrun / "report.md").read_text()
+    _, rows = table(md)
+    # the SFT model's ended share: 0.78 on held-out chats, 1.0 on the RL prompts (the "rl: init" side)
+    assert rows["held-out chats: replies ended (share)"]["sft"] == "0.78"
+    assert rows["held-out RL prompts: replies ended (share)"]["rl: init"] == "1"
+    assert rows["held-out chats: replies ended (share)"]["rl: init"] == "–"
+    assert not any(m.startswith("held-out ended") or m == "replies ended (share)" for m in rows)
+    # every row of a before/after file names its prompt set, and the note says what each set is
+    assert "- **held-out chats** (`sft/sft_eval.json`, columns `base`, `sft`): 64 items; greedy replies of up to 40" in md
+    assert "- **held-out RL prompts** (`rl/rl_eval.json`, columns `rl: init` (before training), `rl`): 100 items; " \
+           "greedy replies of up to 48 new tokens; families arithmetic, number_sense, word_problem" in md
+
+
+def test_one_row_per_metric_with_human_names(speedrun):
+    md = (speedrun / "report.md").read_text()
+    _, rows = table(md)  # (a label twice fails inside)
+    for label in rows:
+        assert "_" not in re.sub(r"`[^`]*`", "", label), label
+    assert "mean_reward_b" not in md and "win_rate" not in md
+    # the judge: the speedrun's record and DPO's eval/metrics.json are one evaluation, one row per figure
+    judge = [m for m in rows if "win rate vs" in m]
+    assert judge == ["reward-model judge: win rate vs sft"] and rows[judge[0]]["dpo"] == "0.58"
+    mean = rows["reward-model judge: mean reward"]
+    assert (mean["sft"], mean["dpo"]) == ("0.12", "0.41")  # the compared model's mean in its own column
+    assert not any(m.endswith((" wins", " ties", " losses")) for m in rows)
+    assert rows["held-out reward accuracy"]["dpo"] == "0.6" and rows["held-out bits per byte"]["base"] == "1.72"
+    # what DPO's train loss is when it is not the DPO loss
+    assert "`dpo`'s final train loss is its objective, the DPO loss + 1 × the chosen reply's NLL" in md
+
+
+def _stages(run):
+    from chatsmith.report import find_stages
+
+    return {s.name: s for s in find_stages(run)}
+
+
+def _axes_with(fig, gid):
+    return [ax for ax in fig.axes if any(ln.get_gid() == gid for ln in ax.lines)]
+
+
+def test_losses_of_different_meaning_get_separate_axes(speedrun, tmp_path):
+    from chatsmith.report import find_stages, loss_figure
+
+    st = _stages(speedrun)
+    fig = loss_figure([st["sft"], st["dpo"]])
+    dpo_axes = [ax for ax in fig.axes if ax.get_title().startswith("dpo")]
+    (held,) = [ax for ax in dpo_axes if any(ln.get_gid() == "heldout_loss" for ln in ax.lines)]
+    assert {ln.get_gid() for ln in held.lines} == {"dpo_loss", "heldout_loss"}  # the same quantity, ~0.67
+    (obj,) = [ax for ax in dpo_axes if any(ln.get_gid() == "loss" for ln in ax.lines)]
+    assert obj is not held and "NLL" in obj.get_title()
+    # SFT's train and held-out losses are one quantity: one axis
+    (sft,) = [ax for ax in fig.axes if ax.get_title().startswith("sft")]
+    assert {ln.get_gid() for ln in sft.lines} == {"loss", "heldout_loss"}
+    # an older DPO run that logged no dpo_loss: the objective (~4.2) still never shares the held-out axis
+    old = tmp_path / "dpo"
+    shutil.copytree(speedrun / "dpo", old)
+    rows = [json.loads(ln) for ln in (old / "metrics.jsonl").read_text().splitlines()]
+    write_jsonl(old / "metrics.jsonl", [{k: v for k, v in r.items() if k != "dpo_loss"} for r in rows])
+    fig = loss_figure(find_stages(old))
+    assert all(len(ax.lines) == 1 for ax in fig.axes) and len(fig.axes) == 2
+
+
+def test_short_series_are_points_on_integer_steps(speedrun):
+    from chatsmith.report import loss_figure, other_figure, rl_figure
+
+    st = _stages(speedrun)
+    figs = [loss_figure([st["rl"], st["dpo"]]), rl_figure([st["rl"]]), other_figure(st["rl"], set())[0],
+            other_figure(st["dpo"], set())[0]]
+    for fig in figs:
+        fig.canvas.draw()
+        for ax in fig.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+            for ln in ax.lines:
+                if len(ln.get_xdata()) < 12:
+                    assert ln.get_marker() == "o", (ax.get_title(), ln.get_gid())
+    # three logged RL steps are ticked at exactly those steps
+    (reward,) = [ax for ax in figs[1].axes if ax.get_title() == "reward"]
+    assert list(reward.get_xticks()) == [2, 4, 6]
+
+
+def test_other_metrics_are_fewer_larger_panels_under_a_clear_title(speedrun):
+    from chatsmith.report import other_figure
+
+    rl = _stages(speedrun)["rl"]
+    keys = {k for r in rl.rows for k in r} - {"step", "tokens", "elapsed", "loss", "policy_loss", "reward", "kl",
+                                                "entropy", "clip_frac", "response_len"}
+    fig, notes = other_figure(rl, {"loss", "policy_loss", "reward", "kl", "entropy", "clip_frac", "response_len"})
+    assert len(keys) >= 16 and len(fig.axes) <= 8
+    # constant and single-valued keys are named in the text, not drawn
+    assert "learning rate 1.000e-05 (constant)" in notes and "KL coefficient 0.02 (constant)" in notes
+    assert any(n.startswith("exact match: arithmetic 0.26 (one value)") for n in notes)
+    # the eval row's held-out ended share is its own series, not a jump at the last train step
+    (shares,) = _axes_with(fig, "ended_share")
+    assert {ln.get_gid() for ln in shares.lines} >= {"ended_share", "ended_share (held-out)", "kept_share"}
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(r)
+    for ax in fig.axes:
+        assert not title.overlaps(ax.title.get_window_extent(r)), ax.get_title()
+        assert not title.overlaps(ax.get_window_extent(r)), ax.get_title()
+    w, h = fig.get_size_inches()
+    assert w / 3 >= 4 and h / math.ceil(len(fig.axes) / 3) >= 3  # panels of at least 4 x 3 inches
+
+
+def test_accuracy_bars_of_different_prompt_sets_are_apart(speedrun):
+    from chatsmith.report import accuracy_figure, collect_metrics, find_stages
+
+    fig = accuracy_figure(collect_metrics(find_stages(speedrun), json.loads((speedrun / "speedrun.json").read_text())))
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["held-out chats", "held-out RL prompts"]
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
+    assert legends == [["base", "sft"], ["rl: init", "rl"]]
+
+
+def test_report_on_a_realistic_run_writes_valid_plots(speedrun):
+    md = (speedrun / "report.md").read_text()
+    pngs = sorted(p.name for p in speedrun.glob("*.png"))
+    assert pngs == ["accuracy.png", "loss.png", "metrics_base.png", "metrics_dpo.png", "metrics_reward.png",
+                    "metrics_rl.png", "metrics_sft.png", "reward_kl.png", "time.png"]
+    for p in speedrun.glob("*.png"):
+        assert_png(p)
+        assert f"]({p.name})" in md
+    assert "Not plotted: clipped share 0 (constant)." in md  # GRPO clips nothing: named, not drawn

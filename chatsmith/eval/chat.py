@@ -65,6 +65,7 @@ def chat_metrics(model, tok, records, per_family: int = 20, max_new_tokens: int 
     res["ended_share"] = ended / max(len(outs), 1)
     res["exact_match"] = {f: correct[f] / total[f] for f in sorted(total)}
     res["generated"] = len(outs)
+    res["max_new_tokens"] = max_new_tokens  # "ended" means within this many tokens: the report states it
     res["samples"] = samples
     model.train(was_training)
     return res

@@ -73,6 +73,8 @@ class DPOStage:
             n_c = batch["mask"].chunk(2)[0].sum(-1).clamp(min=1)
             nll = -(pi_c / n_c).mean()
             stats["chosen_nll"] = float(nll.detach())
+            # the DPO part alone, the quantity the held-out loss measures (the report draws them together)
+            stats["dpo_loss"] = float(loss.detach())
             loss = loss + self.rpo_alpha * nll
         return loss, stats
 
