@@ -190,7 +190,8 @@ class Tokenizer:
     def _refuse_control_text(self, messages: list[dict]) -> None:
         added = {t.content for t in self.tok.get_added_tokens_decoder().values()}
         for i, m in enumerate(messages):
-            if hit := next((t for t in added if t in m["content"]), None):
+            # the first control token in the text (not a set's arbitrary order: the message is stable)
+            if hit := min((t for t in added if t in m["content"]), key=m["content"].index, default=None):
                 raise UserError(f"messages[{i}].content contains the control token {hit!r}, and this model's "
                                 f"chat template transforms content, so it cannot be kept as plain text")
 

@@ -36,7 +36,7 @@ def _check(lp, text):
 def test_echo_logprobs_tokens_join_to_the_text(which, base_model, imported_model):
     model = base_model if which == "chatsmith" else imported_model
     app = create_app(model, None, "m", 8)
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         tok = app.state.server.tok
         for max_tokens in (0, 5):
             body = {"prompt": PROMPT, "max_tokens": max_tokens, "echo": True, "logprobs": 1, "temperature": 0}

@@ -119,7 +119,7 @@ def padded_client(chat_dir, tmp_path_factory):
     g = torch.Generator().manual_seed(0)
     d = _edit_model(chat_dir, tmp_path_factory.mktemp("padded") / "model",
                     lambda w, V: torch.cat([w, 1000 * torch.randn(64, w.shape[1], generator=g)]))
-    with TestClient(create_app(d, model_name="padded")) as c:
+    with TestClient(create_app(d, model_name="padded"), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -164,7 +164,7 @@ def nan_client(chat_dir, tmp_path_factory):
         return w
 
     d = _edit_model(chat_dir, tmp_path_factory.mktemp("nan") / "model", poison)
-    with TestClient(create_app(d, model_name="nan")) as c:
+    with TestClient(create_app(d, model_name="nan"), base_url="http://127.0.0.1") as c:
         yield c
 
 

@@ -82,7 +82,7 @@ def test_serve(smol):
 
     d, _ = smol
     # 2 KV-cache slots: each holds SmolLM2's whole 8k context (the default 32 would take 12 GB)
-    with TestClient(create_app(d, model_name="smollm2", max_batch=2)) as c:
+    with TestClient(create_app(d, model_name="smollm2", max_batch=2), base_url="http://127.0.0.1") as c:
         r = c.post("/v1/chat/completions", json={
             "model": "smollm2", "temperature": 0, "max_tokens": 12,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]})
