@@ -48,7 +48,7 @@ def test_pairs_and_mixing_refused(tmp_path):
     ('{"text": "x", "label": null}', r"bad\.jsonl:2: \"label\" must be a string .*not null"),
     ('{"text": "x", "label": ["a"]}', r"bad\.jsonl:2: \"label\" must be a string .*not a list"),
     ('{"text": "x", "text_pair": 3, "label": "a"}', r"bad\.jsonl:2: \"text_pair\" must be a string"),
-    ('{"text": "x", "label": ' + "9" * 5000 + "}", r"bad\.jsonl:2: not usable JSON"),
+    ('{"text": "x", "label": ' + "9" * 5000 + "}", r"bad\.jsonl:2: a number of more than 4300 digits"),
 ])
 def test_bad_jsonl_lines_name_file_and_line(tmp_path, line, msg):
     f = _jsonl(tmp_path / "bad.jsonl", [{"text": "fine", "label": "a"}, line, {"text": "z", "label": "b"}])

@@ -419,7 +419,8 @@ test_sft_yaml, test_sft_yaml_slow = fuzz(
      dict(data=b"- ? [a]\n  : b\n", **NO_FLAGS),                 # was: a ConstructorError traceback
      dict(data=b"- prompt: 2001-02-30\n  completion: x\n", **NO_FLAGS),  # was: "a number of 4300 digits"
      dict(data=b"\x00[]\n", **NO_FLAGS),                         # was: no line number
-     dict(data=b"{", **NO_FLAGS)],                               # was: line 2 of a one-line file
+     dict(data=b"{", **NO_FLAGS),                                # was: line 2 of a one-line file
+     dict(data=b"- ?", **NO_FLAGS)],                             # a null key (-m slow found it)
     data=yaml_file(SFT_RECORDS, VALID['sft']), **SFT_ARGS)(lambda data, fmt, prompts, skip_bad: _sft("yaml", fmt, prompts, skip_bad, data))
 
 test_preference_pairs, test_preference_pairs_slow = fuzz(
@@ -508,3 +509,62 @@ def test_embed_reads_json_strings_with_line_separators(tmp_path):
     t = tmp_path / "t.txt"
     t.write_bytes("\ufeffone\u2028still one\r\ntwo\n".encode())
     assert read_lines(t) == ["one\u2028still one", "two"]
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+# One good record, then a hostile one on line 3 (after a blank line): exit 2 naming data:3.
+GOOD = {"sft": PC % "", "reward": '{"prompt": "hi", "chosen": "a", "rejected": "b"}',
+        "eval": '{"prompt": "What is 2 + 2?", "answer": "4"}', "classify": '{"text": "good", "label": "pos"}',
+        "tokenizer": '{"text": "a long enough document about the sea"}', "embed": '{"text": "the sea"}',
+        "qa": None}
+GOOD["dpo"] = GOOD["reward"]
+HOSTILE = {
+    "lone surrogate": lambda good: good[:-1] + f', "x": "{LONE}"}}',
+    "binary": lambda good: "\udcff\udcfe\x00\x01",  # written with surrogatepass: bytes no UTF-8 decoder takes
+    "deep nesting": lambda good: "[" * 100_000 + "]" * 100_000,
+    "wrong type": lambda good: re.sub(r'"[^"]*"}$', "[1, {}]}", good),
+}
+
+
+def _verbs(tmp_path, data, base_model, encoder_dir):
+    out = tmp_path / "out"
+    return {"sft": ("sft", "--data", data, "--init", base_model, "--out", out, "--max-steps", 1),
+            "reward": ("reward", "--data", data, "--init", base_model, "--out", out, "--max-steps", 1),
+            "dpo": ("dpo", "--data", data, "--init", base_model, "--out", out, "--max-steps", 1),
+            "eval": ("eval", base_model, "--tasks", data, "--out", out),
+            "classify": ("classify", "train", "--data", data, "--init", encoder_dir, "--out", out, "--max-steps", 1),
+            "tokenizer": ("tokenizer", "train", "--input", data, "--vocab-size", 300, "--out", out),
+            "embed": ("embed", encoder_dir, "--input", data, "--out", out / "v.npy")}
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE))
+@pytest.mark.parametrize("verb", ["sft", "reward", "dpo", "eval", "classify", "tokenizer", "embed"])
+def test_cli_refuses_a_hostile_file_with_exit_2_and_leaves_no_output(verb, hostile, base_model, encoder_dir, tmp_path,
+                                                                     capsys):
+    good = GOOD[verb]
+    if verb == "classify":
+        good += "\n" + good.replace("good", "bad").replace("pos", "neg")
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(encode(f"{good}\n\n{HOSTILE[hostile](GOOD[verb])}\n"))
+    line = good.count("\n") + 3
+    code = cli(*_verbs(tmp_path, data, base_model, encoder_dir)[verb])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and f"{data}:{line}: " in err, err
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
+
+
+def test_cli_refuses_hostile_sft_yaml_and_squad(base_model, encoder_dir, tmp_path, capsys):
+    y = tmp_path / "chat.yaml"
+    for body in ("- prompt: hi\n  completion: hello\n- !!python/object:os.system x\n", "- " + "[" * 100_000):
+        y.write_text(body)
+        assert cli("sft", "--data", y, "--init", base_model, "--out", tmp_path / "out") == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(rf"{re.escape(str(y))}:\d+: ", err), err
+    q = tmp_path / "squad.json"
+    q.write_text('{"data": ' + "[" * 100_000)
+    assert cli("qa", "train", "--data", q, "--init", encoder_dir, "--out", tmp_path / "out", "--max-steps", 1) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"{q}:1: JSON nested too deeply" in err, err
+    assert not (tmp_path / "out").exists()

@@ -269,7 +269,7 @@ def lone_surrogate_at(value) -> str | None:
                 return path or "the value"
         elif isinstance(v, dict):
             for k, x in reversed(list(v.items())):
-                if not k.isascii() and _SURROGATE.search(k):
+                if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):  # (YAML keys may be null)
                     return f"{path + '.' if path else ''}<key {k!r}>"
                 stack.append((x, f"{path}.{k}" if path else k))
         elif isinstance(v, list):
