@@ -271,7 +271,9 @@ def lone_surrogate_at(value) -> str | None:
             for k, x in reversed(list(v.items())):
                 if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):  # (YAML keys may be null)
                     return f"{path + '.' if path else ''}<key {k!r}>"
-                stack.append((x, f"{path}.{k}" if path else k))
+                # a plain key dotted, any other quoted (a key may hold a newline or a quote)
+                step = (f".{k}" if path else k) if isinstance(k, str) and k.isidentifier() else f"[{k!r}]"
+                stack.append((x, path + step))
         elif isinstance(v, list):
             stack.extend((x, f"{path}[{i}]") for i, x in reversed(list(enumerate(v))))
     return None
