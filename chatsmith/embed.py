@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from chatsmith import atomic
+from chatsmith.data.corpus import iter_jsonl, text_lines
 from chatsmith.encoder_engine import EncoderEngine
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
@@ -23,27 +24,22 @@ from chatsmith.runtime import resolve_device
 
 
 def read_lines(path: str | None) -> list[str]:
-    """Texts one per line from a file (.txt) or JSONL with a "text" field (.jsonl); stdin if None."""
+    """Texts one per line from a file (.txt) or JSONL with a "text" field (.jsonl); stdin if None.
+    A bad line (not UTF-8, not JSON, no "text" string) is a UserError naming file:line."""
     if path is None:
-        lines = sys.stdin.read().splitlines()
-        return [t for t in lines if t.strip()]
+        try:
+            text = sys.stdin.read()
+            text.encode("utf-8")  # under a C locale stdin decodes bad bytes to lone surrogates
+        except UnicodeError:
+            raise UserError("<stdin>: not UTF-8 text") from None
+        return [t for t in text.split("\n") if t.strip()]
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--input {p}: no such file")
-    try:
-        raw = p.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{p}: not UTF-8 text (byte {e.start})") from None
     if p.suffix != ".jsonl":
-        return [t for t in raw if t.strip()]
+        return [t for _, t in text_lines(p) if t.strip()]
     out = []
-    for n, line in enumerate(raw, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, ValueError) as e:
-            raise UserError(f"{p}:{n}: not valid JSON ({e})") from None
+    for n, rec in iter_jsonl(p, "JSONL input ({\"text\": ...} per line)"):
         if not isinstance(rec, dict) or not isinstance(rec.get("text"), str) or not rec["text"].strip():
             raise UserError(f'{p}:{n}: expected an object with a non-empty "text" string')
         out.append(rec["text"])

@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator
 
 import yaml
 
-from chatsmith.data.corpus import check_file, json_line
+from chatsmith.data.corpus import check_file, json_line, lone_surrogate_at
 from chatsmith.errors import UserError
 from chatsmith.messages import ALIASES, ROLES
 
@@ -497,25 +497,68 @@ def _yaml_line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
+# Deeper than any record needs. libyaml composes nodes by C recursion, so a file of 100,000 "["
+# overflows the C stack (a segfault, no exception to catch); the event stream it parses first is
+# flat, so the depth is checked on it before any node is built.
+MAX_YAML_DEPTH = 100
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _check_yaml_depth(name: str, text: str) -> None:
+    depth = 0
+    for ev in yaml.parse(text, Loader=_YAML_LOADER):
+        if isinstance(ev, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise UserError(f"{name}:{ev.start_mark.line + 1}: YAML nested more than {MAX_YAML_DEPTH} "
+                                f"levels deep, which chatsmith does not read")
+        elif isinstance(ev, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _yaml_error(name: str, text: str, e: yaml.YAMLError) -> UserError:
+    """A YAML error as a UserError at its line (clamped to the file: libyaml may point one past
+    the end for a file cut short)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if mark is not None:
+        line = mark.line + 1
+    elif isinstance(getattr(e, "position", None), int):  # a ReaderError: a control character
+        line = text.count("\n", 0, e.position) + 1
+    else:
+        line = None
+    if line is not None:
+        line = min(line, max(1, text.count("\n") + (not text.endswith("\n"))))
+    what = getattr(e, "problem", None) or getattr(e, "reason", None) or str(e).splitlines()[0]
+    return UserError(f"{name}{f':{line}' if line else ''}: not valid YAML ({what}). A .yaml chat file holds "
+                     f"a chatterbot corpus (categories:, conversations:) or a list of records.")
+
+
 def _yaml_items(name: str, text: str, forced: str | None) -> Iterator[_Item]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    try:
+        _check_yaml_depth(name, text)
+        loader = _YAML_LOADER(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(name, text, e) from None
     try:
         try:
             root = loader.get_single_node()
         except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-            at = f":{mark.line + 1}" if mark is not None else ""
-            what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise UserError(f"{name}{at}: not valid YAML ({what}). A .yaml chat file holds a "
-                            f"chatterbot corpus (categories:, conversations:) or a list of "
-                            f"records.") from None
+            raise _yaml_error(name, text, e) from None
 
         def build(node: yaml.Node) -> Any:
             try:
                 return loader.construct_document(node)
-            except (ValueError, RecursionError):  # an integer of more than 4300 digits
-                raise UserError(f"{name}:{_yaml_line(node)}: a number of more than 4300 digits (or nesting too "
-                                f"deep), which chatsmith does not read") from None
+            except yaml.YAMLError as e:  # an unknown tag (!!python/object), an unhashable key
+                raise _yaml_error(name, text, e) from None
+            except RecursionError:
+                raise UserError(f"{name}:{_yaml_line(node)}: YAML nested too deeply to read") from None
+            except ValueError as e:
+                if "digits" in str(e):
+                    raise UserError(f"{name}:{_yaml_line(node)}: a number of more than 4300 digits, which "
+                                    f"chatsmith does not read") from None
+                # a timestamp that is no date (2001-02-30), an !!int or !!float that is no number
+                raise UserError(f"{name}:{_yaml_line(node)}: a YAML value chatsmith cannot read ({e}); "
+                                f"put text in quotes") from None
 
         def turns(node: yaml.Node) -> Any:
             # Chatterbot turns keep the text as written: PyYAML would read `yes` as True and
@@ -559,6 +602,10 @@ def _convert(item: _Item, forced: str | None) -> tuple[str, list[dict], dict]:
     if item.error is not None:
         raise _Bad(item.error)
     v, y = item.value, item.from_yaml
+    bad = lone_surrogate_at(v) or lone_surrogate_at(item.corpus_meta)  # a .json file's record (JSONL lines are checked as they are parsed)
+    if bad is not None:
+        raise _Bad(f"{bad} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+                   f"Unicode text")
     if item.corpus_meta is not None or forced == "chatterbot":
         if not isinstance(v, list):
             raise _wrong_type("a chatterbot conversation", "a list of turns (strings)", v, y)

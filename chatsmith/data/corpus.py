@@ -223,11 +223,20 @@ def _read_lines(path: Path) -> Iterator[tuple[int, str]]:
             except UnicodeDecodeError as e:
                 raise UserError(
                     f"{path}:{lineno}: the file is not valid UTF-8 (bad byte "
-                    f"0x{raw[e.start]:02x} at byte offset {offset + e.start}). Corpus inputs "
-                    f"must be UTF-8 text; convert it first, e.g. "
+                    f"0x{raw[e.start]:02x} at byte offset {offset + e.start}). chatsmith reads "
+                    f"UTF-8 text only; convert it first, e.g. "
                     f"`iconv -f latin1 -t utf-8 {path} > fixed.txt`.") from None
             offset += len(raw)
             yield lineno, line
+
+
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its line end) of a UTF-8 text file, a leading byte-order mark
+    dropped; lines end at "\\n" only, so the numbers are the ones an editor shows."""
+    for lineno, line in _read_lines(path):
+        if lineno == 1 and line.startswith("\ufeff"):
+            line = line[1:]
+        yield lineno, line.rstrip("\r\n")
 
 
 def check_file(p: Path, what: str, missing: str = "") -> None:
@@ -244,12 +253,39 @@ def check_file(p: Path, what: str, missing: str = "") -> None:
     raise UserError(f"{p}: no such {what}{missing}")
 
 
-def json_line(line: str):
-    """json.loads for one record; a ValueError whose message says what is wrong, for file:line errors.
-    Beyond JSONDecodeError: Python refuses integers of more than 4300 digits (ValueError) and deep
-    nesting (RecursionError); both would otherwise surface as a traceback."""
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def lone_surrogate_at(value) -> str | None:
+    """The JSON path (``messages[0].content``, ``<key>`` for a key) of the first string in a parsed
+    JSON value that holds a lone surrogate, or None. JSON may spell one as an escape ("\\ud800"),
+    but it is no Unicode text: UTF-8 cannot encode it, so the tokenizer (and any UTF-8 file write)
+    would fail on it later, far from the line that holds it. Iterative: the value may be deep."""
+    stack = [(value, "")]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and _SURROGATE.search(v):
+                return path or "the value"
+        elif isinstance(v, dict):
+            for k, x in reversed(list(v.items())):
+                if isinstance(k, str) and not k.isascii() and _SURROGATE.search(k):  # (YAML keys may be null)
+                    return f"{path + '.' if path else ''}<key {k!r}>"
+                # a plain key dotted, any other quoted (a key may hold a newline or a quote)
+                step = (f".{k}" if path else k) if isinstance(k, str) and k.isidentifier() else f"[{k!r}]"
+                stack.append((x, path + step))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]") for i, x in reversed(list(enumerate(v))))
+    return None
+
+
+def json_line(text: str):
+    """json.loads for one record; a ValueError whose message says what is wrong, for
+    file:line errors. Beyond JSONDecodeError: Python refuses integers of more than 4300 digits
+    (ValueError) and deep nesting (RecursionError), both otherwise a traceback; and a string with a
+    lone surrogate is refused (see :func:`lone_surrogate_at`)."""
     try:
-        return json.loads(line)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
     except ValueError as e:
@@ -258,6 +294,11 @@ def json_line(line: str):
         raise ValueError("a number of more than 4300 digits, which chatsmith does not read") from None
     except RecursionError:
         raise ValueError("JSON nested too deeply to read") from None
+    where = lone_surrogate_at(value)
+    if where is not None:
+        raise ValueError(f"{where} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which "
+                         f"is not Unicode text")
+    return value
 
 
 def _is_hidden(p: Path, root: Path) -> bool:
@@ -311,7 +352,8 @@ def iter_jsonl(path: Path, what: str = "JSONL file") -> Iterator[tuple[int, obje
         try:
             obj = json_line(line)
         except ValueError as e:
-            raise UserError(f"{path}:{lineno}: {e}. Each line of a {what} must be one JSON object.") from None
+            hint = f". Each line of a {what} must be one JSON object" if str(e).startswith("not valid JSON") else ""
+            raise UserError(f"{path}:{lineno}: {e}{hint}.") from None
         yield lineno, obj
 
 

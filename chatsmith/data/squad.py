@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatsmith.atomic import write_json
+from chatsmith.data.corpus import lone_surrogate_at
 from chatsmith.errors import UserError
 
 
@@ -103,14 +105,27 @@ def read_squad(path: str | os.PathLike) -> SquadData:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file (expected SQuAD JSON: {{\"data\": [...]}})")
+    raw = path.read_bytes()
     try:
-        doc = json.loads(path.read_bytes().decode("utf-8-sig"))
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not valid UTF-8 (byte offset {e.start})") from None
+        at = e.start + 3 * raw.startswith(b"\xef\xbb\xbf")  # utf-8-sig counts after the BOM
+        line = raw.count(b"\n", 0, at) + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8 (byte offset {at})") from None
+    try:
+        doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    except ValueError as e:  # an integer past Python's digit limit
-        raise UserError(f"{path}: not usable JSON ({e})") from None
+    except ValueError:  # an integer past Python's digit limit
+        m = re.search(r"\d{4301,}", text)
+        line = text.count("\n", 0, m.start()) + 1 if m else 1
+        raise UserError(f"{path}:{line}: a number of more than 4300 digits, which chatsmith does not read") from None
+    except RecursionError:
+        raise UserError(f"{path}:1: JSON nested too deeply to read") from None
+    bad = lone_surrogate_at(doc)
+    if bad is not None:
+        raise UserError(f"{path}: {bad} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which "
+                        f"is not Unicode text")
     _need(isinstance(doc, dict) and isinstance(doc.get("data"), list), str(path),
           "not SQuAD JSON: expected an object with a \"data\" list")
     examples: list[QAExample] = []

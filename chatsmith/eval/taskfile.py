@@ -23,6 +23,7 @@ same :class:`Item`.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,8 @@ def _strings(v, loc: str, name: str, allow_numbers: bool = False) -> list[str]:
     out = []
     for x in vals:
         if allow_numbers and isinstance(x, (int, float)) and not isinstance(x, bool):
+            if not math.isfinite(x):  # a NaN / Infinity literal: "nan" is no answer anyone means
+                raise UserError(f"{loc}: \"{name}\" holds {x!r}, not a finite number")
             x = str(x)
         if not isinstance(x, str):
             want = "a string or a number" if allow_numbers else "a string"
