@@ -50,9 +50,10 @@ def classify(init: str, set_dir: Path, out: Path, epochs: float, max_len: int, l
     return {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "train_seconds": secs}
 
 
-def qa(init: str, data: Path, out: Path, epochs: float, lr: float, max_len: int) -> dict:
+def qa(init: str, data: Path, out: Path, epochs: float, lr: float, max_len: int, minutes: float | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    secs = sh("qa", "train", "--data", data / "train.json", "--init", init, "--out", out / "model", "--epochs", epochs,
+    budget = ["--max-minutes", minutes] if minutes else ["--epochs", epochs]
+    secs = sh("qa", "train", "--data", data / "train.json", "--init", init, "--out", out / "model", *budget,
               "--lr", lr, "--max-len", max_len, "--stride", 64, "--batch-size", 16, "--eval-every", 100_000,
               "--save-every", 100_000, log=out / "train.log")
     sh("qa", "eval", out / "model", "--data", data / "test.json", "--out", out / "test.json", "--max-len", max_len,
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--zh-epochs", type=float, default=1.0, help="fine-tuning epochs on zh (4x the records of en)")
     ap.add_argument("--qa-epochs", type=float, default=1.0)
     ap.add_argument("--qa-max-len", type=int, default=192, help="tokens per QA window")
+    ap.add_argument("--qa-minutes", type=float, default=None, help="train QA for this long instead of --qa-epochs")
     a = ap.parse_args(argv)
     data, out = Path(a.data), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,9 +119,10 @@ def main(argv=None) -> int:
             res["sentiment"][s] = row
             print(f"{s}: " + "  ".join(f"{k} {100 * v['accuracy']:.2f}" for k, v in row.items()), flush=True)
     if "qa" in a.only:
-        res["qa"]["minilm"] = qa("minilm", data / "qa", out / "minilm-qa", a.qa_epochs, 1e-4, a.qa_max_len)
+        res["qa"]["minilm"] = qa("minilm", data / "qa", out / "minilm-qa", a.qa_epochs, 1e-4, a.qa_max_len, a.qa_minutes)
         if scratch:
-            res["qa"]["scratch"] = qa(scratch, data / "qa", out / "scratch-qa", a.qa_epochs, 2e-4, min(a.qa_max_len, 128))
+            res["qa"]["scratch"] = qa(scratch, data / "qa", out / "scratch-qa", a.qa_epochs, 2e-4, min(a.qa_max_len, 128),
+                                  a.qa_minutes)
         print("qa: " + "  ".join(f"{k} EM {v['exact']:.1f} F1 {v['f1']:.1f}" for k, v in res["qa"].items()), flush=True)
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     print(f"\n{'task':<14}{'system':<12}{'accuracy / EM':>15}{'macro-F1 / F1':>15}{'vs TF-IDF':>11}{'train s':>9}")
