@@ -4,13 +4,12 @@ response matches OpenAI's schema, and bad requests are OpenAI-shaped 4xx."""
 
 import base64
 import json
-import threading
-import time
 
 import httpx
 import numpy as np
 import pytest
 from openapi_schema import validate
+from test_serve_hostile import start
 
 from chatsmith.encoder_engine import EncoderEngine
 from chatsmith.wordpiece import EncoderTokenizer
@@ -19,29 +18,13 @@ openai = pytest.importorskip("openai")
 H = {"Authorization": "Bearer k"}
 
 
-def start(app):
-    import uvicorn
-
-    cfg = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    srv = uvicorn.Server(cfg)
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    for _ in range(400):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    port = srv.servers[0].sockets[0].getsockname()[1]
-    return srv, t, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="module")
 def server(encoder_dir):
     from chatsmith.serve.app import create_app
 
-    srv, t, url = start(create_app(encoder_dir, api_key="k", model_name="enc"))
+    url, _, srv = start(create_app(encoder_dir, api_key="k", model_name="enc"))
     yield url
     srv.should_exit = True
-    t.join(timeout=10)
 
 
 def test_sdk_embeddings_equal_the_engine_and_match_the_schema(server, encoder_dir):
@@ -104,7 +87,7 @@ def test_an_encoder_server_refuses_chat_clearly(server):
 def test_a_chat_model_and_an_encoder_on_one_server(base_model, encoder_dir):
     from chatsmith.serve.app import create_app
 
-    srv, t, url = start(create_app(base_model, model_name="gpt", embeddings=str(encoder_dir),
+    url, _, srv = start(create_app(base_model, model_name="gpt", embeddings=str(encoder_dir),
                                    embeddings_name="enc"))
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
@@ -116,4 +99,3 @@ def test_a_chat_model_and_an_encoder_on_one_server(base_model, encoder_dir):
         assert r.status_code == 404 and r.json()["error"]["param"] == "model"
     finally:
         srv.should_exit = True
-        t.join(timeout=10)
