@@ -30,7 +30,7 @@ from chatsmith.errors import UserError
 from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.train.reward import load_reward_model
-from chatsmith.train.trainer import Trainer
+from chatsmith.train.trainer import Trainer, steps_for_epochs
 
 
 def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta: float):
@@ -121,8 +121,7 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     print(f"dpo data: {len(examples)} pairs ({skipped} bad records and {dropped} too long skipped); "
           f"held-out: {len(held)}; beta {beta}", file=sys.stderr)
     world = runtime.world_size()
-    if cfg.max_steps is None and cfg.max_minutes is None:
-        cfg.max_steps = max(1, int((epochs or 1.0) * len(examples) / (cfg.batch_size * cfg.grad_accum * world)))
+    steps_for_epochs(cfg, len(examples), epochs or 1.0)
     stage = DPOStage(examples, held, ref, cfg, beta, tok.pad_id, world, rpo_alpha)
     trainer = Trainer(model, stage, cfg, tokenizer_dir=init,
                       extra_config={"stage": "dpo", "beta": beta, "rpo_alpha": rpo_alpha})

@@ -17,7 +17,7 @@ from chatsmith import atomic, runtime
 from chatsmith.batching import epoch_batch
 from chatsmith.config import TrainConfig
 from chatsmith.encoder_engine import EncoderEngine
-from chatsmith.train.trainer import Trainer
+from chatsmith.train.trainer import Trainer, steps_for_epochs
 
 
 class EncoderStage:
@@ -51,9 +51,7 @@ class EncoderStage:
 
 def fine_tune(model, stage: EncoderStage, cfg: TrainConfig, init: str, epochs: float, extra_config: dict,
               data_summary: dict) -> dict:
-    if cfg.max_steps is None and cfg.max_minutes is None:
-        per_step = cfg.batch_size * cfg.grad_accum * runtime.world_size()
-        cfg.max_steps = max(1, int(epochs * len(stage.rows) / per_step))
+    steps_for_epochs(cfg, len(stage.rows), epochs)
     trainer = Trainer(model, stage, cfg, tokenizer_dir=init, extra_config=extra_config)
     summary = trainer.fit()
     summary["data"] = data_summary

@@ -29,7 +29,7 @@ from chatsmith.messages import heldout_overlap
 # the scorer lives in chatsmith.reward_model; its names stay importable from here
 from chatsmith.reward_model import RewardModel, last_scores, load_reward_model  # noqa: F401
 from chatsmith.tokenizer import Tokenizer
-from chatsmith.train.trainer import Trainer
+from chatsmith.train.trainer import Trainer, steps_for_epochs
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
@@ -104,8 +104,7 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     if not examples:
         raise UserError("no preference pair fits the context")
     world = runtime.world_size()
-    if cfg.max_steps is None and cfg.max_minutes is None:
-        cfg.max_steps = max(1, int((epochs or 1.0) * len(examples) / (cfg.batch_size * cfg.grad_accum * world)))
+    steps_for_epochs(cfg, len(examples), epochs or 1.0)
     torch.manual_seed(cfg.seed)  # the new head's init, reproducibly
     model.add_head("score")
     stage = RewardStage(examples, held, cfg, tok.pad_id, world)

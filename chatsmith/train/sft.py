@@ -23,7 +23,7 @@ from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
 from chatsmith.eval.chat import assistant_loss, chat_metrics
 from chatsmith.messages import heldout_overlap
 from chatsmith.tokenizer import Tokenizer, encode_records
-from chatsmith.train.trainer import Trainer
+from chatsmith.train.trainer import Trainer, steps_for_epochs
 
 
 class SFTStage:
@@ -78,9 +78,7 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     print(f"sft data: {len(examples)} conversations ({report.skipped} bad records skipped, "
           f"{trunc['truncated_at_turn']} truncated at a turn boundary, {trunc['dropped_too_long']} too long "
           f"for the context dropped); held-out: {len(held_examples)}", file=sys.stderr)
-    if cfg.max_steps is None and cfg.max_minutes is None:
-        per_step = cfg.batch_size * cfg.grad_accum * runtime.world_size()
-        cfg.max_steps = max(1, int((epochs or 1.0) * len(examples) / per_step))
+    steps_for_epochs(cfg, len(examples), epochs or 1.0)
     gen_eval = lambda m: chat_metrics(m, tok, held_records, per_family=eval_samples,  # noqa: E731
                                       max_new_tokens=eval_max_new_tokens, pad_id=tok.pad_id)
     before = gen_eval(model) if held_records and not cfg.resume else None

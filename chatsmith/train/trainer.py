@@ -45,6 +45,14 @@ from chatsmith.train.optim import full_tensor, load_optimizer_tensors, lr_at, op
 FIT_AFTER = 5  # steps timed before the schedule is fitted to --max-minutes
 
 
+def steps_for_epochs(cfg: TrainConfig, n_examples: int, epochs: float):
+    """--epochs as a step count, when neither --max-steps nor --max-minutes is given: passes over
+    n_examples at the global batch (batch size x accumulation x processes)."""
+    if cfg.max_steps is None and cfg.max_minutes is None:
+        per_step = cfg.batch_size * cfg.grad_accum * runtime.world_size()
+        cfg.max_steps = max(1, int(epochs * n_examples / per_step))
+
+
 def fmt_time(s: float) -> str:
     s = int(max(s, 0))
     h, m = divmod(s, 3600)
