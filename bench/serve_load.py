@@ -7,7 +7,10 @@
    greedy, batch 1) on the same weights (the checkpoint loads in both), in this process.
 2. `chatsmith serve` in a subprocess on 127.0.0.1: aggregate tokens/s and p50/p95 time to first
    token with 1, 4, 16 and 32 concurrent streaming clients; ratios against one client.
-3. 200 requests from 32 concurrent clients: errors (must be 0) and the server's RSS before/after.
+3. 200 requests from 32 concurrent clients (`--soak`): errors (must be 0) and the server's RSS: idle,
+   peak (sampled every 50 ms) and after.
+
+    python bench/serve_load.py --model smollm2 --max-batch 32 --skip-single --levels 1 8 32   # memory
 
 Loopback only, every loop bounded in requests and time; the server is stopped at the end.
 Timings are wall-clock on a shared machine: check `uptime` and rerun when the load is high.
@@ -30,6 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from chatsmith.interop.registry import KNOWN, resolve  # noqa: E402
 
 
 def random_tiny_model(out: Path, seed: int = 0) -> Path:
@@ -187,8 +192,33 @@ async def load_level(base: str, clients: int, total: int, max_tokens: int, time_
             "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p95_ms": 1000 * percentile(ttfts, 95)}
 
 
-def start_server(model_dir: Path, port: int, threads: int | None):
+class PeakRSS:
+    """The largest RSS of a process, sampled every 50 ms in a thread while the block runs."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, 0.0, None
+
+    def __enter__(self):
+        import threading
+
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.05):
+                self.peak = max(self.peak, rss_mb(self.pid))
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def start_server(model_dir: Path, port: int, threads: int | None, max_batch: int | None = None):
     extra = ["--threads", str(threads)] if threads else []
+    extra += ["--max-batch", str(max_batch)] if max_batch else []
     proc = subprocess.Popen([sys.executable, "-m", "chatsmith", "serve", str(model_dir), "--host", "127.0.0.1",
                              "--port", str(port), "--max-queue", "256", *extra], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -217,6 +247,8 @@ def main():
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--level-seconds", type=float, default=60, help="time limit per concurrency level")
     ap.add_argument("--threads", type=int, default=None, help="torch threads in both (default: torch's)")
+    ap.add_argument("--soak", type=int, default=200, help="requests from 32 clients after the levels (0: none)")
+    ap.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     ap.add_argument("--skip-single", action="store_true")
     a = ap.parse_args()
 
@@ -228,6 +260,8 @@ def main():
           f"{torch.get_num_threads()}", flush=True)
     tmp = tempfile.TemporaryDirectory(prefix="serve-bench-")
     model_dir = Path(a.model) if a.model else random_tiny_model(Path(tmp.name) / "tiny")
+    if a.model in KNOWN and not model_dir.exists():  # "smollm2": the imported copy in the cache
+        model_dir = resolve(a.model)
     if not a.skip_single:
         s = single_stream(model_dir, a.new_tokens, a.repeats)
         print(f"\nsingle stream, greedy, {a.new_tokens} new tokens, best of {a.repeats}:")
@@ -240,14 +274,16 @@ def main():
               f"{s['batch1_cpu']:.0f} tok/CPU-s = {s['batch16_cpu'] / s['batch1_cpu']:.2f}x", flush=True)
 
     port = free_port()
-    proc = start_server(model_dir, port, a.threads)
+    proc = start_server(model_dir, port, a.threads, a.max_batch)
     base = f"http://127.0.0.1:{port}"
     try:
         rows = []
         rss0 = rss_mb(proc.pid)
         asyncio.run(load_level(base, 2, 1, 8, 30))  # warm up
-        for c in a.levels:
-            rows.append(asyncio.run(load_level(base, c, c * a.requests_per_client, a.max_tokens, a.level_seconds)))
+        with PeakRSS(proc.pid) as peak:
+            for c in a.levels:
+                rows.append(asyncio.run(load_level(base, c, c * a.requests_per_client, a.max_tokens,
+                                                   a.level_seconds)))
         one = rows[0]["tok_s"] if rows and rows[0]["clients"] == 1 else None
         print(f"\nserver, streaming completions of {a.max_tokens} tokens, prompts of 2-30 words:")
         print(f"  {'clients':>7} {'requests':>8} {'errors':>6} {'tok/s':>8} {'vs 1':>6} {'TTFT p50':>9} {'TTFT p95':>9}")
@@ -259,11 +295,15 @@ def main():
             r16 = next(r for r in rows if r["clients"] == 16)
             print(f"  16 clients / 1 client: {r16['tok_s'] / one:.2f}x (target >= 6x)")
         rss1 = rss_mb(proc.pid)
-        soak = asyncio.run(load_level(base, 32, 200, 32, 300))
-        rss2 = rss_mb(proc.pid)
-        print(f"\n{soak['requests'] + soak['errors']} requests from 32 clients: {soak['errors']} errors "
-              f"{soak['first_error'] or ''}; server RSS {rss0:.0f} MB at start, {rss1:.0f} MB after the levels, "
-              f"{rss2:.0f} MB after the soak", flush=True)
+        print(f"  server RSS: {rss0:.0f} MB idle after loading, {peak.peak:.0f} MB peak under the levels, "
+              f"{rss1:.0f} MB idle after them", flush=True)
+        if a.soak:
+            with PeakRSS(proc.pid) as peak:
+                soak = asyncio.run(load_level(base, 32, a.soak, 32, 300))
+            rss2 = rss_mb(proc.pid)
+            print(f"\n{soak['requests'] + soak['errors']} requests from 32 clients: {soak['errors']} errors "
+                  f"{soak['first_error'] or ''}; server RSS {rss1:.0f} MB before, {peak.peak:.0f} MB peak, "
+                  f"{rss2:.0f} MB after the soak", flush=True)
     finally:
         proc.terminate()
         try:

@@ -13,7 +13,7 @@ import sys
 
 from chatsmith.checkpoint import load_model
 from chatsmith.config import DEVICES
-from chatsmith.engine import Engine, SamplingParams
+from chatsmith.engine import QUANTIZE, Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 from chatsmith.runtime import resolve_device
@@ -88,7 +88,7 @@ def run(a):
     if not tok.has_chat:  # our chat tokens, or an imported model's own chat template
         raise UserError(f"{a.model} has no chat tokens in its tokenizer: it cannot chat")
     # one conversation: one KV-cache row, not the engine's default 32 (12 GB for SmolLM2's 8k context)
-    session = ChatSession(Engine(model, tok, max_batch=1), params, a.system)
+    session = ChatSession(Engine(model, tok, max_batch=1, quantize=a.quantize), params, a.system)
     interactive = sys.stdin.isatty()
     out = sys.stdout
 
@@ -186,6 +186,8 @@ def add_arguments(p):
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (tokens)")
     p.add_argument("--seed", type=int, default=None, help="seed the sampling (default: a fresh seed)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="decode weights: none (fp32 as trained) or int8 (CPU; a quarter of the bytes per token)")
     p.add_argument("--jsonl", action="store_true", help="read a user turn per input line and print one JSON "
                    "object per reply: {\"user\", \"assistant\", \"turns_dropped\"}")
 

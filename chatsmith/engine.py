@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 
 from chatsmith.errors import UserError
+from chatsmith.model.decoder import cpu_int8_supported
 
 
 @dataclass
@@ -74,6 +75,29 @@ class Completion:
     # per generated token (under the model's raw distribution, before temperature and filters)
     logprobs: list | None = None
     prompt_logprobs: list | None = None  # the same per prompt token; None for the first
+
+
+QUANTIZE = ("none", "int8")  # decode weights: fp32 as trained, or int8 (see GPT.fuse_decode_weights)
+
+
+def check_quantize(model, mode: str):
+    """Refuse a --quantize the model or machine cannot honour, before any work."""
+    if mode not in QUANTIZE:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}; got {mode!r}")
+    if next(model.parameters()).device.type != "cpu":
+        raise UserError("--quantize int8 runs PyTorch's CPU int8 kernels: use it with --device cpu")
+    if not cpu_int8_supported():
+        raise UserError("--quantize int8: this PyTorch build has no CPU int8 engine (fbgemm, x86 or qnnpack)")
+    if getattr(model, "fuse_decode_weights", lambda: None)() is None:
+        raise UserError("--quantize int8 needs a plain Llama-shaped decoder (no biases, no unmerged LoRA); "
+                        "this model is not one")
+
+
+CACHE_BLOCK = 64  # the slot cache's length grows in multiples of this many positions
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
 
 
 def _finite(x: float) -> float:
@@ -242,7 +266,7 @@ class Engine:
     server drives it from one scheduler thread.
     """
 
-    def __init__(self, model, tokenizer, max_batch: int = 32):
+    def __init__(self, model, tokenizer, max_batch: int = 32, quantize: str | None = None):
         self.model = model.eval()
         self.tok = tokenizer
         self.device = next(model.parameters()).device
@@ -258,11 +282,11 @@ class Engine:
         self.rows: list[Seq] = []  # row r of the cache holds self.rows[r]
         self.lens: list[int] = []  # tokens in each row's slot (a Python mirror: no device sync)
         self.waiting: deque[Request] = deque()
-        # slot length; None = the model's context. generate_many sets it to what its prompts need, so
-        # a long-context model (SmolLM2: 8k) does not preallocate rows x 8k of cache for short replies
-        self.slot_len: int | None = None
         self.fast = True  # fused decode weights when the model is plain (see GPT.fuse_decode_weights)
         self._fused = None
+        self.quantize = None if quantize in (None, "none") else quantize
+        if self.quantize:
+            check_quantize(model, self.quantize)
 
     # --- requests ------------------------------------------------------------------------------
     def _check(self, prompt_ids: list[int], p: SamplingParams) -> int:
@@ -314,17 +338,25 @@ class Engine:
         return bool(self.rows or self.waiting)
 
     # --- the slot cache --------------------------------------------------------------------------
-    def _ensure_cache(self, rows: int):
-        length = self.slot_len or self.model.cfg.max_seq_len
-        if self.cache is not None and self.cache.n_slots >= rows and self.cache.max_len >= length:
+    def _ensure_cache(self, rows: int, length: int):
+        """A cache of at least `rows` slots of `length` positions. It grows geometrically (slots x2,
+        positions x2 in blocks of CACHE_BLOCK, capped at the model's context), so a request's
+        tokens cost O(1) copies each, and memory follows the rows and tokens in flight: SmolLM2
+        (8k context) serving short chats holds a few hundred positions per slot, not 8k."""
+        ctx = self.model.cfg.max_seq_len
+        if self.cache is None:
+            self.cache = self.model.new_slot_cache(rows, min(ctx, _round_up(length, CACHE_BLOCK)))
             return
-        assert not self.rows, "the cache can only grow while no request is running"
-        self.cache = self.model.new_slot_cache(rows, length)
+        c = self.cache
+        if rows > c.n_slots or length > c.max_len:
+            n = max(rows, min(2 * c.n_slots, max(self.max_batch, rows))) if rows > c.n_slots else c.n_slots
+            L = min(ctx, _round_up(max(length, 2 * c.max_len), CACHE_BLOCK)) if length > c.max_len else c.max_len
+            c.grow(n, L)
 
     def _fits(self, n: int) -> bool:
         if not self.rows:  # an idle engine takes any request, growing the cache for n > max_batch
             return True
-        return len(self.rows) + n <= min(self.max_batch, self.cache.n_slots)
+        return len(self.rows) + n <= self.max_batch
 
     def _release(self, s: Seq):
         """Free s's row; the last row moves into it so rows stay packed."""
@@ -336,6 +368,8 @@ class Engine:
         self.rows.pop()
         self.lens.pop()
         s.row = -1
+        if not self.rows:  # idle: give the memory back; the next request allocates what it needs
+            self.cache = None
 
     def _complete(self, req: Request, reason: str | None = None):
         comps = []
@@ -362,6 +396,7 @@ class Engine:
             self._admit(self.waiting.popleft(), events)
         if self.rows:
             B = len(self.rows)
+            self._ensure_cache(B, max(self.lens) + 1)
             idx = torch.tensor([s.out[-1] for s in self.rows], device=self.device)
             logits = self._real(self.model.decode_step(idx, self.cache, span=max(self.lens) + 1, fused=self._fused))
             for r in range(B):
@@ -372,10 +407,10 @@ class Engine:
     def _admit(self, req: Request, events: list[Event]):
         n = len(req.seqs)
         if not self.rows:  # starting from idle: snapshot the weights (they may have been trained since)
-            self._fused = self.model.fuse_decode_weights() if self.fast else None
-        self._ensure_cache(max(self.max_batch, n))
+            self._fused = self.model.fuse_decode_weights(self.quantize) if self.fast or self.quantize else None
         r0 = len(self.rows)
         T = len(req.prompt_ids)
+        self._ensure_cache(r0 + n, T + 1)
         x = torch.tensor([req.prompt_ids], device=self.device)
         h = self.model.hidden_states(x, cache=self.cache.row_view(r0))[0]  # (T, d)
         self.cache.lens[r0] = T
@@ -573,16 +608,14 @@ class Engine:
         p1 = dataclasses.replace(p, num_return_sequences=1)
         if p.num_beams > 1:
             return [self._beam(ids, p1)[0] for ids in prompts]
-        saved, saved_len = self.max_batch, self.slot_len
+        saved = self.max_batch
         if not self.rows:
             self.max_batch = max(1, max_batch)
-            need = max((len(ids) for ids in prompts), default=1) + p.max_new_tokens
-            self.slot_len = min(self.model.cfg.max_seq_len, need)
         try:
             reqs = [self.add_request(ids, p1, stream_id=i) for i, ids in enumerate(prompts)]
             self.run_until_done(reqs)
         finally:
-            self.max_batch, self.slot_len = saved, saved_len
+            self.max_batch = saved
         return [r.completions[0] for r in reqs]
 
     @torch.no_grad()

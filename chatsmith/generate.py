@@ -1,8 +1,7 @@
 """`chatsmith generate`: one prompt, sampled by the engine, streamed to stdout.
 
 Every SamplingParams field is a flag (--temperature 0 is greedy; --num-beams, --num-return-sequences,
---stop, --seed ...). One request: the engine gets KV-cache rows for its sequences only, not its
-default 32 rows of the full context (12 GB for SmolLM2's 8k context in fp32).
+--stop, --seed ...). `--quantize int8` decodes with int8 weights (see GPT.fuse_decode_weights).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import torch
 
 from chatsmith.checkpoint import load_model
 from chatsmith.config import DEVICES
-from chatsmith.engine import Engine, SamplingParams
+from chatsmith.engine import QUANTIZE, Engine, SamplingParams
 from chatsmith.flags import Verb, add_dataclass_flags, dataclass_from_args
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import Tokenizer
@@ -41,6 +40,8 @@ def add_arguments(p):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--no-stream", action="store_true", help="print only when finished")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="decode weights: none (fp32 as trained) or int8 (CPU; a quarter of the bytes per token)")
 
 
 def main(a):
@@ -48,7 +49,7 @@ def main(a):
     params.validate()
     model = load_model(a.model, device=resolve_device(a.device))
     tok = Tokenizer.load(a.model)
-    engine = Engine(model, tok, max_batch=1)
+    engine = Engine(model, tok, max_batch=1, quantize=a.quantize)
     ids = tok.encode(a.prompt, bos=True, special=True)
     torch.manual_seed(params.seed if params.seed is not None else torch.seed())
     n = params.num_return_sequences

@@ -115,5 +115,18 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+def return_freed_memory() -> bool:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). glibc raises its mmap threshold
+    after big blocks are freed, so a server's KV cache and activations, once freed, would stay in
+    the process's RSS at their peak; the server calls this when it goes idle."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 __all__ = ["DEVICES", "DTYPES", "world_size", "rank", "local_rank", "resolve_device", "autocast_dtype",
-           "set_threads", "init_distributed", "rank0_first", "micro_batch_index", "keep_freed_memory"]
+           "set_threads", "init_distributed", "rank0_first", "micro_batch_index", "keep_freed_memory",
+           "return_freed_memory"]

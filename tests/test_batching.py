@@ -9,6 +9,7 @@ from chatsmith.engine import Detokenizer, Engine, SamplingParams
 from chatsmith.model.decoder import GPT
 from chatsmith.model.registry import preset
 from chatsmith.tokenizer import Tokenizer
+from test_engine_unit import BOS, END, EOS, VOCAB, ByteTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,50 @@ def test_engine_uses_weights_changed_between_calls(engine):
         w.copy_(saved)
     assert flipped[0] == ref[0] and flipped != before
     assert engine.generate(ids, p)[0].token_ids == before
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_cache_that_grows_mid_decode_gives_the_same_logits(fast):
+    """Growing the slot cache (more rows, more positions) while rows are decoding keeps every
+    row's keys and values: the logits equal those of a cache allocated at full size up front."""
+    torch.manual_seed(0)
+    m = GPT(preset("micro", vocab_size=97, n_kv_head=2)).eval()
+    fused = m.fuse_decode_weights() if fast else None
+    ps = [torch.randint(0, 97, (n,)).tolist() for n in (5, 11)]
+    cont = [torch.randint(0, 97, (12,)).tolist() for _ in ps]
+    small, full = m.new_slot_cache(2, 12), m.new_slot_cache(8, 64)
+    with torch.no_grad():
+        for cache in (small, full):
+            for r, p in enumerate(ps):
+                m(torch.tensor([p]), cache=cache.row_view(r))
+                cache.lens[r] = len(p)
+        for t in range(12):
+            if small.lens[:2].max() + 1 > small.max_len:
+                small.grow(5, small.max_len + 3)
+            a = m.decode_step(torch.tensor([c[t] for c in cont]), small, fused=fused)
+            b = m.decode_step(torch.tensor([c[t] for c in cont]), full, fused=fused)
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert (small.n_slots, small.max_len) == (5, 24) and small.lens[:2].tolist() == [17, 23]
+
+
+def test_cache_memory_follows_the_tokens_in_flight():
+    """A long-context model decoding short replies holds positions for what it generates, not
+    rows x its whole context, gives the memory back when it goes idle, and decodes the same tokens
+    as one request at a time."""
+    torch.manual_seed(0)
+    m = GPT(preset("micro", vocab_size=VOCAB, max_seq_len=4096)).eval()
+    eng = Engine(m, ByteTokenizer(), max_batch=32)
+    p = SamplingParams(max_new_tokens=100, temperature=0, logit_bias={EOS: -100, END: -100})
+    prompts = [[BOS, 65 + i, 66, 67] for i in range(3)]
+    reqs = [eng.add_request(ids, p) for ids in prompts]
+    seen = []
+    while not all(r.finished for r in reqs):
+        eng.step()
+        if eng.cache is not None:
+            seen.append((eng.cache.n_slots, eng.cache.max_len))
+    assert max(n for n, _ in seen) < 32 and max(L for _, L in seen) <= 128, seen
+    assert len({L for _, L in seen}) > 1  # it grew as the replies got longer
+    assert eng.cache is None and eng.num_active == 0
+    for ids, r in zip(prompts, reqs):
+        assert len(r.completions[0].token_ids) == 100
+        assert r.completions[0].token_ids == eng.generate(ids, p)[0].token_ids

@@ -71,6 +71,15 @@ class MockSlotCache:
         self.tokens = torch.full((n_slots, max_len), -1, dtype=torch.long)
         self.lens = torch.zeros(n_slots, dtype=torch.long)
 
+    def grow(self, n_slots: int, max_len: int):
+        n, L = max(n_slots, self.n_slots), max(max_len, self.max_len)
+        tokens = torch.full((n, L), -1, dtype=torch.long)
+        tokens[:self.n_slots, :self.max_len] = self.tokens
+        lens = torch.zeros(n, dtype=torch.long)
+        lens[:self.n_slots] = self.lens
+        self.tokens, self.lens, self.n_slots, self.max_len = tokens, lens, n, L
+        self.grows = getattr(self, "grows", 0) + 1
+
     def row_view(self, r: int, start: int = 0):
         v = RowView(self, r)
         v.pos = start
@@ -103,7 +112,7 @@ class MockModel(nn.Module):
         row[self.rule(seq)] = self.peak
         return row
 
-    def fuse_decode_weights(self):
+    def fuse_decode_weights(self, quantize=None):
         return None
 
     def new_slot_cache(self, n_slots: int, max_len: int | None = None):

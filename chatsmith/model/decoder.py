@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -355,14 +356,50 @@ class KVCache:
         self.v = [v.index_select(0, index) for v in self.v]
 
 
+class Int8Linear:
+    """y = x W^T with W in int8, one scale per output row (symmetric: w ~ scale * q, |q| <= 127),
+    through PyTorch's own quantized linear kernel (fbgemm on x86, qnnpack on ARM), which also
+    quantizes each activation row on the fly. A decode-time copy: it holds no gradient and is
+    rebuilt from the fp32 weight whenever the engine snapshots the weights."""
+
+    def __init__(self, w: torch.Tensor):
+        w = w.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-12)
+        with warnings.catch_warnings():  # torch marks its quantized tensor API as deprecated
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(w, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
+                                           torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(q, None)
+        self.out_features = w.shape[0]
+        self.nbytes = w.numel() + 4 * len(scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range: 7-bit activations, which fbgemm's x86 kernels need to avoid overflow
+        return torch.ops.quantized.linear_dynamic(x.float(), self.packed, True).to(x.dtype)
+
+
+def _linear(x, w):
+    return w(x) if isinstance(w, Int8Linear) else F.linear(x, w)
+
+
+def _add_linear(x, y, w_t):
+    """x + y @ w_t (w_t: a transposed fp32 weight, fused into one addmm) or x + w(y) (Int8Linear)."""
+    return x + w_t(y) if isinstance(w_t, Int8Linear) else torch.addmm(x, y, w_t)
+
+
+def cpu_int8_supported() -> bool:
+    return bool(set(torch.backends.quantized.supported_engines) & {"fbgemm", "x86", "qnnpack"})
+
+
 class SlotCache:
     """KV cache for continuous batching: row r is one request's slot, at its own length lens[r].
 
-    (n_slots, G, max_len, D) per layer, allocated once. A request is prefilled into its row
-    through `row_view` (an ordinary KVCache over that row, so the normal forward writes it), then
-    decoded together with every other active row by `GPT.decode_step`, one token per row and step.
-    The engine keeps active rows packed at [0, B): a finished row is overwritten by the last one
-    (`move_row`), so a step never computes on empty slots.
+    (n_slots, G, max_len, D) per layer. A request is prefilled into its row through `row_view`
+    (an ordinary KVCache over that row, so the normal forward writes it), then decoded together
+    with every other active row by `GPT.decode_step`, one token per row and step. The engine keeps
+    active rows packed at [0, B): a finished row is overwritten by the last one (`move_row`), so a
+    step never computes on empty slots. It starts small and `grow`s with the rows and tokens in
+    flight, so memory follows what is being generated, not rows x the model's whole context.
     """
 
     def __init__(self, cfg: DecoderConfig, n_slots: int, max_len: int, device, dtype):
@@ -373,6 +410,29 @@ class SlotCache:
         self.n_slots, self.max_len = n_slots, max_len
         self.rows = torch.arange(n_slots, device=device)
         self.positions = torch.arange(max_len, device=device)
+
+    def grow(self, n_slots: int, max_len: int):
+        """Reallocate to at least (n_slots, max_len), keeping every row's keys, values and length.
+        Zero-filled, as at allocation: masked positions then hold 0, never NaN garbage that a zero
+        attention weight would still turn into NaN."""
+        n, L = max(n_slots, self.n_slots), max(max_len, self.max_len)
+        if (n, L) == (self.n_slots, self.max_len):
+            return
+
+        def bigger(t):
+            out = t.new_zeros((n, t.shape[1], L, t.shape[3]))
+            out[:self.n_slots, :, :self.max_len] = t
+            return out
+
+        self.k, self.v = [bigger(t) for t in self.k], [bigger(t) for t in self.v]
+        lens = self.lens.new_zeros(n)
+        lens[:self.n_slots] = self.lens
+        self.lens, self.n_slots, self.max_len = lens, n, L
+        self.rows = torch.arange(n, device=lens.device)
+        self.positions = torch.arange(L, device=lens.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def row_view(self, r: int, start: int = 0) -> KVCache:
         """A KVCache whose tensors are views of row r, filled up to `start`: writes land in the slot."""
@@ -618,16 +678,22 @@ class GPT(FamilyModel):
         p = self.lm_head.weight
         return SlotCache(self.cfg, n_slots, max_len or self.cfg.max_seq_len, p.device, dtype or p.dtype)
 
-    def fuse_decode_weights(self):
+    def fuse_decode_weights(self, quantize: str | None = None):
         """Per-layer weights for `decode_step`'s fast path: q/k/v stacked into one matrix and gate/up
         into another, so a layer is 4 matmuls instead of 7 and no module calls (~12% less CPU per
         token on the tiny preset). None when a layer is not plain Llama (the GPT-2 shape, biases,
         a projection wrapped by LoRA or anything else): those take the module path. The copies
         are a snapshot: the engine takes a new one whenever it starts from idle, so weights trained
-        between generate calls (RL) are always the ones used."""
+        between generate calls (RL) are always the ones used.
+
+        quantize="int8": every matrix of the step, the LM head included, as `Int8Linear` (int8
+        weights, one scale per output row). Decoding one token reads every weight once, so at batch
+        size 1 it is bound by memory bandwidth, and int8 reads a quarter of fp32's bytes. Prefill
+        and training keep the fp32 modules."""
         cfg = self.cfg
         if cfg.arch != "llama" or cfg.bias or type(self.lm_head) is not nn.Linear:
             return None
+        lin = Int8Linear if quantize == "int8" else (lambda w: w)
         out = []
         for b in self.model.layers:
             a, m = b.self_attn, b.mlp
@@ -636,9 +702,14 @@ class GPT(FamilyModel):
                     or type(b.post_attention_layernorm) is not RMSNorm or type(b.self_attn) is not Attention:
                 return None
             with torch.no_grad():
-                out.append((b.input_layernorm.weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                            a.o_proj.weight.t(), b.post_attention_layernorm.weight,
-                            torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight.t()))
+                wo, wd = a.o_proj.weight, m.down_proj.weight
+                out.append((b.input_layernorm.weight, lin(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])),
+                            Int8Linear(wo) if quantize == "int8" else wo.t(), b.post_attention_layernorm.weight,
+                            lin(torch.cat([m.gate_proj.weight, m.up_proj.weight])),
+                            Int8Linear(wd) if quantize == "int8" else wd.t()))
+        if quantize == "int8":
+            with torch.no_grad():
+                out.append(Int8Linear(self.lm_head.weight))  # the last entry: the LM head
         return out
 
     def _decode_fast(self, idx, cache: SlotCache, pos, span: int, fused):
@@ -653,10 +724,11 @@ class GPT(FamilyModel):
         mask = torch.zeros(B, 1, 1, span, dtype=x.dtype, device=x.device).masked_fill_(
             (cache.positions[:span] > pos[:, None])[:, None, None], float("-inf"))
         rows = cache.rows[:B]
-        for layer, (n1, wqkv, wo_t, n2, wgu, wd_t) in enumerate(fused):
+        head = fused[-1] if isinstance(fused[-1], Int8Linear) else self.lm_head
+        for layer, (n1, wqkv, wo_t, n2, wgu, wd_t) in enumerate(fused[:cfg.n_layer]):
             # RMSNorm as the module computes it: in fp32, then the weight in the input's dtype
             h = n1 * F.rms_norm(x.float(), (d,), eps=eps).to(x.dtype)
-            q, k, v = F.linear(h, wqkv).split((H * D, G * D, G * D), dim=-1)
+            q, k, v = _linear(h, wqkv).split((H * D, G * D, G * D), dim=-1)
             q = apply_rope(q.view(B, H, D), cos, sin)
             k = apply_rope(k.view(B, G, D), cos, sin)
             kc, vc = cache.k[layer], cache.v[layer]
@@ -664,12 +736,12 @@ class GPT(FamilyModel):
             vc[rows, :, pos] = v.view(B, G, D).to(vc.dtype)
             y = F.scaled_dot_product_attention(q[:, :, None], kc[:B, :, :span].to(q.dtype),
                                                vc[:B, :, :span].to(q.dtype), attn_mask=mask, enable_gqa=G != H)
-            x = torch.addmm(x, y.view(B, H * D), wo_t)  # x + o_proj(y), one op
+            x = _add_linear(x, y.view(B, H * D), wo_t)  # x + o_proj(y)
             h = n2 * F.rms_norm(x.float(), (d,), eps=eps).to(x.dtype)
-            gate, up = F.linear(h, wgu).chunk(2, dim=-1)
-            x = torch.addmm(x, F.silu(gate).mul_(up), wd_t)  # x + down(silu(gate) * up)
+            gate, up = _linear(h, wgu).chunk(2, dim=-1)
+            x = _add_linear(x, F.silu(gate).mul_(up), wd_t)  # x + down(silu(gate) * up)
         cache.lens[:B] += 1
-        return self.lm_head(self.model.norm(x))
+        return head(self.model.norm(x))
 
     def decode_step(self, idx, cache: SlotCache, span: int | None = None, fused=None):
         """Logits (B, V) for one new token per slot row 0..B-1 (idx: (B,)), each at its own position

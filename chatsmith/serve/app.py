@@ -57,8 +57,9 @@ class Server:
     the embeddings model (an encoder served alone, model=None, or beside the generative model)."""
 
     def __init__(self, model, tok, model_name: str, api_key: str | None = None, max_queue: int = 64,
-                 max_batch: int = 32, chat_template: str | None = None, embedder: Embedder | None = None):
-        self.engine = Engine(model, tok, max_batch=max_batch) if model is not None else None
+                 max_batch: int = 32, chat_template: str | None = None, embedder: Embedder | None = None,
+                 quantize: str | None = None):
+        self.engine = Engine(model, tok, max_batch=max_batch, quantize=quantize) if model is not None else None
         self.tok, self.model_name, self.api_key = tok, model_name, api_key
         self.embedder = embedder
         self.max_queue, self.max_batch = max_queue, max_batch
@@ -379,7 +380,7 @@ async def lifespan(app: FastAPI):
 def create_app(model_dir: str | Path, api_key: str | None = None, model_name: str | None = None,
                max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
                allowed_hosts: list[str] | None = None, embeddings: str | None = None,
-               embeddings_name: str | None = None) -> FastAPI:
+               embeddings_name: str | None = None, quantize: str | None = None) -> FastAPI:
     """allowed_hosts: the names a request's Host header may give (default: loopback); '*': any.
     An encoder model_dir is served for /v1/embeddings alone; `embeddings` adds an encoder beside a
     generative model (clients pick it by `embeddings_name`, default its directory's name)."""
@@ -401,7 +402,7 @@ def create_app(model_dir: str | Path, api_key: str | None = None, model_name: st
                 raise UserError(f"the embeddings model needs a name other than the chat model's ({name!r}): "
                                 f"--embeddings-name")
             embedder = Embedder(EncoderEngine.load(embeddings, device=device), ename)
-        srv = Server(model, tok, name, api_key, max_queue, max_batch, chat_template, embedder)
+        srv = Server(model, tok, name, api_key, max_queue, max_batch, chat_template, embedder, quantize)
     app = FastAPI(title="chatsmith", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = srv
     app.add_exception_handler(APIError, on_api_error)
@@ -427,12 +428,12 @@ def default_hosts(host: str) -> list[str]:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
           threads: int | None = None, allowed_hosts: list[str] | None = None, embeddings: str | None = None,
-          embeddings_name: str | None = None):
+          embeddings_name: str | None = None, quantize: str | None = None):
     sock = listen(host, port)  # before the model loads: a busy port is said at once, with nothing to undo
     torch.seed()  # requests without a seed should differ from one server start to the next
     set_threads(threads)
     app = create_app(model_dir, api_key, model_name, max_queue, device, max_batch,
-                     allowed_hosts if allowed_hosts else default_hosts(host), embeddings, embeddings_name)
+                     allowed_hosts if allowed_hosts else default_hosts(host), embeddings, embeddings_name, quantize)
     print(f"serving {model_dir} as '{app.state.server.model_name}' on http://{host}:{port}/v1 "
           f"(chat page: http://{host}:{port}/)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
+from chatsmith import runtime
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.serve.protocol import APIError
@@ -75,6 +76,8 @@ class Scheduler:
                     return
                 if self.engine.has_work():
                     self._step(out)
+                    if not self.engine.has_work():  # gone idle: the KV cache was freed; give it back
+                        runtime.return_freed_memory()
                 if out:
                     self.loop.call_soon_threadsafe(_deliver, out)
         except BaseException as e:  # a bug: fail every open request instead of hanging them

@@ -203,7 +203,7 @@ class Trainer:
             dist.broadcast(t, 0)
             new = int(t.item())
         if self.max_steps is None or abs(new - self.max_steps) > 0.02 * self.max_steps:
-            self.log(f"time budget {self.cfg.max_minutes:g} min: {per_step:.3f}s/step -> {new} steps")
+            self.log(f"time budget {self.cfg.max_minutes:.3g} min: {per_step:.3f}s/step -> {new} steps")
             self.max_steps = new
 
     # --- FSDP ---------------------------------------------------------------------------------
@@ -385,7 +385,7 @@ class Trainer:
                     stopped_by_budget = True
                     if self.step % cfg.log_every:  # the last step still gets its row (report, curves)
                         self._metric({**row, "elapsed": round(self.elapsed_before + self._run_seconds(), 2)})
-                    self.log(f"time budget of {cfg.max_minutes:g} min reached at step {self.step}")
+                    self.log(f"time budget of {cfg.max_minutes:.3g} min reached at step {self.step}")
                     break
                 if self.step % cfg.save_every == 0 and not last:
                     self.save()
