@@ -33,7 +33,7 @@ from chatsmith.config import DEVICES, TRAIN_CHOICES
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.dialogues import build_dialogues
 from chatsmith.data.preferences import build_preferences
-from chatsmith.data.sources import available_sources
+from chatsmith.data.sources import available_sources, default_sources_dir
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.eval.lm import score_documents
@@ -374,7 +374,7 @@ def add_arguments(p):
     p.add_argument("--out", default="runs/speedrun", help="run directory (every stage in a folder of its own)")
     p.add_argument("--preset", default="tiny", choices=registry.presets(), help="size of the base model")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the trained tokenizer")
-    p.add_argument("--sources-dir", default=os.environ.get("CHATSMITH_SOURCES", ".sources"),
+    p.add_argument("--sources-dir", default=default_sources_dir(),
                    help="raw sources fetched by scripts/setup.sh ($CHATSMITH_SOURCES overrides)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to train (auto: cuda, else mps, else cpu)")
     p.add_argument("--dtype", default="auto", choices=TRAIN_CHOICES["dtype"],

@@ -12,7 +12,6 @@ only when asked for, since the corpus and chat stages never read them.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from chatsmith.data.corpus import build_corpus
@@ -20,6 +19,7 @@ from chatsmith.data.dialogues import FAMILIES, build_dialogues
 from chatsmith.data.preferences import build_preferences
 from chatsmith.data.qa import build_qa
 from chatsmith.data.sentiment import build_sentiment
+from chatsmith.data.sources import default_sources_dir
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 
@@ -31,8 +31,9 @@ def add_arguments(p):
                    help="which built-in data to build: all = corpus + chat; sentiment and qa (classification and "
                    "extractive QA sets for encoders, with fixed held-out splits) go to OUT/sentiment and OUT/qa")
     p.add_argument("--input", nargs="+", help="your own .txt/.md/.jsonl files or folders instead of the built-in sources")
-    p.add_argument("--sources-dir", default=os.environ.get("CHATSMITH_SOURCES", ".sources"),
-                   help="where scripts/setup.sh put the raw source packages")
+    p.add_argument("--sources-dir", default=default_sources_dir(),
+                   help="where scripts/setup.sh put the raw source packages "
+                        "($CHATSMITH_SOURCES; else ./.sources, else the checkout's)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of corpus documents held out for validation")
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val and held-out splits")
     p.add_argument("--max-doc-chars", type=int, default=20000, help="longer documents are cut at paragraphs")

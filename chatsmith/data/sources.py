@@ -14,6 +14,7 @@ packs consecutive items into documents of about ``pack_chars`` characters.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import tarfile
@@ -378,6 +379,17 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            lambda d: bool(_fortune_files(FORTUNES_DIR, chinese=True)),
            "apt-get install fortunes-zh"),
 ]}
+
+
+def default_sources_dir() -> str:
+    """Where the raw sources are: $CHATSMITH_SOURCES, else `.sources` in the current directory when
+    there is one, else the checkout's own `.sources` (where scripts/setup.sh puts them), so the
+    README's commands work from any directory."""
+    if os.environ.get("CHATSMITH_SOURCES"):
+        return os.environ["CHATSMITH_SOURCES"]
+    here = Path(".sources")
+    repo = Path(__file__).resolve().parents[2] / ".sources"
+    return str(here if here.is_dir() or not repo.is_dir() else repo)
 
 
 def available_sources(sources_dir: str | Path = ".sources") -> list[str]:
