@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from chatsmith.errors import UserError
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 @dataclass
 class TrainConfig:
     """Every knob of the trainer loop. The CLI exposes each field as --field-name."""
@@ -28,6 +31,7 @@ class TrainConfig:
     warmup_steps: int = 50
     schedule: str = "cosine"  # cosine | wsd | constant
     decay_fraction: float = 0.2  # WSD: share of steps spent decaying at the end
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' weight matrices, AdamW for the rest)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -56,6 +60,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "wsd", "constant"):
             raise UserError(f"--schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer must be {' or '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.lora_rank:
+            raise UserError("--optimizer muon with --lora-rank: LoRA's low-rank factors are trained with adamw")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise UserError(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
@@ -87,7 +95,9 @@ TRAIN_HELP = {
     "warmup_steps": "linear warmup steps",
     "schedule": "learning-rate schedule after warmup",
     "decay_fraction": "wsd: share of the steps spent decaying at the end",
-    "weight_decay": "AdamW weight decay (weight matrices only, not vectors)",
+    "optimizer": "adamw, or muon: Muon (orthogonalised momentum; torch.optim.Muon) for the blocks' weight "
+                 "matrices and AdamW for embeddings, heads and norms, at the same --lr",
+    "weight_decay": "decoupled weight decay (weight matrices only, not vectors)",
     "beta1": "AdamW beta1",
     "beta2": "AdamW beta2",
     "grad_clip": "scale the gradients down to this global L2 norm when above it",
@@ -111,7 +121,7 @@ TRAIN_HELP = {
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")  # every verb's --device
 TRAIN_CHOICES = {"schedule": ("cosine", "wsd", "constant"), "device": DEVICES,
-                 "dtype": ("auto", "fp32", "bf16")}
+                 "dtype": ("auto", "fp32", "bf16"), "optimizer": OPTIMIZERS}
 
 
 def asdict(cfg) -> dict:
@@ -122,4 +132,4 @@ def fields(cls) -> list[dataclasses.Field]:
     return list(dataclasses.fields(cls))
 
 
-__all__ = ["DEVICES", "TRAIN_CHOICES", "TRAIN_HELP", "TrainConfig", "asdict", "fields", "field"]
+__all__ = ["DEVICES", "OPTIMIZERS", "TRAIN_CHOICES", "TRAIN_HELP", "TrainConfig", "asdict", "fields", "field"]

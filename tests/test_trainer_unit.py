@@ -154,11 +154,12 @@ class KillableStage(ToyStage):
         return super().loss(model, batch)
 
 
-def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path, optimizer):
     N = 8
     # eval every 2 steps, so last_eval and the eval rows are part of what has to come back; dropout,
-    # so the RNG state has to come back too
-    common = dict(max_steps=N, save_every=3, eval_every=2, schedule="cosine", warmup_steps=2)
+    # so the RNG state has to come back too; Muon: both optimizers' moments come back
+    common = dict(max_steps=N, save_every=3, eval_every=2, schedule="cosine", warmup_steps=2, optimizer=optimizer)
     full, full_stage, full_summary = fit(tmp_path / "full", model=micro_model(dropout=0.1), **common)
 
     out = tmp_path / "resumed"
@@ -377,3 +378,37 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     fit(out, max_steps=2)
     with pytest.raises(UserError, match="already holds checkpoints"):
         fit(out, max_steps=2)
+
+
+# --------------------------------------------------------------------------- Muon
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest(tmp_path):
+    from chatsmith.train.optim import MuonAdamW
+
+    tr = Trainer(micro_model(), ToyStage(4), config(tmp_path / "m", optimizer="muon"))
+    opt = tr.optimizer
+    assert isinstance(opt, MuonAdamW) and isinstance(opt.parts[1], torch.optim.Muon)
+    names = {id(p): n for n, p in tr.model.named_parameters()}
+    muon = {names[id(p)] for g in opt.parts[1].param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in opt.parts[0].param_groups for p in g["params"]}
+    assert muon and all(".layers." in n and n.endswith("weight") and "norm" not in n for n in muon)
+    assert "model.embed_tokens.weight" in adamw and any("norm" in n for n in adamw)
+    assert not muon & adamw and len(muon | adamw) == len(list(tr.model.parameters()))
+
+
+class RepeatStage(ToyStage):
+    """Each row repeats one random token: learnable (the next token is the current one)."""
+
+    def batch(self, step, micro, rank):
+        b = super().batch(step, micro, rank)
+        x = b["x"][:, :1].expand(-1, SEQ)
+        return {"x": x, "y": x, "step": step}
+
+
+def test_muon_learns_and_refuses_lora(tmp_path):
+    fit(tmp_path / "m", stage=RepeatStage(8), optimizer="muon", max_steps=40, lr=1e-2, batch_size=8)
+    loss = [r["loss"] for r in train_rows(tmp_path / "m")]
+    first, last = sum(loss[:5]) / 5, sum(loss[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    with pytest.raises(Exception, match="--optimizer muon with --lora-rank"):
+        config(tmp_path / "l", optimizer="muon", lora_rank=4)

@@ -2,7 +2,7 @@
 (the RL discriminator).
 
 - `make_adamw`: AdamW with weight decay on matrices only (decaying norms' gains and biases just
-  fights the data);
+  fights the data); `make_optimizer`: that, or Muon for the blocks' matrices beside it (`MuonAdamW`);
 - `lr_at`: linear warmup, then cosine / warmup-stable-decay / constant;
 - `clip_gradients`: the global gradient norm clipped to --grad-clip;
 - `autocast`: the bf16 autocast context (`runtime.autocast_dtype`), or none;
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from chatsmith.config import TrainConfig
+from chatsmith.errors import UserError
 
 
 def full_tensor(t):
@@ -44,6 +45,73 @@ def make_adamw(params, cfg: TrainConfig, device: torch.device, fused: bool = Tru
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
+def muon_parameter(name: str, p: torch.Tensor) -> bool:
+    """Muon is for the hidden weight matrices, those inside the Transformer blocks (decoder
+    `model.layers.N.*`, encoder `bert.encoder.layer.N.*`); embeddings, heads and norms stay with
+    AdamW, as in the Muon write-ups (Jordan et al. 2024; Liu et al. 2025)."""
+    return p.dim() == 2 and bool({"layers", "layer"} & set(name.split(".")))
+
+
+class MuonAdamW:
+    """Two optimizers stepped as one: Muon (torch.optim.Muon) over the blocks' matrices and AdamW
+    over every other parameter. Muon replaces the momentum of a matrix by its nearest semi-orthogonal
+    matrix (5 Newton-Schulz iterations), so every direction of the update moves at the same rate.
+    With adjust_lr_fn="match_rms_adamw" its update is scaled by 0.2 * sqrt(max(rows, cols)) to the
+    RMS of an AdamW update (Liu et al. 2025, "Muon is Scalable for LLM Training"), so one --lr and
+    one schedule serve both. `param_groups`, `state_dict` and `load_state_dict` present the pair as
+    one optimizer whose parameter indices run AdamW's first, then Muon's (what checkpoints store)."""
+
+    def __init__(self, adamw: torch.optim.Optimizer, muon: torch.optim.Optimizer):
+        self.parts = (adamw, muon)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.parts for g in o.param_groups]
+
+    def _sizes(self) -> list[int]:
+        return [sum(len(g["params"]) for g in o.param_groups) for o in self.parts]
+
+    def step(self):
+        for o in self.parts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        n0 = self._sizes()[0]
+        a, m = (o.state_dict() for o in self.parts)
+        groups = a["param_groups"] + [{**g, "params": [i + n0 for i in g["params"]]} for g in m["param_groups"]]
+        return {"state": {**a["state"], **{i + n0: st for i, st in m["state"].items()}}, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict):
+        n0 = self._sizes()[0]
+        ga = len(self.parts[0].param_groups)
+        self.parts[0].load_state_dict({"state": {i: st for i, st in sd["state"].items() if i < n0},
+                                       "param_groups": sd["param_groups"][:ga]})
+        self.parts[1].load_state_dict({"state": {i - n0: st for i, st in sd["state"].items() if i >= n0},
+                                       "param_groups": [{**g, "params": [i - n0 for i in g["params"]]}
+                                                        for g in sd["param_groups"][ga:]]})
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, fused: bool = True):
+    """The trainer's optimizer: AdamW (make_adamw), or with cfg.optimizer == "muon" a MuonAdamW."""
+    if cfg.optimizer != "muon":
+        return make_adamw(model.parameters(), cfg, device, fused=fused)
+    seen, muon, rest = set(), [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (muon if muon_parameter(name, p) else rest).append(p)
+    if not muon:
+        raise UserError("--optimizer muon: this model has no weight matrices inside Transformer blocks")
+    m = torch.optim.Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True,
+                         adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(make_adamw(rest, cfg, device, fused=fused), m)
+
+
 def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
     """Linear warmup, then cosine to min_lr (Loshchilov & Hutter 2017), or warmup-stable-decay
     (Hu et al. 2024: constant, then a linear decay over the last `decay_fraction` of steps)."""
@@ -62,7 +130,7 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * frac))
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float):
+def set_lr(opt, lr: float):
     for g in opt.param_groups:
         g["lr"] = lr
 
@@ -121,5 +189,5 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
     opt.load_state_dict(sd)
 
 
-__all__ = ["full_tensor", "make_adamw", "lr_at", "set_lr", "clip_gradients", "autocast", "all_reduce_gradients",
+__all__ = ["full_tensor", "make_adamw", "make_optimizer", "MuonAdamW", "muon_parameter", "lr_at", "set_lr", "clip_gradients", "autocast", "all_reduce_gradients",
            "broadcast_parameters", "optimizer_tensors", "load_optimizer_tensors"]

@@ -73,6 +73,8 @@ class Trainer:
         self.fsdp = bool(getattr(cfg, "fsdp", False)) and self.world > 1
         if self.fsdp and cfg.lora_rank > 0:
             raise UserError("--fsdp with --lora-rank is not supported: LoRA trains few weights, use plain DDP")
+        if cfg.fsdp and cfg.optimizer == "muon":
+            raise UserError("--fsdp with --optimizer muon is not supported: Muon needs each whole matrix; use DDP")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.master = self.rank == 0
@@ -89,7 +91,7 @@ class Trainer:
 
     # --- setup ------------------------------------------------------------------------------
     def _make_optimizer(self, fused: bool = True):
-        return optim.make_adamw(self.model.parameters(), self.cfg, self.device, fused=fused)
+        return optim.make_optimizer(self.model, self.cfg, self.device, fused=fused)
 
     def log(self, *a, **k):
         if self.master:
