@@ -56,3 +56,19 @@ def test_compiled_training_matches_eager(corpus_dir, tokenizer_dir, tmp_path):
         losses[mode] = [json.loads(ln)["loss"] for ln in (out / "metrics.jsonl").read_text().splitlines()
                         if '"loss"' in ln]
     assert losses["eager"] == pytest.approx(losses["compiled"], rel=1e-3)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_said(monkeypatch, capsys):
+    """bf16 is never a CPU default, and asking for it where the CPU emulates it gets a warning."""
+    import torch
+
+    from chatsmith import runtime
+
+    cpu = torch.device("cpu")
+    assert runtime.autocast_dtype("auto", cpu) is None
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert "without native bf16" in capsys.readouterr().err
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    runtime.autocast_dtype("bf16", cpu)
+    assert capsys.readouterr().err == ""
