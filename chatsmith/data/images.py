@@ -109,22 +109,34 @@ def read_image(src, where: str | None = None) -> Image.Image:
         raise UserError(f"{where}: the image is truncated or corrupt ({e})") from None
 
 
-def preprocess(images, size: int, mean, std) -> np.ndarray:
-    """RGB images (Pillow images or HxWx3 uint8 arrays) -> (N, 3, size, size) float32, CLIPImageProcessor's way."""
-    out = np.empty((len(images), 3, size, size), np.float32)
-    m, s = np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None]
+def resize_crop(images, size: int) -> np.ndarray:
+    """RGB images (Pillow images or HxWx3 uint8 arrays) -> (N, size, size, 3) uint8: the shortest edge
+    resized to `size` (bicubic; the long edge rounded down, as transformers does), then centre-cropped."""
+    if isinstance(images, np.ndarray) and images.ndim == 4 and images.shape[1:3] == (size, size):
+        return np.ascontiguousarray(images)  # already the model's size: Pillow would return a copy
+    out = np.empty((len(images), size, size, 3), np.uint8)
     for i, im in enumerate(images):
         if isinstance(im, np.ndarray):
             im = Image.fromarray(im)
         w, h = im.size
-        if min(w, h) != size:  # shortest edge -> size, aspect kept (HF: round the long edge down)
+        if min(w, h) != size:
             nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
             im = im.resize((nw, nh), Image.Resampling.BICUBIC)
         w, h = im.size
         top, left = (h - size) // 2, (w - size) // 2
-        a = np.asarray(im, np.float32)[top:top + size, left:left + size].transpose(2, 0, 1)
-        out[i] = (a * np.float32(1 / 255) - m) / s
+        out[i] = np.asarray(im)[top:top + size, left:left + size]
     return out
+
+
+def normalize(x: np.ndarray, mean, std) -> np.ndarray:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32: x/255, then (x - mean)/std per channel."""
+    m, s = np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None]
+    return (x.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255) - m) / s
+
+
+def preprocess(images, size: int, mean, std) -> np.ndarray:
+    """RGB images -> (N, 3, size, size) float32, CLIPImageProcessor's way (resize, crop, rescale, normalise)."""
+    return normalize(resize_crop(images, size), mean, std)
 
 
 # --- image-text sets -------------------------------------------------------------------------------
@@ -326,5 +338,5 @@ def build_images(out: Path, sources_dir: str | Path, fashion_dir: Path = FASHION
     return res
 
 
-__all__ = ["FASHION_CLASSES", "HELD_OUT", "ImageTextSet", "read_image", "to_rgb", "preprocess", "read_set",
+__all__ = ["FASHION_CLASSES", "HELD_OUT", "ImageTextSet", "read_image", "to_rgb", "preprocess", "resize_crop", "normalize", "read_set",
            "list_images", "read_idx", "build_images", "class_captions"]

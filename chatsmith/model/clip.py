@@ -290,7 +290,9 @@ class Clip(FamilyModel):
     def forward(self, pixels, ids):
         """-> logits_per_image (B_img, B_txt): exp(t) * cosine similarities, t clamped at ln 100."""
         scale = self.logit_scale.clamp(max=math.log(100)).exp()
-        return scale * self.encode_image(pixels) @ self.encode_text(ids).T
+        # a batch of class-level captions repeats few distinct ones: each is encoded once (same result)
+        uniq, inverse = torch.unique(ids, dim=0, return_inverse=True)
+        return scale * self.encode_image(pixels) @ self.encode_text(uniq)[inverse].T
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
