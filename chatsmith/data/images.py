@@ -316,7 +316,7 @@ def build_emoji(out: Path, sources: Path) -> dict:
             lst.append(v)
     counts = {}
     for split, (ims, texts, labels, seen) in splits.items():
-        save_split(out / split, np.stack(ims), texts, labels, seen)
+        save_split(out / split, np.stack(ims) if ims else np.zeros((0, 64, 64, 3), np.uint8), texts, labels, seen)
         counts[split] = len(labels)
     meta = {"source": "npm emoji-datasource-google 16.0.0 (images, Apache-2.0) + emojibase-data 17.0.0 "
             "(names/tags en+zh, MIT)", "held_out_group": "food & drink (emojibase group 4)", "counts": counts,
