@@ -107,7 +107,7 @@ class ClipEngine:
 
     @property
     def scale(self) -> float:
-        return float(self.model.logit_scale.clamp(max=np.log(100)).exp())
+        return float(self.model.logit_scale.detach().clamp(max=np.log(100)).exp())
 
     def probabilities(self, image_vecs: np.ndarray, class_vecs: np.ndarray) -> np.ndarray:
         """softmax(exp(t) * cosine) over the classes, per image."""

@@ -347,3 +347,14 @@ def test_recall_at_k_counts_any_caption_of_an_image():
     r = recall_at_k(iv, texts, tv, ks=(1, 2))
     assert r["image_to_text_r@1"] == 1.0  # every image's best caption is one of its own
     assert r["text_to_image_r@1"] == 0.75 and r["text_to_image_r@2"] == 1.0
+
+
+def test_report_draws_matches_and_confusion(trained, synth_dir):
+    assert cli("eval", trained, "--tasks", f"clip:{synth_dir}") == 0  # into MODEL/eval, where the report looks
+    assert cli("report", trained) == 0
+    md = (trained / "report.md").read_text()
+    pngs = sorted(p.name for p in trained.glob("clip_*.png"))
+    assert [p.split("_")[1] for p in pngs] == ["confusion", "matches"], pngs
+    for p in pngs:
+        assert p in md
+        assert Image.open(trained / p).size[0] > 200

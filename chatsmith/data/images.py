@@ -10,9 +10,10 @@ beside the splits (classes, which are held out, the caption templates, sources a
   HELD_OUT classes (pullover, dress, ankle boot) never appear in train/ — neither their images nor
   their names — so the test set's accuracy on them measures zero-shot transfer. train/ = the 42,000
   official training images of the 7 seen classes; test/ = the official 10,000 test images, all 10.
-  Captions: every template below, English and Chinese, with the class name and a plain description
-  (the descriptions share words — "upper body", "foot", "long sleeves" — which is what a held-out
-  class can be recognised by).
+  Captions (meta.json, ~80 per class): name templates and every combination of up to three of the
+  class's attributes ("a shoe for the foot, low, closed with laces"), English and Chinese. The
+  attributes are shared between classes ("upper body", "long sleeves", "a shoe for the foot"): that
+  is what a held-out class can be recognised by, since its name is a word never trained on.
 - Emoji (npm `emoji-datasource-google` 64x64 PNGs, Apache-2.0; names and tags from npm
   `emojibase-data` en + zh, MIT): the "food & drink" group is held out entirely (heldout/); of the
   rest, every 10th emoji by code point goes to test/, the others to train/.
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import tarfile
 import zlib
@@ -45,33 +47,57 @@ from chatsmith import atomic
 from chatsmith.errors import UserError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = [  # (English, Chinese, English description, Chinese description), in label order
-    ("t-shirt", "T恤", "a short-sleeved top for the upper body", "上身穿的短袖上衣"),
-    ("trouser", "裤子", "long trousers for the legs", "腿上穿的长裤"),
-    ("pullover", "套头衫", "a top with long sleeves for the upper body, pulled over the head", "套头穿的长袖上衣"),
-    ("dress", "连衣裙", "one piece of clothing for the upper body and the legs", "上身和腿一体的衣服"),
-    ("coat", "外套", "a warm top with long sleeves and buttons for the upper body", "有扣子的长袖保暖上衣"),
-    ("sandal", "凉鞋", "an open shoe for the foot", "露脚的鞋"),
-    ("shirt", "衬衫", "a top with long sleeves, buttons and a collar for the upper body", "有领子和扣子的长袖上衣"),
-    ("sneaker", "运动鞋", "a low sports shoe for the foot", "低帮的运动鞋"),
-    ("bag", "包", "a bag to carry things in", "装东西的包"),
-    ("ankle boot", "短靴", "a high shoe for the foot that covers the ankle", "盖住脚踝的高帮鞋"),
-]
+FASHION_CLASSES = [  # (English, Chinese), in label order
+    ("t-shirt", "T恤"), ("trouser", "裤子"), ("pullover", "套头衫"), ("dress", "连衣裙"), ("coat", "外套"),
+    ("sandal", "凉鞋"), ("shirt", "衬衫"), ("sneaker", "运动鞋"), ("bag", "包"), ("ankle boot", "短靴")]
+# What each class looks like, in words shared between classes: a held-out class can only be found by
+# these (its name is a word the text tower never read), so its attributes reuse seen ones where true.
+FASHION_ATTRS = {
+    "t-shirt": [("a top for the upper body", "上身穿的上衣"), ("short sleeves", "短袖"), ("no buttons", "没有扣子"),
+                ("thin cloth", "薄布")],
+    "trouser": [("clothing for the legs", "腿上穿的衣服"), ("two long legs", "两条长裤腿"), ("long", "长的")],
+    "pullover": [("a top for the upper body", "上身穿的上衣"), ("long sleeves", "长袖"), ("no buttons", "没有扣子"),
+                 ("warm cloth", "暖和的布")],
+    "dress": [("clothing for the upper body and the legs", "上身和腿一起穿的衣服"), ("one long piece", "长长的一件"),
+              ("no sleeves", "没有袖子")],
+    "coat": [("a top for the upper body", "上身穿的上衣"), ("long sleeves", "长袖"), ("buttons", "扣子"),
+             ("warm cloth", "暖和的布")],
+    "sandal": [("a shoe for the foot", "脚上穿的鞋"), ("open with straps", "有带子的露脚鞋"), ("low", "低帮")],
+    "shirt": [("a top for the upper body", "上身穿的上衣"), ("long sleeves", "长袖"), ("buttons", "扣子"),
+              ("a collar", "领子")],
+    "sneaker": [("a shoe for the foot", "脚上穿的鞋"), ("low", "低帮"), ("closed with laces", "有鞋带"),
+                ("for sports", "运动用的")],
+    "bag": [("a bag to carry things", "装东西的包"), ("a handle or a strap", "提手或背带")],
+    "ankle boot": [("a shoe for the foot", "脚上穿的鞋"), ("high", "高帮"), ("closed", "包住脚的"),
+                   ("covers the ankle", "盖住脚踝")],
+}
 HELD_OUT = ("pullover", "dress", "ankle boot")
 TEMPLATES_EN = ("a photo of a {name}.", "a picture of a {name}.", "a black and white photo of a {name}.",
-                "a {name}: {desc}.", "{desc}.", "a small image of a {name}, {desc}.")
-TEMPLATES_ZH = ("一张{name}的照片。", "{name}的图片", "一张{name}的黑白照片。", "{name}：{desc}。", "{desc}。")
+                "a small image of a {name}.")
+TEMPLATES_ZH = ("一张{name}的照片。", "{name}的图片", "一张{name}的黑白照片。")
+ATTR_TEMPLATES_EN = ("{attrs}.", "a photo of something: {attrs}.", "a {name}: {attrs}.")
+ATTR_TEMPLATES_ZH = ("{attrs}。", "{name}：{attrs}。")
 EMOJI_HELD_OUT_GROUP = 4  # emojibase's "food & drink"
 EMOJI_PACKAGES = ("emoji-datasource-google-16.0.0.tgz", "emojibase-data-17.0.0.tgz")
 MIN_SIDE = 4  # pixels: anything smaller holds no picture worth a caption
 
 
-def class_captions(name: str, zh: str | None = None, desc: str | None = None, zh_desc: str | None = None) -> list[str]:
-    """Every caption of a class: the templates with its name (and description, when it has one)."""
-    out = [t.format(name=name, desc=desc) for t in TEMPLATES_EN if desc or "{desc}" not in t]
+def class_captions(name: str, zh: str | None = None, attrs: list[tuple[str, str]] | None = None) -> list[str]:
+    """Every caption of a class: the name templates, and (with attributes) every combination of up to
+    three of its attributes, with and without the name, in English and (with a Chinese name) Chinese."""
+    out = [t.format(name=name) for t in TEMPLATES_EN]
     if zh:
-        out += [t.format(name=zh, desc=zh_desc) for t in TEMPLATES_ZH if zh_desc or "{desc}" not in t]
+        out += [t.format(name=zh) for t in TEMPLATES_ZH]
+    for r in range(1, min(3, len(attrs or ())) + 1):
+        for combo in itertools.combinations(attrs, r):
+            out += [t.format(name=name, attrs=", ".join(a[0] for a in combo)) for t in ATTR_TEMPLATES_EN]
+            if zh:
+                out += [t.format(name=zh, attrs="，".join(a[1] for a in combo)) for t in ATTR_TEMPLATES_ZH]
     return out
+
+
+def fashion_captions() -> dict[str, list[str]]:
+    return {en: class_captions(en, zh, FASHION_ATTRS[en]) for en, zh in FASHION_CLASSES}
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -154,22 +180,28 @@ class ImageTextSet:
         return len(self.texts)
 
 
-def save_split(d: Path, images: np.ndarray, texts: list[list[str]], labels: list[str], seen: list[bool]):
+def save_split(d: Path, images: np.ndarray, texts: list[list[str]] | None, labels: list[str], seen: list[bool]):
+    """texts None: the records name their label only (its captions are meta.json's)."""
     d.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_file(d / "images.npy", "wb") as f:
         np.save(f, images)
     atomic.write_text(d / "records.jsonl", "".join(
-        json.dumps({"texts": t, "label": lab, "seen": s}, ensure_ascii=False) + "\n"
-        for t, lab, s in zip(texts, labels, seen)))
+        json.dumps({**({"texts": texts[i]} if texts is not None else {}), "label": lab, "seen": s},
+                   ensure_ascii=False) + "\n" for i, (lab, s) in enumerate(zip(labels, seen))))
 
 
 def load_split(d: Path) -> ImageTextSet:
+    """A built split. A record without "texts" takes its class's captions from meta.json beside the
+    split (Fashion-MNIST: ~80 captions per class, stored once instead of on 70,000 lines)."""
     recs = []
+    meta = d.parent / "meta.json"
+    captions = (json.loads(meta.read_text(encoding="utf-8")).get("captions") or {}) if meta.exists() else {}
     with open(d / "records.jsonl", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             try:
                 r = json.loads(line)
-                recs.append((list(r["texts"]), str(r["label"]), bool(r.get("seen", True))))
+                texts = list(r["texts"]) if "texts" in r else captions[r["label"]]  # (one shared list per class)
+                recs.append((texts, str(r["label"]), bool(r.get("seen", True))))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise UserError(f"{d / 'records.jsonl'}:{n}: not a record ({e})") from None
     images = np.load(d / "images.npy", mmap_mode="r")
@@ -258,7 +290,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def build_fashion(out: Path, src: Path = FASHION_DIR) -> dict:
     names = [c[0] for c in FASHION_CLASSES]
-    caps = [class_captions(*c) for c in FASHION_CLASSES]
+    caps = fashion_captions()
     counts = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         files = [src / f"{prefix}-{k}-ubyte.gz" for k in ("images-idx3", "labels-idx1")]
@@ -269,11 +301,11 @@ def build_fashion(out: Path, src: Path = FASHION_DIR) -> dict:
         keep = np.ones(len(y), bool) if split == "test" else ~np.isin(y, [names.index(h) for h in HELD_OUT])
         x, y = x[keep], y[keep]
         rgb = np.repeat(x[..., None], 3, axis=-1)  # grey -> RGB, as convert("RGB") does
-        save_split(out / split, rgb, [caps[i] for i in y], [names[i] for i in y], [names[i] not in HELD_OUT for i in y])
+        save_split(out / split, rgb, None, [names[i] for i in y], [names[i] not in HELD_OUT for i in y])
         counts[split] = int(len(y))
     meta = {"source": "Debian dataset-fashion-mnist (MIT)", "classes": names,
             "classes_zh": [c[1] for c in FASHION_CLASSES], "held_out": list(HELD_OUT),
-            "captions": dict(zip(names, caps)), "counts": counts,
+            "attributes": {k: [a[0] for a in v] for k, v in FASHION_ATTRS.items()}, "captions": caps, "counts": counts,
             "splits": "train: the official training images of the 7 seen classes; test: all 10,000 test images"}
     atomic.write_json(out / "meta.json", meta)
     return meta

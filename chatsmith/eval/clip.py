@@ -77,8 +77,9 @@ def retrieval(engine: ClipEngine, s: ImageTextSet) -> dict:
     return {"kind": "clip", "n": len(s), **recall_at_k(iv, s.texts, tv)}, iv
 
 
-def top_matches(engine: ClipEngine, image_vecs: np.ndarray, queries: list[str], k: int = 8) -> list[dict]:
-    qv = engine.embed_texts(queries)
+def top_matches(engine: ClipEngine, image_vecs: np.ndarray, queries: list[str], k: int = 8,
+                query_vecs: np.ndarray | None = None) -> list[dict]:
+    qv = engine.embed_texts(queries) if query_vecs is None else query_vecs
     sim = qv @ image_vecs.T
     return [{"query": q, "images": np.argsort(-row, kind="stable")[:k].tolist(),
              "scores": np.sort(row)[::-1][:k].round(4).tolist()} for q, row in zip(queries, sim)]
@@ -94,15 +95,19 @@ def evaluate_set(engine: ClipEngine, d: Path, limit: int | None, name: str) -> t
             raise UserError(f"{d}: every image has the label {labels[0]!r}; zero-shot needs two classes")
         labels = sorted(labels)
         iv = engine.embed_images(s.images)
-        r = zero_shot(engine, s, _class_prompts(d, labels), labels, iv)
+        prompts = _class_prompts(d, labels)
+        r = zero_shot(engine, s, prompts, labels, iv)
         results[f"{name}_zero_shot"] = r
         figures["confusion"] = {"labels": labels, "matrix": r["confusion_matrix"]}
-        qs = [f"a photo of a {lab}." for lab in labels[:4]]
+        # the queries are classes: each searched with its prompt ensemble, as classified
+        picked = np.linspace(0, len(labels) - 1, min(4, len(labels))).astype(int)
+        figures["matches"] = top_matches(engine, iv, [f"{labels[i]} (prompt ensemble)" for i in picked],
+                                         query_vecs=engine.class_vectors([prompts[i] for i in picked]))
     else:
         r, iv = retrieval(engine, s)
         results[f"{name}_retrieval"] = r
         qs = [s.texts[i][0] for i in np.linspace(0, len(s) - 1, 4).astype(int)]
-    figures["matches"] = top_matches(engine, iv, qs)
+        figures["matches"] = top_matches(engine, iv, qs)
     return results, figures
 
 

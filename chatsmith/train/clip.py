@@ -74,11 +74,13 @@ class ClipStage:
     def _prepare(self, s: ImageTextSet) -> dict:
         """Pixels at the model's size (uint8), captions as ids (each distinct caption encoded once), label ids."""
         px = torch.from_numpy(resize_crop(s.images, self.engine.cfg.image_size))
-        uniq = sorted({t for ts in s.texts for t in ts})
+        lists = {id(ts): ts for ts in s.texts}  # a class's images share one caption list object
+        uniq = sorted({t for ts in lists.values() for t in ts})
         where = {t: i for i, t in enumerate(uniq)}
         ids = self.engine.token_ids(uniq)
+        rows = {k: [where[t] for t in ts] for k, ts in lists.items()}
         label_ids = {lab: i for i, lab in enumerate(dict.fromkeys(s.labels))}
-        return {"pixels": px, "caption_ids": ids, "captions": [[where[t] for t in ts] for ts in s.texts],
+        return {"pixels": px, "caption_ids": ids, "captions": [rows[id(ts)] for ts in s.texts],
                 "labels": torch.tensor([label_ids[lab] for lab in s.labels]), "n": len(s)}
 
     def _pixels(self, px: torch.Tensor) -> torch.Tensor:
