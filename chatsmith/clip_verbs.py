@@ -73,8 +73,8 @@ def _classify_main(a):
     prompts = label_prompts(labels, tuple(a.template) if a.template else DEFAULT_TEMPLATES)
     if a.top_k < 1:
         raise UserError("--top-k must be at least 1")
+    engine = _engine(a)  # a wrong model directory fails before a big folder is decoded
     files, images = _load_images(a.images)
-    engine = _engine(a)
     probs = engine.probabilities(engine.embed_images(images), engine.class_vectors(prompts))
     rows = []
     for f, p in zip(files, probs):
@@ -123,8 +123,8 @@ def _search_main(a):
         raise UserError("--query is empty: say what to look for")
     if a.top_k < 1:
         raise UserError("--top-k must be at least 1")
+    engine = _engine(a)  # a wrong model directory fails before a big folder is decoded
     files, images = _load_images(a.images)
-    engine = _engine(a)
     sim = engine.embed_texts(queries) @ engine.embed_images(images).T
     rows, grid = [], []
     for q, s in zip(queries, sim):
@@ -155,8 +155,8 @@ def _embed_main(a):
     texts = [t for t in a.text or []]
     if any(not t.strip() for t in texts):
         raise UserError("--text is empty")
-    files, images = _load_images(a.images) if a.images else ([], [])
     engine = _engine(a)
+    files, images = _load_images(a.images) if a.images else ([], [])
     t0 = time.time()
     iv = engine.embed_images(images)
     dt = time.time() - t0

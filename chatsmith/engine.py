@@ -243,6 +243,9 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 32):
+        if getattr(model, "family", None) == "clip":  # its text tower reads captions, it does not write
+            raise UserError("this is a clip (image-text) model: it does not generate text; use "
+                            "`chatsmith clip classify | search | embed` or `chatsmith eval MODEL --tasks clip`")
         self.model = model.eval()
         self.tok = tokenizer
         self.device = next(model.parameters()).device

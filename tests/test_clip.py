@@ -211,6 +211,9 @@ def test_classify_search_embed_verbs(trained, synth_dir, tmp_path, capsys):
     assert not (tmp_path / "c.jsonl").exists()
     assert cli("clip", "classify", trained, "--images", folder, "--labels", "a,b", "--template", "no slot") == 2
     assert cli("clip", "search", trained, "--images", folder, "--query", "  ") == 2
+    assert cli("generate", trained, "--prompt", "hi") == 2  # a clip model writes no text: said so
+    assert cli("eval", trained, "--tasks", "clip", "--images-root", tmp_path / "none") == 2
+    assert cli("eval", trained, "--tasks", "clip", "quiz") == 2
     (folder / "broken.png").write_bytes((folder / "red.png").read_bytes()[:60])  # truncated
     assert cli("clip", "embed", trained, "--images", folder, "--out", tmp_path / "w.npy") == 2
     assert "broken.png" in capsys.readouterr().err
@@ -259,6 +262,8 @@ def test_user_sets_name_the_line_and_read_class_folders(tmp_path):
     (d / "captions.jsonl").write_text('{"image": "a.png"\n')
     with pytest.raises(UserError, match="captions.jsonl:1: not JSON"):
         im.read_set(d)
+    assert cli("clip", "train", "--data", d, "--out", tmp_path / "run", "--max-steps", 1) == 2
+    assert not (tmp_path / "run").exists()  # nothing half-written
     f = tmp_path / "folders"
     for c in ("cat", "running_shoe"):
         (f / c).mkdir(parents=True)
