@@ -89,12 +89,12 @@ def _classify_main(a):
 def render_grid(rows: list[tuple[str, list[tuple[np.ndarray, float]]]], thumb: int = 64) -> Image.Image:
     """One row per query: its text, then its top images with their cosine scores below them."""
     k = max(len(r[1]) for r in rows)
-    text_w, cell_h = 220, thumb + 16
+    text_w, cell_h = 320, thumb + 16
     grid = Image.new("RGB", (text_w + k * (thumb + 4), len(rows) * (cell_h + 4)), "white")
     draw = ImageDraw.Draw(grid)
     for r, (query, hits) in enumerate(rows):
         y = r * (cell_h + 4)
-        draw.text((4, y + thumb // 2 - 6), query[:34], fill="black")
+        draw.text((4, y + thumb // 2 - 6), query[:52], fill="black")  # Pillow's default font: Latin only
         for c, (im, score) in enumerate(hits):
             x = text_w + c * (thumb + 4)
             grid.paste(Image.fromarray(np.asarray(im, np.uint8)).convert("RGB").resize((thumb, thumb),
