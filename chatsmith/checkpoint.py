@@ -37,7 +37,7 @@ from chatsmith.model.lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, 
                                   write_adapter_files)
 
 MODEL_FILES = ("config.json", "model.safetensors")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")  # the last: clip's images
 
 
 def write_model_files(d: Path, model, tokenizer_dir: Path | None = None, extra_config: dict | None = None):

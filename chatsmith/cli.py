@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from chatsmith import chat, embed, generate, report, runtime, speedrun, tokenizer
+from chatsmith import chat, clip_verbs, embed, generate, report, runtime, speedrun, tokenizer
 from chatsmith.data import build as data_build
 from chatsmith.errors import UserError
 from chatsmith.eval import harness, ngram, runner
@@ -19,13 +19,14 @@ from chatsmith.flags import HelpFormatter, Parser
 from chatsmith.interop import convert
 from chatsmith.interop.registry import KNOWN, resolve
 from chatsmith.serve import verb as serve_verb
-from chatsmith.train import classify, dpo, pretrain, qa, reward, rlhf, sft
+from chatsmith.train import classify, clip, dpo, pretrain, qa, reward, rlhf, sft
 
 VERBS = [
     data_build.VERB, dpo.PAIRS_VERB,
     tokenizer.VERB,
     pretrain.VERB, sft.VERB, reward.VERB, dpo.VERB, rlhf.VERB,
     classify.TRAIN_VERB, classify.EVAL_VERB, classify.PREDICT_VERB, qa.TRAIN_VERB, qa.EVAL_VERB, qa.PREDICT_VERB,
+    clip.TRAIN_VERB, clip_verbs.CLASSIFY_VERB, clip_verbs.SEARCH_VERB, clip_verbs.EMBED_VERB,
     chat.VERB, serve_verb.VERB, generate.VERB, embed.VERB, embed.FILL_VERB,
     runner.VERB, ngram.TRAIN_VERB, ngram.EVAL_VERB, harness.VERB, report.VERB,
     convert.MERGE_VERB, convert.IMPORT_VERB, convert.EXPORT_VERB,
@@ -35,6 +36,7 @@ GROUPS = {"data": "build corpora, dialogues and preference pairs", "tokenizer": 
           "ngram": "n-gram baseline (interpolated modified Kneser-Ney)",
           "lora": "LoRA adapters (train them with --lora-rank on any training verb)",
           "classify": "sentence (pair) classification with an encoder: train, eval, predict",
+          "clip": "image-text models (CLIP): train, zero-shot classify, search images by text, embed",
           "qa": "extractive question answering with an encoder (SQuAD format): train, eval, predict"}
 
 

@@ -77,6 +77,11 @@ class Completion:
     prompt_logprobs: list | None = None  # the same per prompt token; None for the first
 
 
+# families this engine does not decode, and what to use instead
+NOT_DECODED = {
+    "clip": "this is a clip (image-text) model: it does not generate text; use "
+            "`chatsmith clip classify | search | embed` or `chatsmith eval MODEL --tasks clip`",
+}
 QUANTIZE = ("none", "int8")  # decode weights: fp32 as trained, or int8 (see GPT.fuse_decode_weights)
 
 
@@ -267,6 +272,8 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 32, quantize: str | None = None):
+        if getattr(model, "family", None) in NOT_DECODED:
+            raise UserError(NOT_DECODED[model.family])
         self.model = model.eval()
         self.tok = tokenizer
         self.device = next(model.parameters()).device

