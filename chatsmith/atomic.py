@@ -25,6 +25,19 @@ def fsync_dir(path: str | os.PathLike):
         os.close(fd)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
+
+
+def temp_file_beside(path: Path) -> str:
+    """An empty temporary file next to `path`, with the mode a plain `open` would give it (mkstemp
+    makes 0600 files, so every output renamed from one would be unreadable to the user's group)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kw):
     """Yields an open file on a temporary sibling of `path`; on success it is fsynced and renamed to
@@ -34,8 +47,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kw):
     if "b" not in mode:
         open_kw.setdefault("encoding", "utf-8")
         open_kw.setdefault("newline", "\n")
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file_beside(path)
     try:
         with open(tmp, mode, **open_kw) as f:
             yield f
@@ -83,6 +95,7 @@ def atomic_dir(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700: the published folder gets the usual mode
     try:
         yield tmp
         for f in tmp.iterdir():
@@ -155,4 +168,4 @@ def provisional_dir(path: str | os.PathLike, complete=lambda _path: False):
 
 
 __all__ = ["atomic_file", "atomic_dir", "write_text", "write_json", "write_jsonl", "copy_file", "fsync_dir",
-           "remove_stale_temporaries", "provisional_dir"]
+           "remove_stale_temporaries", "provisional_dir", "temp_file_beside"]

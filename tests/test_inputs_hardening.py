@@ -181,3 +181,20 @@ def test_killed_in_first_checkpoint_resumes_fresh_with_matching_metrics(corpus_d
                 for m in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
     assert steps(killed) == steps(ref)  # no row twice: the metrics match the run resumed from (none)
     assert not [p for p in killed.rglob(".tmp-*")]
+
+
+def test_atomic_outputs_get_the_usual_file_mode(tmp_path):
+    """Outputs renamed from a temporary file or folder have the mode a plain open/mkdir gives
+    (mkstemp and mkdtemp make 0600 / 0700, which would hide them from the user's group)."""
+    import os
+    import stat
+
+    from chatsmith.atomic import atomic_dir, write_text
+
+    umask = os.umask(0)
+    os.umask(umask)
+    write_text(tmp_path / "a.txt", "x")
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "f").write_text("y")
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~umask

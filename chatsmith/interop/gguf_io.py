@@ -22,12 +22,12 @@ import json
 import os
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from chatsmith.atomic import temp_file_beside
 from chatsmith.checkpoint import load_model
 from chatsmith.errors import UserError
 from chatsmith.interop.common import build_model, write_imported
@@ -317,8 +317,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, qtype: str = "f16") -> P
              "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[qtype]
     qt = getattr(gguf.GGMLQuantizationType, qtype.upper())
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out.name}-", dir=out.parent)
-    os.close(fd)
+    tmp = temp_file_beside(out)
     try:
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name(tcfg.get("name_or_path") or d.resolve().name)
