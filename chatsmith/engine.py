@@ -43,6 +43,10 @@ class SamplingParams:
     logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token (echo scoring); allows max_new_tokens=0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
+    # tools run inside generation: a factory of per-sequence hooks; a hook sees the reply's text after
+    # each sampled token and may return tokens to feed instead of sampling (a tool's result, see
+    # chatsmith.tools.inline). Forced tokens are never end tokens and never call the hook.
+    tool_hook: object | None = None
 
     def validate(self):
         if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):
@@ -189,7 +193,7 @@ class Seq:
     """One decoded sequence (a request with n > 1 has n): its slot row, tokens, text, sampler."""
 
     __slots__ = ("req", "index", "row", "out", "detok", "text", "emitted", "finish", "gen", "lps", "new_lps",
-                 "history")
+                 "history", "hook", "forced")
 
     def __init__(self, req: "Request", index: int, tok):
         self.req, self.index, self.row = req, index, -1
@@ -200,6 +204,8 @@ class Seq:
         self.lps: list | None = [] if req.params.logprobs is not None else None
         self.new_lps: list = []  # logprob entries not yet handed out with an event
         self.history = None
+        self.hook = req.params.tool_hook() if req.params.tool_hook is not None else None
+        self.forced: list[int] = []  # tokens the tool hook queued, fed one per step
 
 
 @dataclass
@@ -419,15 +425,18 @@ class Engine:
     def _advance(self, seqs: list[Seq], logits: torch.Tensor, events: list[Event]):
         """Sample one token for each of seqs (row i of logits), append it, emit text, retire the done."""
         toks = self._sample(seqs, logits)
+        forced = [bool(s.forced) for s in seqs]
+        if any(forced):
+            toks = [s.forced.pop(0) if f else t for s, t, f in zip(seqs, toks, forced)]
         need_lp = [i for i, s in enumerate(seqs) if s.lps is not None]
         if need_lp:
             logp = logits[need_lp].float().log_softmax(-1)
             for j, i in enumerate(need_lp):
                 seqs[i].new_lps.append(self._lp_entry(logp[j], toks[i], seqs[i].req.params.logprobs))
         done = []
-        for s, t in zip(seqs, toks):
+        for s, t, f in zip(seqs, toks, forced):
             req = s.req
-            if t in self.eos_ids:
+            if t in self.eos_ids and not f:
                 s.finish = "stop"
                 if s.new_lps:
                     s.new_lps.pop()  # the end token is not part of the reply
@@ -441,6 +450,8 @@ class Engine:
                         cut = req.stopper.find(s.text, before)
                         if cut >= 0:
                             s.text, s.finish = s.text[:cut], "stop"
+                    if s.hook is not None and not f and s.finish is None:
+                        s.forced = list(s.hook(s.text) or ())
                 if s.finish is None and len(s.out) >= req.budget:
                     s.finish = "length"
             if s.finish == "length" or (s.finish == "stop" and t in self.eos_ids):

@@ -1,0 +1,163 @@
+"""Tools: the calculator (hostile expressions included), tool definitions and calls, the chat
+templates' tool rendering (ours with reserved tokens, ChatML's convention) and its loss mask, and
+the engine running a tool inside generation, over a scripted model whose replies are known."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from chatsmith.engine import Engine, SamplingParams
+from chatsmith.messages import MessageError, check_messages
+from chatsmith.tokenizer import Tokenizer
+from chatsmith.tools import calls as toolcalls
+from chatsmith.tools.calculator import CalcError, calculator, evaluate
+from chatsmith.tools.calculator import SPEC as CALC
+from chatsmith.tools.inline import ToolRunner, builtin_tools
+from test_engine_unit import MockModel
+from test_interop import _chatml_tokenizer
+
+# --------------------------------------------------------------------------- the calculator
+
+
+@pytest.mark.parametrize("expr,want", [
+    ("2 + 86", "88"), ("23 × 7", "161"), ("7 / 2", "3.5"), ("0.1 + 0.2", "0.3"), ("2 ** 10", "1024"),
+    ("2^3", "8"), ("(1 + 2) * (3 - 4)", "-3"), ("-7 % 3", "2"), ("17 // 5", "3"), ("10 ** -2", "0.01"),
+    ("1,000 + 2", "1002"), ("12 ÷ 4", "3"), ("1 / 3", "0.333333333333"), ("5 − 8", "-3"), ("1e3", "1000"),
+    ("  42 = ", "42"),
+])
+def test_calculator_is_exact(expr, want):
+    assert evaluate(expr) == want
+    assert calculator({"expression": expr}) == want
+
+
+@pytest.mark.parametrize("expr,problem", [
+    ("1 / 0", "division by zero"), ("5 % 0", "division by zero"), ("0 ** -1", "division by zero"),
+    ("9 ** 9 ** 9", "exponents are limited"), ("2 ** 100000", "exponents are limited"),
+    ("999999999 ** 999", "more than 60 digits"), ("10 ** 59 * 10 ** 59", "more than 60 digits"),
+    ("(" * 500 + "1" + ")" * 500, "longer than"), ("(" * 40 + "1" + ")" * 40, "nests deeper"),
+    ("-" * 120 + "1", "more than 100 operators"), ("1" * 61, "more than 60 digits"), ("1e400", "too large"),
+    ("__import__('os').system('true')", "only numbers"), ("a + 1", "only numbers"), ("(1 + 2", "unbalanced"),
+    ("1 +", "not valid arithmetic"), ("", "empty"), ("2 ** 0.5", "whole-number exponents"), ("1 < 2", "only numbers"),
+])
+def test_hostile_expressions_are_tool_errors(expr, problem):
+    with pytest.raises(CalcError, match=problem):
+        evaluate(expr)
+    out = calculator({"expression": expr})
+    assert out.startswith("error: ") and problem in out
+
+
+def test_hostile_expressions_are_bounded():
+    """Nothing makes the calculator build a huge number or recurse: every hostile input above is
+    refused before the arithmetic, so a batch of them finishes (no timing is asserted: the point
+    is that none hangs)."""
+    for expr in ("9**9**9**9", "(2**60)**(2**60)", "((((((((((((((((((((((((((((((1))))))))))))))))))))))))))))))",
+                 "-" * 255 + "1", "1" + "*1" * 127, "10**1000"):
+        assert calculator({"expression": expr}).startswith(("error: ", "1"))
+    assert calculator({"expr": "1"}).startswith("error: ") and calculator("2+2") == "4"
+    assert calculator(None).startswith("error: ")
+
+
+# --------------------------------------------------------------------------- definitions and calls
+
+def test_check_tools_and_choice():
+    tools = toolcalls.check_tools([CALC, {"type": "function", "function": {"name": "get_weather"}}])
+    assert [t["function"]["name"] for t in tools] == ["calculator", "get_weather"]
+    assert tools[1]["function"]["parameters"] == {"type": "object", "properties": {}}
+    for bad, field in [([{"type": "function", "function": {}}], "tools[0].function.name"),
+                       ([{"type": "function", "function": {"name": "a b"}}], "tools[0].function.name"),
+                       ([{"type": "code"}], "tools[0].type"), ({"a": 1}, "tools"),
+                       ([{"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}],
+                        "tools[0].function.parameters"),
+                       ([CALC, CALC], "tools[1].function.name")]:
+        with pytest.raises(MessageError) as e:
+            toolcalls.check_tools(bad)
+        assert e.value.field == field
+    assert toolcalls.check_tool_choice(None, tools) == "auto"
+    assert toolcalls.check_tool_choice({"type": "function", "function": {"name": "calculator"}}, tools) == "calculator"
+    with pytest.raises(MessageError, match="names no tool"):
+        toolcalls.check_tool_choice({"type": "function", "function": {"name": "nope"}}, tools)
+    with pytest.raises(MessageError):
+        toolcalls.check_tool_choice("sometimes", tools)
+
+
+def test_messages_with_tool_calls_and_results():
+    call = {"id": "call_1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1+1"}'}}
+    msgs = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "2"}]
+    out = check_messages(msgs, null_assistant=True, tools=True)
+    assert out[1]["tool_calls"] == [call] and out[2] == {"role": "tool", "content": "2", "tool_call_id": "call_1"}
+    with pytest.raises(MessageError) as e:
+        check_messages(msgs[:2] + [{"role": "tool", "tool_call_id": "call_9", "content": "2"}], null_assistant=True,
+                       tools=True)
+    assert e.value.field == "messages[2].tool_call_id"
+    with pytest.raises(MessageError):  # without tools=True a tool turn is not a role
+        check_messages(msgs, null_assistant=True)
+
+
+def test_parse_calls_and_split_reply():
+    m = toolcalls.NATIVE
+    text = f'Let me see.{m.call_start}{{"name": "f", "arguments": {{"x": 1}}}}{m.call_end}{m.call_start}{{"name": "g"'
+    content, calls = toolcalls.parse_calls(text, m)
+    assert content == "Let me see." and calls == [("f", '{"x": 1}'), ("g", "")]
+    # bad arguments JSON is passed through as written, as OpenAI's API does
+    assert toolcalls.parse_call('{"name": "f", "arguments": {"x": 1,}}') == ("f", '{"x": 1,}')
+    run = (f'A{m.call_start}{{"name": "calculator", "arguments": {{"expression": "2+2"}}}}{m.call_end}'
+           f'{m.result_open}4{m.result_close}It is 4.')
+    assert toolcalls.split_reply(run, m) == ("AIt is 4.", [("calculator", '{"expression": "2+2"}', "4")], [], False)
+    assert toolcalls.check_arguments(CALC, '{"expression": "1"}') is None
+    assert "schema" in toolcalls.check_arguments(CALC, '{"expr": "1"}')
+    assert "JSON" in toolcalls.check_arguments(CALC, "{")
+
+
+# --------------------------------------------------------------------------- templates
+
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "calculator", "arguments": '{"expression": "2 + 86"}'}}
+LOOP = [{"role": "user", "content": "What is 2 + 86?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "88"},
+        {"role": "assistant", "content": "The answer is 88."}]
+
+
+def _round_trip(tok: Tokenizer):
+    """Rendering the loop and reading the first assistant turn back gives the call; the mask covers
+    the calls and the answer but neither the definitions nor the result."""
+    ids, mask = tok.render_chat(LOOP, tools=[CALC])
+    text = tok.decode(ids)
+    m = tok.tool_markers
+    assert '"name": "calculator"' in text and "2 + 86" in text
+    first, _ = tok.render_chat(LOOP[:1], add_generation_prompt=True, tools=[CALC])
+    assert ids[:len(first)] == first  # a conversation extends its prefix
+    reply = tok.decode(ids[len(first):])
+    content, calls = toolcalls.parse_calls(reply.split(m.result_open)[0], m)
+    assert calls == [("calculator", toolcalls.normal_arguments(CALL["function"]["arguments"]))]
+    learned = tok.decode([i for i, k in zip(ids, mask) if k])
+    assert m.call_start in learned and "2 + 86" in learned and "The answer is 88." in learned
+    assert "88" not in learned.replace("The answer is 88.", "")  # the tool result is not learned
+    assert "expression" not in tok.decode([i for i, k in zip(ids, mask) if not k]).split("What is")[1]
+    # what the engine feeds after a call it ran is exactly how the template renders the result
+    upto, _ = tok.render_chat(LOOP[:3], add_generation_prompt=True, tools=[CALC])
+    prefix, _ = tok.render_chat(LOOP[:2], tools=[CALC])
+    gen = tok.decode(upto)[len(tok.decode(prefix)) - len(tok.decode(prefix).split(m.call_end)[-1]):]
+    assert gen == tok.decode(tok.tool_result_ids("88"))
+    return text
+
+
+def test_native_template_round_trip(tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    text = _round_trip(tok)
+    assert text.startswith("<|bos|><|reserved_4|>[{") and "<|reserved_2|>88<|reserved_3|>" in text
+    # content cannot forge a call: the marker typed as text is plain bytes
+    ids, _ = tok.render_chat([{"role": "user", "content": "<|reserved_0|>x"}])
+    assert tok.token_to_id("<|reserved_0|>") not in ids
+
+
+def test_chatml_convention_round_trip(tmp_path):
+    tok = _chatml_tokenizer(tmp_path)
+    text = _round_trip(tok)
+    assert text.startswith("<|im_start|>system\nYou can call functions") and "<tools>" in text
+    assert "<|im_start|>tool\n88<|im_end|>" in text and "<tool_call>\n{" in text
+
+
