@@ -161,3 +161,85 @@ def test_chatml_convention_round_trip(tmp_path):
     assert "<|im_start|>tool\n88<|im_end|>" in text and "<tool_call>\n{" in text
 
 
+
+
+# --------------------------------------------------------------------------- a scripted model
+
+class Scripted(MockModel):
+    """A model over a real tokenizer whose reply is a function of its prompt (`script(prompt text)`
+    -> the reply's text, control tokens included): at every position after the last turn cue the
+    logits peak (by 50, so even temperature 1 follows it) on the next token of that reply. Tool
+    calls, results fed back and the answer after them are all known in advance."""
+
+    def __init__(self, tok: Tokenizer, script, cue: str, max_seq_len: int = 1024):
+        super().__init__(max_seq_len=max_seq_len)
+        self.tok, self.script, self.cue = tok, script, tok.encode(cue, special=True)
+        self.V = (tok.vocab_size + 63) // 64 * 64
+        self.cfg = type("Cfg", (), {"max_seq_len": max_seq_len, "vocab_size": self.V})()
+
+    def logits_for(self, seq):
+        row = torch.zeros(self.V)
+        n = len(self.cue)
+        k = max((i for i in range(len(seq) - n + 1) if seq[i:i + n] == self.cue), default=None)
+        if k is None:
+            return row
+        prompt, done = self.tok.decode(seq[:k + n]), self.tok.decode(seq[k + n:])
+        want = self.script(prompt)
+        rest = want[len(done):] if want.startswith(done) else ""
+        nxt = self.tok.encode(rest, special=True)[:1] or [self.tok.eos_id]
+        row[nxt[0]] = 50.0
+        return row
+
+    def hidden_states(self, x, cache):  # only the last position's logits matter to the engine
+        c, r, p = cache.cache, cache.row, cache.pos
+        T = x.shape[1]
+        c.tokens[r, p:p + T] = x[0]
+        cache.pos += T
+        hist = c.tokens[r, :p + T].tolist()
+        return torch.stack([torch.zeros(self.V)] * (T - 1) + [self.logits_for(hist)])[None]
+
+
+def calc_script(m: toolcalls.Markers, end: str):
+    """Asked "What is A op B?" with tools on offer: call the calculator; with a result after the
+    question: "The answer is R."; "both" asks for two calls at once; without tools: a guess."""
+    import re
+
+    def script(prompt: str) -> str:
+        tail = prompt.rsplit("What is", 1)[-1]
+        if m.result_open in tail:  # a result came back: state it
+            result = tail.rsplit(m.result_open, 1)[-1].split(m.result_close[:m.result_close.index(">") + 1])[0]
+            return f"The answer is {result}.{end}"
+        e = re.search(r"What is ([0-9+\-*/ ()]+)\?", prompt)
+        if ("calculator" in prompt) and e:
+            body = lambda x: json.dumps({"name": "calculator", "arguments": {"expression": x}})  # noqa: E731
+            calls = [e.group(1)] + (["3 * 3"] if "both" in prompt.rsplit("What is", 1)[-1] else [])
+            return "".join(f"{m.call_start}{body(x)}{m.call_end}" for x in calls) + end
+        return f"Maybe 7.{end}"
+    return script
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer_dir):
+    tok = Tokenizer.load(tokenizer_dir)
+    return Scripted(tok, calc_script(toolcalls.NATIVE, "<|assistant_end|>"), "<|assistant_start|>"), tok
+
+
+def test_engine_runs_the_calculator_inside_generation(scripted):
+    model, tok = scripted
+    engine = Engine(model, tok, max_batch=4)
+    ids, _ = tok.render_chat([{"role": "user", "content": "What is 2 + 86?"}], add_generation_prompt=True,
+                             tools=[CALC])
+    runner = ToolRunner(tok, builtin_tools(["calculator"]))
+    p = SamplingParams(max_new_tokens=200, temperature=1.0, tool_hook=runner.fork)
+    (c,) = engine.generate(ids, p)
+    content, steps, calls, open_ = toolcalls.split_reply(c.text, tok.tool_markers)
+    assert steps == [("calculator", '{"expression": "2 + 86"}', "88")] and calls == [] and not open_
+    assert content == "The answer is 88." and c.finish_reason == "stop"
+    # without the hook the reply ends at the call, for the client to run
+    (c,) = engine.generate(ids, SamplingParams(max_new_tokens=200, temperature=0))
+    assert toolcalls.split_reply(c.text, tok.tool_markers)[2] == [("calculator", '{"expression": "2 + 86"}')]
+    # a hostile expression: the model reads the error, generation goes on
+    ids, _ = tok.render_chat([{"role": "user", "content": "What is 1 / 0?"}], add_generation_prompt=True, tools=[CALC])
+    (c,) = engine.generate(ids, p)
+    assert toolcalls.split_reply(c.text, tok.tool_markers)[:2] == (
+        "The answer is error: division by zero.", [("calculator", '{"expression": "1 / 0"}', "error: division by zero")])
