@@ -243,3 +243,32 @@ def test_engine_runs_the_calculator_inside_generation(scripted):
     (c,) = engine.generate(ids, p)
     assert toolcalls.split_reply(c.text, tok.tool_markers)[:2] == (
         "The answer is error: division by zero.", [("calculator", '{"expression": "1 / 0"}', "error: division by zero")])
+
+
+def test_chat_session_runs_the_calculator(scripted):
+    from chatsmith.chat import ChatSession
+
+    model, tok = scripted
+    session = ChatSession(Engine(model, tok, max_batch=1), SamplingParams(max_new_tokens=120, temperature=0),
+                          tools=builtin_tools(["calculator"]))
+    shown = []
+    reply, dropped, interrupted = session.reply("What is 2 + 86?", shown.append)
+    assert reply == "The answer is 88." and not interrupted and dropped == 0
+    assert "".join(shown) == '[calculator {"expression": "2 + 86"} -> 88] The answer is 88.'
+    assert session.last_steps == [("calculator", '{"expression": "2 + 86"}', "88")]
+    # the history holds the call and its result as OpenAI messages, and renders again
+    assert [m["role"] for m in session.history] == ["user", "assistant", "tool", "assistant"]
+    assert session.history[1]["tool_calls"][0]["function"]["name"] == "calculator"
+    assert session.history[2] == {"role": "tool", "tool_call_id": "call_0", "content": "88"}
+    ids, _ = session.prompt_ids()
+    assert tok.decode(ids).count("<|reserved_2|>88<|reserved_3|>") == 1
+    # without tools the same model's call is just text in the reply
+    plain = ChatSession(Engine(model, tok, max_batch=1), SamplingParams(max_new_tokens=120, temperature=0))
+    assert plain.reply("What is 2 + 86?")[0] == "Maybe 7."
+
+
+def test_unknown_tool_is_a_user_error(base_model, capsys):
+    from conftest import cli
+
+    assert cli("chat", base_model, "--tools", "abacus") == 2
+    assert "unknown tool 'abacus'" in capsys.readouterr().err

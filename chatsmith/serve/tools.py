@@ -26,6 +26,7 @@ import secrets
 from chatsmith.messages import MessageError
 from chatsmith.tools import calls as toolcalls
 from chatsmith.tools.inline import ToolRunner
+from chatsmith.tools.stream import ReplyStream
 
 FRAGMENT = 32  # characters of arguments per streamed delta
 
@@ -100,42 +101,25 @@ def reply(t: Tools, text: str) -> tuple[dict, bool]:
 
 
 class ToolStream:
-    """One streamed choice's text -> the deltas to send. `feed(text)` while decoding, `finish()`
-    once: each returns a list of delta dicts."""
+    """One streamed choice's text -> the deltas to send. `feed(text)` while decoding -> deltas;
+    `finish()` once -> (deltas, whether the reply ended in calls for the client)."""
 
     def __init__(self, t: Tools):
-        self.t, self.raw, self.sent, self.steps = t, t.prefix, 0, 0
+        self.t, self.reply = t, ReplyStream(t.markers, t.prefix)
+
+    @staticmethod
+    def _delta(ev) -> dict:
+        if ev[0] == "content":
+            return {"content": ev[1]}
+        return {"server_tool_calls": [{"name": ev[1], "arguments": ev[2], "result": ev[3]}]}
 
     def feed(self, text: str) -> list[dict]:
-        self.raw += text
-        content, steps, calls, _ = toolcalls.split_reply(self.raw, self.t.markers)
-        out = []
-        if not calls:  # content stops at the first call for the client
-            start = self.t.markers.call_start
-            # hold back an ending that could still become the call marker
-            keep = next((k for k in range(min(len(start) - 1, len(content)), 0, -1) if content.endswith(start[:k])), 0)
-            safe = content[:len(content) - keep]
-            if len(safe) > self.sent:
-                out.append({"content": safe[self.sent:]})
-                self.sent = len(safe)
-        settled = steps[:-1] if steps and self._in_result() else steps
-        for n, a, r in settled[self.steps:]:
-            out.append({"server_tool_calls": [{"name": n, "arguments": a, "result": r}]})
-            self.steps += 1
-        return out
-
-    def _in_result(self) -> bool:
-        """A result is still being fed (its tool turn has not closed)."""
-        m = self.t.markers
-        return self.raw.rfind(m.result_open) > self.raw.rfind(m.result_close)
+        return [self._delta(ev) for ev in self.reply.feed(text)]
 
     def finish(self) -> tuple[list[dict], bool]:
-        content, steps, calls, _ = toolcalls.split_reply(self.raw, self.t.markers)
-        out = []
-        if not calls and len(content) > self.sent:
-            out.append({"content": content[self.sent:]})
-        for n, a, r in steps[self.steps:]:
-            out.append({"server_tool_calls": [{"name": n, "arguments": a, "result": r}]})
+        evs = self.reply.finish()
+        out = [self._delta(ev) for ev in evs if ev[0] != "call"]
+        calls = [ev[1:] for ev in evs if ev[0] == "call"]
         calls = calls if self.t.parallel else calls[:1]
         for i, (n, a) in enumerate(calls):
             out.append({"tool_calls": [{"index": i, "id": call_id(), "type": "function",

@@ -184,6 +184,28 @@ def split_reply(text: str, m: Markers) -> tuple[str, list[tuple[str, str, str]],
                 return "".join(content), steps, calls, True
 
 
+def reply_messages(text: str, m: Markers) -> list[dict]:
+    """A reply with calls run inside generation -> the OpenAI messages it stands for: per call an
+    assistant turn with `tool_calls` and a tool turn with the result, then the final assistant
+    turn (calls left unanswered stay on the last assistant turn)."""
+    out, n = [], 0
+    segments = text.split(m.result_close)
+    for seg in segments[:-1]:
+        head, _, result = seg.rpartition(m.result_open)
+        content, calls = parse_calls(head, m)
+        ids = [f"call_{n + i}" for i in range(len(calls))]
+        n += len(calls)
+        out.append({"role": "assistant", "content": content, "tool_calls": [
+            {"id": i, "type": "function", "function": {"name": a, "arguments": b}} for i, (a, b) in zip(ids, calls)]})
+        out.append({"role": "tool", "tool_call_id": ids[-1] if ids else "", "content": result})
+    content, calls = parse_calls(segments[-1], m)
+    last = {"role": "assistant", "content": content}
+    if calls:
+        last["tool_calls"] = [{"id": f"call_{n + i}", "type": "function", "function": {"name": a, "arguments": b}}
+                              for i, (a, b) in enumerate(calls)]
+    return out + [last]
+
+
 def check_arguments(tool: dict, arguments: str) -> str | None:
     """None when `arguments` is JSON matching the tool's parameters, else what is wrong."""
     try:
@@ -196,4 +218,4 @@ def check_arguments(tool: dict, arguments: str) -> str | None:
 
 
 __all__ = ["Markers", "NATIVE", "CHATML", "RESULT_START", "RESULT_END", "TOOLS_START", "TOOLS_END", "check_tools",
-           "check_tool_choice", "call_body", "normal_arguments", "parse_call", "parse_calls", "split_reply", "check_arguments"]
+           "check_tool_choice", "call_body", "normal_arguments", "parse_call", "parse_calls", "split_reply", "reply_messages", "check_arguments"]
