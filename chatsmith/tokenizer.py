@@ -434,14 +434,15 @@ def train_command(inputs: list[str], vocab_size: int, out: str, val: list[str] |
     return stats
 
 
-def render_truncated(tok: Tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]] | None:
+def render_truncated(tok: Tokenizer, messages: list[dict], max_len: int,
+                     tools: list[dict] | None = None) -> tuple[list[int], list[int]] | None:
     """The longest prefix of the conversation that ends after an assistant turn and fits in
     max_len tokens (+1 for the shifted target); None when not even the first reply fits."""
     best = None
     for end in range(len(messages), 0, -1):
         if messages[end - 1]["role"] != "assistant":
             continue
-        ids, mask = tok.render_chat(messages[:end])
+        ids, mask = tok.render_chat(messages[:end], tools=tools)
         if len(ids) <= max_len + 1:
             best = (ids, mask)
             break
@@ -451,11 +452,12 @@ def render_truncated(tok: Tokenizer, messages: list[dict], max_len: int) -> tupl
 def encode_records(tok: Tokenizer, records, max_len: int) -> tuple[list, dict]:
     examples, truncated, dropped = [], 0, 0
     for r in records:
-        full = tok.render_chat(r.messages)
+        tools = r.meta.get("tools")  # a function-calling record: the definitions come first
+        full = tok.render_chat(r.messages, tools=tools)
         if len(full[0]) <= max_len + 1:
             examples.append(full)
             continue
-        cut = render_truncated(tok, r.messages, max_len)
+        cut = render_truncated(tok, r.messages, max_len, tools)
         if cut is None:
             dropped += 1
         else:

@@ -272,3 +272,21 @@ def test_unknown_tool_is_a_user_error(base_model, capsys):
 
     assert cli("chat", base_model, "--tools", "abacus") == 2
     assert "unknown tool 'abacus'" in capsys.readouterr().err
+
+
+def test_eval_with_the_calculator(scripted, tmp_path):
+    """eval --tools calculator: the same prompts, scored on the text around the calls; the calls are
+    counted. The scripted model calls for arithmetic and guesses without tools."""
+    from chatsmith.eval.runner import run_eval
+
+    f = tmp_path / "sums.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": str(a + b), "family": "arithmetic"})
+                         + "\n" for a, b in [(2, 86), (40, 2), (3, 5)]))
+    model, tok = scripted
+    kw = dict(out=tmp_path, quiet=True, model=model, tok=tok, chat=True, max_new_tokens=120)
+    with_tools = run_eval(tmp_path, [str(f)], tools=["calculator"], **kw)["tasks"][str(f)]
+    without = run_eval(tmp_path, [str(f)], **kw)["tasks"][str(f)]
+    assert with_tools["accuracy"] == 1.0 and with_tools["items_with_calls"] == 3 and with_tools["tool_calls"] == 3
+    assert without["accuracy"] == 0.0 and "tool_calls" not in without
+    assert with_tools["samples"][0]["tool_calls"] == [{"name": "calculator", "arguments": '{"expression": "2 + 86"}',
+                                                       "result": "88"}]
