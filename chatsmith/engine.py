@@ -78,6 +78,7 @@ class Completion:
     # per generated token (under the model's raw distribution, before temperature and filters)
     logprobs: list | None = None
     prompt_logprobs: list | None = None  # the same per prompt token; None for the first
+    forced: list[int] | None = None  # indices into token_ids fed by a tool hook, not sampled (RL masks them)
 
 
 def _finite(x: float) -> float:
@@ -193,7 +194,7 @@ class Seq:
     """One decoded sequence (a request with n > 1 has n): its slot row, tokens, text, sampler."""
 
     __slots__ = ("req", "index", "row", "out", "detok", "text", "emitted", "finish", "gen", "lps", "new_lps",
-                 "history", "hook", "forced")
+                 "history", "hook", "forced", "forced_at")
 
     def __init__(self, req: "Request", index: int, tok):
         self.req, self.index, self.row = req, index, -1
@@ -206,6 +207,7 @@ class Seq:
         self.history = None
         self.hook = req.params.tool_hook() if req.params.tool_hook is not None else None
         self.forced: list[int] = []  # tokens the tool hook queued, fed one per step
+        self.forced_at: list[int] = []  # where in `out` the fed tokens went
 
 
 @dataclass
@@ -348,7 +350,8 @@ class Engine:
         for s in req.seqs:
             if s.finish is None:
                 s.finish = reason or "length"
-            comps.append(Completion(s.out, s.text, s.finish, logprobs=s.lps, prompt_logprobs=req.prompt_logprobs))
+            comps.append(Completion(s.out, s.text, s.finish, logprobs=s.lps, prompt_logprobs=req.prompt_logprobs,
+                                    forced=s.forced_at or None))
         req.completions = comps
 
     def _real(self, logits: torch.Tensor) -> torch.Tensor:
@@ -441,6 +444,8 @@ class Engine:
                 if s.new_lps:
                     s.new_lps.pop()  # the end token is not part of the reply
             else:
+                if f:
+                    s.forced_at.append(len(s.out))
                 s.out.append(t)
                 before = len(s.text)
                 delta = s.detok.push(t)

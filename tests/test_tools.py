@@ -290,3 +290,62 @@ def test_eval_with_the_calculator(scripted, tmp_path):
     assert without["accuracy"] == 0.0 and "tool_calls" not in without
     assert with_tools["samples"][0]["tool_calls"] == [{"name": "calculator", "arguments": '{"expression": "2 + 86"}',
                                                        "result": "88"}]
+
+
+def test_rl_rollouts_run_the_tool_and_mask_its_tokens(scripted):
+    """RL with tools: the calculator runs inside the rollout, the reward sees the text around the
+    call, and the tokens the tool fed in are out of the policy's loss mask."""
+    from chatsmith.batching import completion_batch
+    from chatsmith.train.rollouts import PromptItem, sample
+
+    model, tok = scripted
+    ids, _ = tok.render_chat(ASK_ := [{"role": "user", "content": "What is 2 + 86?"}], add_generation_prompt=True,
+                             tools=[CALC])
+    item = PromptItem(ASK_, ids, None, {"family": "arithmetic", "answers": ["88"]}, "t:1")
+    ro = sample(model, tok, [item], seed=0, temperature=1.0, max_new_tokens=150, end_id=tok.eos_id, n=2,
+                tools=builtin_tools(["calculator"]))
+    assert ro.texts == ["The answer is 88.", "The answer is 88."] and all(ro.finished)
+    full, plen, skip = ro.seqs[0]
+    fed = tok.tool_result_ids("88")
+    assert [full[plen + j] for j in skip] == fed  # exactly the tool's tokens are marked
+    b = completion_batch(ro.seqs, tok.pad_id)
+    learned = [int(t) for t, m in zip(b["y"][0], b["mask"][0]) if m]
+    assert learned == [t for j, t in enumerate(full[plen:]) if j not in set(skip)]
+    assert tok.token_to_id("<|reserved_1|>") in learned and tok.token_to_id("<|reserved_2|>") not in learned
+
+
+def test_tool_dialogues(tmp_path):
+    """The tool forms: the call's expression evaluates to the answer, the result is the answer,
+    number_sense answers without a call; a tool record and its plain twin share a split side."""
+    from chatsmith.data.dialogues import build_dialogues
+
+    fams = ["arithmetic", "word_problem", "number_sense", "arithmetic_tools", "word_problem_tools", "number_sense_tools"]
+    meta = build_dialogues(tmp_path, families=fams, caps={f: 60 for f in fams}, heldout_per_family=5, verbose=False)
+    assert all(meta["families"][f]["train"] > 0 for f in fams)
+    rows = [json.loads(x) for name in ("train", "heldout") for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    sides = {}
+    for name in ("train", "heldout"):
+        for x in (tmp_path / f"{name}.jsonl").read_text().splitlines():
+            r = json.loads(x)
+            sides.setdefault(r["messages"][0]["content"], set()).add(name)
+    assert all(len(v) == 1 for v in sides.values())  # a question is on one side only, in both forms
+    for r in rows:
+        if not r["family"].endswith("_tools"):
+            continue
+        assert r["tools"] == [CALC]
+        if r["family"] == "number_sense_tools":
+            assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+            continue
+        user, call, result, final = r["messages"]
+        args = json.loads(call["tool_calls"][0]["function"]["arguments"])
+        assert calculator(args) == result["content"] == r["answers"][0] and r["answers"][0] in final["content"]
+
+
+def test_rl_unknown_tool_is_a_user_error(base_model, tmp_path, capsys):
+    from conftest import cli
+
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    assert cli("rlhf", "--init", base_model, "--prompts", p, "--out", tmp_path / "o", "--tools", "abacus") == 2
+    assert "unknown tool 'abacus'" in capsys.readouterr().err
+    assert cli("eval", base_model, "--tasks", "arithmetic", "--tools", "abacus") == 2

@@ -135,7 +135,8 @@ def _drop_duplicates(by_family: dict[str, list[dict]]) -> tuple[list[dict], dict
     records, seen, dup = [], set(), {}
     for fam, recs in by_family.items():
         for r in recs:
-            k = json.dumps(r["messages"], ensure_ascii=False)
+            # a tool form with the same turns as its plain record differs by the tools on offer
+            k = json.dumps([r["messages"], r.get("tools")] if r.get("tools") else r["messages"], ensure_ascii=False)
             if k in seen:
                 dup[fam] = dup.get(fam, 0) + 1
                 continue
