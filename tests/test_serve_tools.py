@@ -199,3 +199,19 @@ def test_server_runs_the_calculator(live_calc):
     assert r["choices"][0]["finish_reason"] == "tool_calls" and "server_tool_calls" not in r["choices"][0]["message"]
     sdk = client(live_calc).chat.completions.create(model="model", messages=ASK)
     assert sdk.choices[0].message.content == "The answer is 88."
+
+
+def test_hostile_tools_are_400s_not_500s(live):
+    deep = {"type": "object"}
+    for _ in range(300):
+        deep = {"type": "object", "properties": {"x": deep}}
+    r = post(live, {"messages": ASK, "tools": [{"type": "function", "function": {"name": "f", "parameters": deep}}]})
+    assert r.status_code in (200, 400), r.text  # a deep but valid schema may be accepted; never a 500
+    huge = [{"type": "function", "function": {"name": f"f{i}", "description": "x" * 20000}} for i in range(100)]
+    r = post(live, {"messages": ASK, "tools": huge})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = post(live, {"messages": ASK, "tools": [{"type": "function", "function": {"name": "x" * 65}}]})
+    assert r.status_code == 400
+    r = post(live, {"messages": ASK, "tools": [CALC], "tool_choice": {"type": "function",
+                                                                   "function": {"name": 'calculator", "x'}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice.function.name"

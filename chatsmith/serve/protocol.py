@@ -332,7 +332,10 @@ def parse_call(body: dict, chat: bool, tok, ctx: int, max_batch: int, max_chars:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         msgs = parse_messages(body)
         tools = _tools(body, tok, builtin_tools)
-        check_chars(sum(len(m["content"]) for m in msgs), "messages", ctx, max_chars)
+        # the tool definitions and calls are rendered into the prompt too
+        extra = (len(json.dumps(tools.defs)) if tools else 0) + sum(
+            len(c["function"]["arguments"]) for m in msgs for c in m.get("tool_calls", ()))
+        check_chars(sum(len(m["content"]) for m in msgs) + extra, "messages", ctx, max_chars)
         try:
             ids, _ = tok.render_chat(msgs, add_generation_prompt=True, tools=tools.defs if tools else None)
         except UserError as e:  # a template that refuses tools

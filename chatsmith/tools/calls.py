@@ -76,6 +76,8 @@ def check_tools(tools, field: str = "tools") -> list[dict]:
         except jsonschema.SchemaError as e:
             raise MessageError(f"{where}.function.parameters", f"is not a valid JSON Schema: {e.message[:200]}") \
                 from None
+        except RecursionError:  # a schema nested as deep as JSON allows
+            raise MessageError(f"{where}.function.parameters", "nests too deep") from None
         fn = {"name": name, **({"description": desc} if desc else {}), "parameters": params}
         out.append({"type": "function", "function": fn})
     return out
