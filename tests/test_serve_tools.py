@@ -215,3 +215,12 @@ def test_hostile_tools_are_400s_not_500s(live):
     r = post(live, {"messages": ASK, "tools": [CALC], "tool_choice": {"type": "function",
                                                                    "function": {"name": 'calculator", "x'}}})
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice.function.name"
+
+
+def test_serve_tools_flag(base_model):
+    from chatsmith.errors import UserError
+    from chatsmith.serve.app import create_app
+
+    with pytest.raises(UserError, match="unknown tool 'abacus'"):
+        create_app(base_model, tools=["abacus"])
+    assert create_app(base_model, tools=["calculator"]).state.server.tools.keys() == {"calculator"}
