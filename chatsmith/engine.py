@@ -12,6 +12,11 @@ Only ids the tokenizer has are ever sampled or reported: a model's vocabulary is
 multiple of 64 by `pretrain`), and the logits of those padding rows are masked out of sampling,
 logprobs and top_logprobs. `logit_bias` (OpenAI's: token id -> a bias in [-100, 100] added to its
 logit before sampling) shifts what is sampled; reported logprobs stay the model's own.
+
+Tools run inside generation through a per-sequence hook (`SamplingParams.tool_hook`, see
+chatsmith.tools.inline): after a sampled token the hook may queue tokens (a tool's result), which
+are fed one per step in place of sampling; they never end the reply and `Completion.forced` says
+where they are.
 """
 
 from __future__ import annotations
