@@ -83,9 +83,22 @@ def collate(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = 
     return {"x": x, "y": y, "mask": mask}
 
 
-def completion_batch(seqs: list[tuple[list[int], int]], pad_id: int) -> dict:
-    """(ids, prompt_len) pairs -> collate(...) with the mask on the completion tokens."""
-    return collate([ids for ids, _ in seqs], pad_id, prompt_lens=[p for _, p in seqs])
+def completion_batch(seqs: list[tuple], pad_id: int) -> dict:
+    """(ids, prompt_len) pairs -> collate(...) with the mask on the completion tokens. A triple
+    (ids, prompt_len, skip) leaves the completion positions in `skip` out of the mask too (the
+    tokens a tool fed in during an RL rollout: the policy did not choose them)."""
+    if all(len(s) == 2 for s in seqs):
+        return collate([s[0] for s in seqs], pad_id, prompt_lens=[s[1] for s in seqs])
+    masks = []
+    for s in seqs:
+        ids, p = s[0], s[1]
+        if not 0 < p < len(ids):
+            raise UserError(f"a sequence's prompt ({p} tokens) must be followed by a completion")
+        m = [0] * p + [1] * (len(ids) - p)
+        for j in (s[2] if len(s) > 2 else ()):
+            m[p + j] = 0
+        masks.append(m)
+    return collate([s[0] for s in seqs], pad_id, masks=masks)
 
 
 # --- log-probabilities ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ replies are printed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -18,6 +19,9 @@ from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.tools import calls as toolcalls
+from chatsmith.tools.inline import ToolRunner, builtin_tools
+from chatsmith.tools.stream import ReplyStream
 
 HELP = """commands:
   /reset          start a new conversation (keeps the system prompt)
@@ -31,9 +35,13 @@ HELP = """commands:
 class ChatSession:
     """History, context management and one reply at a time; the terminal loop sits on top."""
 
-    def __init__(self, engine, params, system: str | None = None):
+    def __init__(self, engine, params, system: str | None = None, tools: dict | None = None):
+        """tools: built-in tools (chatsmith.tools.inline.builtin_tools) the model may call; they run
+        inside generation and the reply shows each call and its result."""
         self.engine, self.params, self.system = engine, params, system
+        self.tools = tools or {}
         self.history: list[dict] = []
+        self.last_steps: list[tuple[str, str, str]] = []  # the tool calls of the last reply
 
     @property
     def messages(self) -> list[dict]:
@@ -46,11 +54,12 @@ class ChatSession:
         room = min(self.params.max_new_tokens, ctx // 2)
         dropped = 0
         while True:
-            ids, _ = self.engine.tok.render_chat(self.messages, add_generation_prompt=True)
+            ids, _ = self.engine.tok.render_chat(self.messages, add_generation_prompt=True,
+                                                 tools=[spec for spec, _ in self.tools.values()] or None)
             if len(ids) + room <= ctx or len(self.history) <= 1:
                 break
-            # drop the oldest user turn and the assistant reply that answered it
-            n = 2 if len(self.history) >= 2 and self.history[1]["role"] == "assistant" else 1
+            # drop the oldest user turn and what answered it (the reply, tool calls and results)
+            n = next((i for i in range(1, len(self.history)) if self.history[i]["role"] == "user"), 1)
             del self.history[:n]
             dropped += n
         if len(ids) >= ctx:
@@ -67,16 +76,37 @@ class ChatSession:
             self.history.pop()
             raise
         parts, interrupted = [], False
+        markers = self.engine.tok.tool_markers if self.tools else None
+        params = self.params
+        if markers is not None:
+            params = dataclasses.replace(params, tool_hook=ToolRunner(self.engine.tok, self.tools).fork)
+        reader = ReplyStream(markers) if markers is not None else None
+        self.last_steps = []
+
+        def show(events):
+            for ev in events:
+                if ev[0] == "content":
+                    write and write(ev[1])
+                elif ev[0] == "step":
+                    self.last_steps.append(ev[1:])
+                    write and write(f"[{ev[1]} {ev[2]} -> {ev[3]}] ")
         try:
-            for _, piece in self.engine.stream(ids, self.params):
+            for _, piece in self.engine.stream(ids, params):
                 parts.append(piece)
-                if write:
+                if reader is not None:
+                    show(reader.feed(piece))
+                elif write:
                     write(piece)
         except KeyboardInterrupt:
             interrupted = True
         text = "".join(parts)
-        self.history.append({"role": "assistant", "content": text})
-        return text, dropped, interrupted
+        if reader is None:
+            self.history.append({"role": "assistant", "content": text})
+            return text, dropped, interrupted
+        show(reader.finish())
+        turns = toolcalls.reply_messages(text, markers)
+        self.history.extend(turns)
+        return turns[-1]["content"], dropped, interrupted
 
 
 def run(a):
@@ -88,7 +118,13 @@ def run(a):
     if not tok.has_chat:  # our chat tokens, or an imported model's own chat template
         raise UserError(f"{a.model} has no chat tokens in its tokenizer: it cannot chat")
     # one conversation: one KV-cache row, not the engine's default 32 (12 GB for SmolLM2's 8k context)
-    session = ChatSession(Engine(model, tok, max_batch=1, quantize=a.quantize), params, a.system)
+    try:
+        tools = builtin_tools(a.tools)
+    except ValueError as e:
+        raise UserError(f"--tools: {e}") from None
+    if tools and tok.tool_markers is None:
+        raise UserError(f"--tools: the chat template of {a.model} has no tool support")
+    session = ChatSession(Engine(model, tok, max_batch=1, quantize=a.quantize), params, a.system, tools)
     interactive = sys.stdin.isatty()
     out = sys.stdout
 
@@ -103,8 +139,10 @@ def run(a):
                 continue
             if a.jsonl:  # one JSON object per input line, so a multi-line reply stays with its question
                 reply, dropped, _ = session.reply(line)
-                write(json.dumps({"user": line, "assistant": reply, "turns_dropped": dropped}, ensure_ascii=False)
-                      + "\n")
+                row = {"user": line, "assistant": reply, "turns_dropped": dropped}
+                if session.tools:
+                    row["tool_calls"] = [{"name": n, "arguments": x, "result": r} for n, x, r in session.last_steps]
+                write(json.dumps(row, ensure_ascii=False) + "\n")
             else:
                 session.reply(line, write)
                 write("\n")
@@ -188,6 +226,8 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
                    help="decode weights: none (fp32 as trained) or int8 (CPU; a quarter of the bytes per token)")
+    p.add_argument("--tools", nargs="+", default=None, metavar="TOOL",
+                   help="built-in tools the model may call, run inside generation (calculator)")
     p.add_argument("--jsonl", action="store_true", help="read a user turn per input line and print one JSON "
                    "object per reply: {\"user\", \"assistant\", \"turns_dropped\"}")
 

@@ -12,6 +12,11 @@ Only ids the tokenizer has are ever sampled or reported: a model's vocabulary is
 multiple of 64 by `pretrain`), and the logits of those padding rows are masked out of sampling,
 logprobs and top_logprobs. `logit_bias` (OpenAI's: token id -> a bias in [-100, 100] added to its
 logit before sampling) shifts what is sampled; reported logprobs stay the model's own.
+
+Tools run inside generation through a per-sequence hook (`SamplingParams.tool_hook`, see
+chatsmith.tools.inline): after a sampled token the hook may queue tokens (a tool's result), which
+are fed one per step in place of sampling; they never end the reply and `Completion.forced` says
+where they are.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ class SamplingParams:
     logprobs: int | None = None  # report each generated token's log-probability and this many alternatives
     prompt_logprobs: int | None = None  # the same for every prompt token (echo scoring); allows max_new_tokens=0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling (OpenAI's)
+    # tools run inside generation: a factory of per-sequence hooks; a hook sees the reply's text after
+    # each sampled token and may return tokens to feed instead of sampling (a tool's result, see
+    # chatsmith.tools.inline). Forced tokens are never end tokens and never call the hook.
+    tool_hook: object | None = None
 
     def validate(self):
         if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):
@@ -75,6 +84,7 @@ class Completion:
     # per generated token (under the model's raw distribution, before temperature and filters)
     logprobs: list | None = None
     prompt_logprobs: list | None = None  # the same per prompt token; None for the first
+    forced: list[int] | None = None  # indices into token_ids fed by a tool hook, not sampled (RL masks them)
 
 
 # families this engine does not decode, and what to use instead
@@ -218,7 +228,7 @@ class Seq:
     """One decoded sequence (a request with n > 1 has n): its slot row, tokens, text, sampler."""
 
     __slots__ = ("req", "index", "row", "out", "detok", "text", "emitted", "finish", "gen", "lps", "new_lps",
-                 "history")
+                 "history", "hook", "forced", "forced_at")
 
     def __init__(self, req: "Request", index: int, tok):
         self.req, self.index, self.row = req, index, -1
@@ -229,6 +239,9 @@ class Seq:
         self.lps: list | None = [] if req.params.logprobs is not None else None
         self.new_lps: list = []  # logprob entries not yet handed out with an event
         self.history = None
+        self.hook = req.params.tool_hook() if req.params.tool_hook is not None else None
+        self.forced: list[int] = []  # tokens the tool hook queued, fed one per step
+        self.forced_at: list[int] = []  # where in `out` the fed tokens went
 
 
 @dataclass
@@ -383,7 +396,8 @@ class Engine:
         for s in req.seqs:
             if s.finish is None:
                 s.finish = reason or "length"
-            comps.append(Completion(s.out, s.text, s.finish, logprobs=s.lps, prompt_logprobs=req.prompt_logprobs))
+            comps.append(Completion(s.out, s.text, s.finish, logprobs=s.lps, prompt_logprobs=req.prompt_logprobs,
+                                    forced=s.forced_at or None))
         req.completions = comps
 
     def _real(self, logits: torch.Tensor) -> torch.Tensor:
@@ -461,19 +475,24 @@ class Engine:
     def _advance(self, seqs: list[Seq], logits: torch.Tensor, events: list[Event]):
         """Sample one token for each of seqs (row i of logits), append it, emit text, retire the done."""
         toks = self._sample(seqs, logits)
+        forced = [bool(s.forced) for s in seqs]
+        if any(forced):
+            toks = [s.forced.pop(0) if f else t for s, t, f in zip(seqs, toks, forced)]
         need_lp = [i for i, s in enumerate(seqs) if s.lps is not None]
         if need_lp:
             logp = logits[need_lp].float().log_softmax(-1)
             for j, i in enumerate(need_lp):
                 seqs[i].new_lps.append(self._lp_entry(logp[j], toks[i], seqs[i].req.params.logprobs))
         done = []
-        for s, t in zip(seqs, toks):
+        for s, t, f in zip(seqs, toks, forced):
             req = s.req
-            if t in self.eos_ids:
+            if t in self.eos_ids and not f:
                 s.finish = "stop"
                 if s.new_lps:
                     s.new_lps.pop()  # the end token is not part of the reply
             else:
+                if f:
+                    s.forced_at.append(len(s.out))
                 s.out.append(t)
                 before = len(s.text)
                 delta = s.detok.push(t)
@@ -483,6 +502,8 @@ class Engine:
                         cut = req.stopper.find(s.text, before)
                         if cut >= 0:
                             s.text, s.finish = s.text[:cut], "stop"
+                    if s.hook is not None and not f and s.finish is None:
+                        s.forced = list(s.hook(s.text) or ())
                 if s.finish is None and len(s.out) >= req.budget:
                     s.finish = "length"
             if s.finish == "length" or (s.finish == "stop" and t in self.eos_ids):

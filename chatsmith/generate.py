@@ -36,7 +36,8 @@ SAMPLING_HELP = {
 def add_arguments(p):
     p.add_argument("model", help="model directory")
     p.add_argument("--prompt", required=True, help="the text to continue")
-    add_dataclass_flags(p, SamplingParams, skip=("stop", "logit_bias"), help=SAMPLING_HELP)  # logit_bias: the API's
+    # logit_bias: the API's; tool_hook: chat / serve / eval --tools
+    add_dataclass_flags(p, SamplingParams, skip=("stop", "logit_bias", "tool_hook"), help=SAMPLING_HELP)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--no-stream", action="store_true", help="print only when finished")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 
 ROLES = ("system", "user", "assistant")
+# with tools (check_messages(tools=True)): tool results come back in turns of their own
+TOOL_ROLES = (*ROLES, "tool")
 # other names for our roles that OpenAI's API accepts
 ALIASES = {"developer": "system"}
 
@@ -26,11 +28,33 @@ class MessageError(ValueError):
         self.field, self.problem = field, problem
 
 
-def role_of(role, field: str, aliases: dict[str, str] = ALIASES) -> str:
+def role_of(role, field: str, aliases: dict[str, str] = ALIASES, roles: tuple = ROLES) -> str:
     role = aliases.get(role, role) if isinstance(role, str) else role
-    if role not in ROLES:
-        raise MessageError(field, f"must be system, user or assistant, got {role!r}")
+    if role not in roles:
+        raise MessageError(field, f"must be {', '.join(roles[:-1])} or {roles[-1]}, got {role!r}")
     return role
+
+
+def _tool_calls(calls, field: str) -> list[dict]:
+    """An assistant turn's OpenAI tool_calls -> [{"id", "type": "function", "function": {"name",
+    "arguments"}}] (arguments: the JSON string the API carries, kept as given)."""
+    if not isinstance(calls, list):
+        raise MessageError(field, "must be a list")
+    out = []
+    for j, c in enumerate(calls):
+        where = f"{field}[{j}]"
+        if not isinstance(c, dict) or c.get("type", "function") != "function" or not isinstance(c.get("function"), dict):
+            raise MessageError(where, "must be {\"id\", \"type\": \"function\", \"function\": {\"name\", \"arguments\"}}")
+        if not isinstance(c.get("id"), str) or not c["id"]:
+            raise MessageError(f"{where}.id", "must be a non-empty string")
+        f = c["function"]
+        if not isinstance(f.get("name"), str) or not f["name"]:
+            raise MessageError(f"{where}.function.name", "must be a non-empty string")
+        if not isinstance(f.get("arguments", ""), str):
+            raise MessageError(f"{where}.function.arguments", "must be a string (JSON text)")
+        out.append({"id": c["id"], "type": "function",
+                    "function": {"name": f["name"], "arguments": f.get("arguments", "")}})
+    return out
 
 
 def content_text(content, field: str) -> str:
@@ -49,26 +73,36 @@ def content_text(content, field: str) -> str:
 
 
 def check_messages(msgs, field: str = "messages", *, aliases: dict[str, str] = ALIASES, parts: bool = True,
-                   null_assistant: bool = False, last_user: bool = False) -> list[dict]:
+                   null_assistant: bool = False, last_user: bool = False, tools: bool = False) -> list[dict]:
     """Validate and normalise a message list -> [{"role", "content"}] with our role names.
 
     parts: accept content as text parts. null_assistant: an assistant turn with content null is
     "" (the API allows it for tool calls). last_user: the last turn must be a non-empty user turn
-    (a prompt to answer)."""
+    (a prompt to answer). tools: assistant turns may carry "tool_calls", and "tool" turns answer
+    them, each with the "tool_call_id" of a call made earlier in the conversation."""
     if not isinstance(msgs, list) or not msgs:
         raise MessageError(field, "must be a non-empty list")
-    out = []
+    out, calls = [], set()
     for i, m in enumerate(msgs):
         where = f"{field}[{i}]"
         if not isinstance(m, dict):
             raise MessageError(where, "must be an object")
-        role = role_of(m.get("role"), f"{where}.role", aliases)
+        role = role_of(m.get("role"), f"{where}.role", aliases, TOOL_ROLES if tools else ROLES)
         content = m.get("content")
         if content is None and null_assistant and role == "assistant":
             content = ""
         if isinstance(content, list) and not parts:
             raise MessageError(f"{where}.content", "must be a string")
-        out.append({"role": role, "content": content_text(content, f"{where}.content")})
+        turn = {"role": role, "content": content_text(content, f"{where}.content")}
+        if tools and role == "assistant" and m.get("tool_calls") is not None:
+            turn["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            calls.update(c["id"] for c in turn["tool_calls"])
+        elif tools and role == "tool":
+            if m.get("tool_call_id") not in calls:
+                raise MessageError(f"{where}.tool_call_id", "must be the id of a tool call made earlier in "
+                                                            f"the conversation, got {m.get('tool_call_id')!r}")
+            turn["tool_call_id"] = m["tool_call_id"]
+        out.append(turn)
     if last_user and (out[-1]["role"] != "user" or not out[-1]["content"].strip()):
         raise MessageError(f"{field}[{len(out) - 1}]", "must be the user's question (a non-empty user turn)")
     return out
@@ -88,5 +122,5 @@ def heldout_overlap(train: list[list[dict]], heldout: list[list[dict]]) -> int:
     return sum(conversation_key(m) in keys for m in heldout)
 
 
-__all__ = ["ROLES", "ALIASES", "MessageError", "role_of", "content_text", "check_messages",
+__all__ = ["ROLES", "TOOL_ROLES", "ALIASES", "MessageError", "role_of", "content_text", "check_messages",
            "conversation_key", "heldout_overlap"]

@@ -22,7 +22,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from chatsmith.data.corpus import iter_input_documents, split_files
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
-from chatsmith.messages import ROLES
+from chatsmith.messages import TOOL_ROLES
+from chatsmith.tools import calls as toolcalls
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 CHAT_TOKENS = [
@@ -30,7 +31,8 @@ CHAT_TOKENS = [
     "<|user_start|>", "<|user_end|>",
     "<|assistant_start|>", "<|assistant_end|>",
 ]
-RESERVED = [f"<|reserved_{i}|>" for i in range(7)]  # room for tools etc. without a vocab change
+# room for new control tokens without a vocab change; tools use 0-5 (see chatsmith.tools.calls)
+RESERVED = [f"<|reserved_{i}|>" for i in range(7)]
 SPECIAL_TOKENS = [BOS, EOS, PAD, *CHAT_TOKENS, *RESERVED]
 
 # The chat template, as Jinja for the ecosystem (transformers' apply_chat_template, vLLM, …).
@@ -123,26 +125,84 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    @property
+    def tool_markers(self) -> toolcalls.Markers | None:
+        """How this model writes tool calls: our reserved tokens, the ChatML convention for an
+        imported ChatML template (SmolLM2's has no tool support of its own), else None (no tools)."""
+        if self.native:
+            return toolcalls.NATIVE
+        return toolcalls.CHATML if self.chat_template and "<|im_start|>" in self.chat_template else None
+
+    def tool_result_ids(self, result: str) -> list[int]:
+        """What follows a call the engine ran itself: the end of the assistant's turn, the result in
+        a tool turn, the start of the next assistant turn (as `render_chat` renders those turns)."""
+        m = self.tool_markers
+        return self.encode(m.result_open, special=True) + self.encode(result) + self.encode(m.result_close, special=True)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and a loss mask that is 1 exactly on what the assistant
-        says: its reply tokens and its end token (so the model learns to stop), never on the
-        prompt, the system message, the user's turns or the <|assistant_start|> cue."""
+        says: its reply tokens, its tool calls and its end token (so the model learns to stop),
+        never on the prompt, the system message, the user's turns, tool definitions, tool results
+        or the <|assistant_start|> cue.
+
+        tools: OpenAI tool definitions, rendered before the conversation; assistant turns may
+        carry "tool_calls" and "tool" turns their results (see chatsmith.tools.calls)."""
         if not self.native:
-            return self._render_template(messages, add_generation_prompt)
+            return self._render_template(*self._chatml_tools(messages, tools), add_generation_prompt)
         ids, mask = [self.bos_id], [0]
+        t = self.tok.token_to_id
+        if tools:
+            defs = self.encode(json.dumps([x["function"] for x in tools], ensure_ascii=False))
+            ids += [t(toolcalls.TOOLS_START), *defs, t(toolcalls.TOOLS_END)]
+            mask += [0] * (len(defs) + 2)
         for m in messages:
             role = m["role"]
-            if role not in ROLES:
-                raise UserError(f"unknown chat role {role!r}; expected one of {ROLES}")
-            start, end = self.tok.token_to_id(f"<|{role}_start|>"), self.tok.token_to_id(f"<|{role}_end|>")
+            if role not in TOOL_ROLES:
+                raise UserError(f"unknown chat role {role!r}; expected one of {TOOL_ROLES}")
+            if role == "tool":
+                start, end = t(toolcalls.RESULT_START), t(toolcalls.RESULT_END)
+            else:
+                start, end = t(f"<|{role}_start|>"), t(f"<|{role}_end|>")
             body = self.encode(m["content"])
+            for c in m.get("tool_calls") or ():
+                body += [t(toolcalls.NATIVE.call_start),
+                         *self.encode(toolcalls.call_body(c["function"]["name"], c["function"]["arguments"])),
+                         t(toolcalls.NATIVE.call_end)]
             learn = int(role == "assistant")
             ids += [start, *body, end]
             mask += [0, *[learn] * len(body), learn]
         if add_generation_prompt:
-            ids.append(self.tok.token_to_id("<|assistant_start|>"))
+            ids.append(t("<|assistant_start|>"))
             mask.append(0)
         return ids, mask
+
+    def _chatml_tools(self, messages: list[dict], tools: list[dict] | None) -> tuple[list[dict]]:
+        """Tools for a ChatML template without tool support, by convention: the definitions in the
+        system turn inside <tools></tools>, each call as <tool_call>JSON</tool_call> in the
+        assistant's text, results in turns of role "tool" (ChatML renders any role name)."""
+        if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            return (messages,)
+        if self.tool_markers is not toolcalls.CHATML:
+            raise UserError("this model's chat template has no tool support (tools need chatsmith's template "
+                            "or a ChatML one)")
+        out = []
+        for m in messages:
+            calls = m.get("tool_calls") or ()
+            text = m["content"] + "".join(
+                f"\n<tool_call>\n{toolcalls.call_body(c['function']['name'], c['function']['arguments'])}\n</tool_call>"
+                for c in calls)
+            out.append({"role": m["role"], "content": text.lstrip("\n") if calls and not m["content"] else text})
+        if tools:
+            defs = "\n".join(json.dumps(x["function"], ensure_ascii=False) for x in tools)
+            sys_text = ("You can call functions. Their definitions are inside <tools></tools>:\n<tools>\n"
+                        f"{defs}\n</tools>\nTo call one, reply with a JSON object {{\"name\": ..., \"arguments\": "
+                        "{...}} inside <tool_call></tool_call>; results come back in a tool turn.")
+            if out and out[0]["role"] == "system":
+                out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + sys_text}
+            else:
+                out.insert(0, {"role": "system", "content": sys_text})
+        return (out,)
 
     def _render_template(self, messages: list[dict], add_generation_prompt: bool) -> tuple[list[int], list[int]]:
         """An imported model's own Jinja chat template (e.g. ChatML). The mask marks each assistant
@@ -374,14 +434,15 @@ def train_command(inputs: list[str], vocab_size: int, out: str, val: list[str] |
     return stats
 
 
-def render_truncated(tok: Tokenizer, messages: list[dict], max_len: int) -> tuple[list[int], list[int]] | None:
+def render_truncated(tok: Tokenizer, messages: list[dict], max_len: int,
+                     tools: list[dict] | None = None) -> tuple[list[int], list[int]] | None:
     """The longest prefix of the conversation that ends after an assistant turn and fits in
     max_len tokens (+1 for the shifted target); None when not even the first reply fits."""
     best = None
     for end in range(len(messages), 0, -1):
         if messages[end - 1]["role"] != "assistant":
             continue
-        ids, mask = tok.render_chat(messages[:end])
+        ids, mask = tok.render_chat(messages[:end], tools=tools)
         if len(ids) <= max_len + 1:
             best = (ids, mask)
             break
@@ -391,11 +452,12 @@ def render_truncated(tok: Tokenizer, messages: list[dict], max_len: int) -> tupl
 def encode_records(tok: Tokenizer, records, max_len: int) -> tuple[list, dict]:
     examples, truncated, dropped = [], 0, 0
     for r in records:
-        full = tok.render_chat(r.messages)
+        tools = r.meta.get("tools")  # a function-calling record: the definitions come first
+        full = tok.render_chat(r.messages, tools=tools)
         if len(full[0]) <= max_len + 1:
             examples.append(full)
             continue
-        cut = render_truncated(tok, r.messages, max_len)
+        cut = render_truncated(tok, r.messages, max_len, tools)
         if cut is None:
             dropped += 1
         else:

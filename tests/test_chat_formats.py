@@ -250,9 +250,12 @@ BROKEN = [
     ({"messages": [U("q"), {"role": "assistant", "content": 42}]}, "must be a string"),
     ({"messages": [U("q"), {"role": "assistant"}]}, 'no "content"'),
     ({"messages": [U("q"), {"role": "robot", "content": "beep"}]}, "unknown role 'robot'"),
-    ({"messages": [U("q"), {"role": "tool", "content": "42"}, A("a")]}, "tool/function turns"),
+    # function calling (OpenAI's fine-tuning format) is read, and its mistakes named
+    ({"messages": [U("q"), {"role": "tool", "content": "42"}, A("a")]}, "messages[1].tool_call_id must be the id"),
     ({"messages": [U("q"), {"role": "assistant", "content": None,
-                            "tool_calls": [{"id": "1"}]}]}, "tool calling is not supported"),
+                            "tool_calls": [{"id": "1"}]}]}, "messages[1].tool_calls[0] must be"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "tool", "value": "42"}]}, "tool/function turns"),
+    ({"messages": [U("q"), A("a")], "tools": [{"type": "function", "function": {}}]}, "tools[0].function.name"),
     ({"messages": [U("q"), {"role": "assistant",
                             "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "only text parts"),
@@ -275,6 +278,23 @@ BROKEN = [
     ('{"messages": [{"role": "user", "content": "q\\ud800"}, {"role": "assistant", '
      '"content": "a"}]}', "lone surrogate"),
 ]
+
+
+def test_function_calling_records(tmp_path):
+    """OpenAI's fine-tuning format for tools: "tools" and the calls' turns are kept; SFT's mask
+    learns the call and the answer, not the result."""
+    from chatsmith.data.chat_formats import read_conversations
+    from chatsmith.tools.calculator import SPEC
+
+    call = {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "1+1"}'}}
+    rec = {"messages": [U("1+1?"), {"role": "assistant", "content": None, "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "c1", "content": "2"}, A("2")], "tools": [SPEC]}
+    f = tmp_path / "tools.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    (r,), _ = read_conversations([str(f)])
+    assert r.meta["tools"][0]["function"]["name"] == "calculator"
+    assert [m["role"] for m in r.messages] == ["user", "assistant", "tool", "assistant"]
+    assert r.messages[1]["tool_calls"] == [call]
 
 
 @pytest.mark.parametrize("bad, reason", BROKEN, ids=[r for _, r in BROKEN])

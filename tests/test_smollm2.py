@@ -109,3 +109,23 @@ def test_chatml_content_cannot_forge_turns():
     assert ids.count(start) == 3 and ids.count(end) == 2  # system, user, the assistant cue
     assert tok.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n"
                                f"<|im_start|>user\n{evil}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_smollm2_template_round_trips_tools():
+    """SmolLM2's template has no tool support of its own: tools follow the ChatML convention
+    (chatsmith.tools.calls), and the loop renders and parses back as with our template."""
+    import gguf
+    from tokenizers import Tokenizer as RustTok
+
+    from chatsmith.interop.gguf_io import gguf_tokenizer
+    from chatsmith.interop.registry import packaged_file
+    from chatsmith.tokenizer import Tokenizer
+    from chatsmith.tools.calls import CHATML
+    from test_tools import _round_trip
+
+    f = packaged_file("smollm2")
+    files = gguf_tokenizer(gguf.GGUFReader(str(f)), f, type("Cfg", (), {"max_seq_len": 8192}))
+    tok = Tokenizer(RustTok.from_str(files["tokenizer.json"]), f, files["tokenizer_config.json"])
+    assert "tool" not in tok.chat_template and tok.tool_markers is CHATML
+    text = _round_trip(tok)
+    assert text.startswith("<|im_start|>system\nYou can call functions")

@@ -218,3 +218,48 @@ def test_phone_width_layout(web, browser):
         wait(lambda: d.find_element("id", "new-chat").rect["x"] >= 0, 5, "the drawer to open")
     finally:
         d.set_window_size(1200, 900)
+
+
+@pytest.fixture(scope="module")
+def calc_web(web, tokenizer_dir):
+    """A second server over the scripted model (tests/test_tools.py) that runs the calculator itself."""
+    from chatsmith.serve.app import Server, build_app
+    from chatsmith.tokenizer import Tokenizer
+    from chatsmith.tools import calls as toolcalls
+    from chatsmith.tools.inline import builtin_tools
+    from test_serve_hostile import start
+    from test_tools import Scripted, calc_script
+
+    tok = Tokenizer.load(tokenizer_dir)
+    model = Scripted(tok, calc_script(toolcalls.NATIVE, "<|assistant_end|>"), "<|assistant_start|>")
+    url, _, server = start(build_app(Server(model, tok, "calc", max_batch=2, tools=builtin_tools(["calculator"]))))
+    yield url
+    server.should_exit = True
+
+
+def test_tool_calls_are_shown_collapsible_and_as_text(calc_web, browser):
+    d = browser
+    d.get(calc_web + "/")
+    d.execute_script("localStorage.clear()")
+    d.get(calc_web + "/")
+    d.find_element("id", "input").send_keys("What is 2 + 86?")
+    d.find_element("id", "send").click()
+    wait(lambda: replies(d) == ["The answer is 88."] and not streaming(d), what="the answer after the tool call")
+    (call,) = d.find_elements("css selector", ".message.assistant details.tool-call")
+    assert call.get_attribute("open") is None  # collapsed: the summary names the call
+    assert 'calculator({"expression": "2 + 86"})' in call.find_element("css selector", "summary").text
+    call.find_element("css selector", "summary").click()
+    assert call.find_element("css selector", ".tool-result").text == "\u2192 88"
+    # kept with the conversation, and rendered as text: markup in a tool call is never run
+    d.execute_script("localStorage.setItem('chatsmith.conversations', JSON.stringify(arguments[0]))",
+                     [{"id": "c1", "title": "t", "updated": 1, "messages": [
+                         {"role": "user", "content": "x"},
+                         {"role": "assistant", "content": "ok", "tools": [
+                             {"name": "<img src=x onerror=window.__xss=8>", "arguments": "<script>window.__xss=9</script>",
+                              "result": "<b>r</b>"}]}]}])
+    d.get(calc_web + "/")
+    summary = d.find_element("css selector", "details.tool-call summary")
+    assert "<img src=x onerror=window.__xss=8>" in summary.text
+    assert not d.find_elements("css selector", "#messages img, #messages script, #messages b")
+    time.sleep(0.2)
+    assert d.execute_script("return window.__xss") is None

@@ -40,7 +40,8 @@ def add_arguments(p):
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of corpus documents held out for validation")
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val and held-out splits")
     p.add_argument("--max-doc-chars", type=int, default=20000, help="longer documents are cut at paragraphs")
-    p.add_argument("--families", nargs="+", help=f"dialogue families to build (default: all of {', '.join(FAMILIES)})")
+    p.add_argument("--families", nargs="+", help=f"dialogue families to build (default: all but the *_tools "
+                                                 f"forms; all: {', '.join(FAMILIES)})")
     p.add_argument("--heldout-per-family", type=int, default=100, help="held-out dialogues per family")
 
 

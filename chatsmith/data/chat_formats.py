@@ -53,7 +53,8 @@ import yaml
 
 from chatsmith.data.corpus import check_file, json_line, lone_surrogate_at
 from chatsmith.errors import UserError
-from chatsmith.messages import ALIASES, ROLES
+from chatsmith.messages import ALIASES, ROLES, MessageError, check_messages
+from chatsmith.tools.calls import check_tools
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "dialogue", "chatterbot")
 
@@ -320,8 +321,34 @@ def _meta(rec: dict, used: tuple[str, ...]) -> dict:
 
 
 def _read_messages(rec: dict, y: bool) -> tuple[list[dict], dict]:
-    msgs, wheres = _turn_list(_need(rec, "messages", "messages"), "messages", y)
+    raw = _need(rec, "messages", "messages")
+    if "tools" in rec or isinstance(raw, list) and any(
+            isinstance(t, dict) and (t.get("role") == "tool" or t.get("tool_calls")) for t in raw):
+        return _read_tool_messages(rec, raw)
+    msgs, wheres = _turn_list(raw, "messages", y)
     return _check(msgs, wheres), _meta(rec, ("messages",))
+
+
+def _read_tool_messages(rec: dict, raw) -> tuple[list[dict], dict]:
+    """OpenAI's fine-tuning format for function calling: "tools" beside "messages", assistant
+    turns with "tool_calls", "tool" turns with the results. Each tool turn answers a call made
+    before it; without the calls and their results the turns alternate as `_check` wants."""
+    try:
+        msgs = check_messages(raw, "messages", null_assistant=True, tools=True)
+        meta = _meta(rec, ("messages",))
+        if rec.get("tools") is not None:
+            meta["tools"] = check_tools(rec["tools"])
+    except MessageError as e:
+        raise _Bad(str(e)) from None
+    for i, m in enumerate(msgs):
+        if m["role"] == "tool" and msgs[i - 1]["role"] not in ("tool", "assistant") or \
+                m["role"] == "tool" and msgs[i - 1]["role"] == "assistant" and not msgs[i - 1].get("tool_calls"):
+            raise _Bad(f"messages[{i}] is a tool turn that does not follow the assistant's tool calls")
+    keep = [i for i, m in enumerate(msgs) if m["role"] != "tool" and not m.get("tool_calls")]
+    _check([msgs[i] for i in keep], [f"messages[{i}]" for i in keep])
+    if msgs[-1]["role"] != "assistant" and not _PROMPTS_OK.get():
+        raise _Bad(f"the last turn, messages[{len(msgs) - 1}], is not the assistant's: nothing to learn after it")
+    return msgs, meta
 
 
 def _read_sharegpt(rec: dict, y: bool) -> tuple[list[dict], dict]:

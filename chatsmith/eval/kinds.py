@@ -23,6 +23,8 @@ from chatsmith.eval.scoring import (exact_match, extract_cot_answer, mean_std, p
 from chatsmith.eval.taskfile import Item
 from chatsmith.eval.taskset import Task
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.tools.calls import split_reply
+from chatsmith.tools.inline import ToolRunner
 
 
 @dataclass
@@ -42,6 +44,7 @@ class RunContext:
     scorer: object = None             # .score(conversations), for reward tasks
     engine_b: Engine | None = None    # the model compared against (--compare)
     compare: str | None = None
+    tools: dict | None = None         # built-in tools the model may call (eval --tools), chat prompts only
     _engine: Engine | None = field(default=None, init=False, repr=False)
 
     @property
@@ -76,12 +79,19 @@ def _fit_prompts(prompter: Prompter, items: list[Item], shots: list[list[Item]],
 def _run_generation(task: Task, run: RunContext) -> dict:
     engine = run.engine
     cot = run.mode == "cot"
-    prompter = Prompter(run.tok, run.template, run.chat, run.model.cfg.max_seq_len, worked_examples=cot)
+    tools = run.tools if run.chat else None
+    prompter = Prompter(run.tok, run.template, run.chat, run.model.cfg.max_seq_len, worked_examples=cot,
+                        tools=[spec for spec, _ in tools.values()] if tools else None)
     stop = [] if prompter.chat else (["\n\n"] if cot else ["\n"])
     shots = examples_for(task, run.template, run.k, run.seed)
     prompts, texts, kept, fewer = _fit_prompts(prompter, task.items, shots, run.max_new_tokens)
-    params = SamplingParams(max_new_tokens=run.max_new_tokens, temperature=0, stop=stop, seed=run.seed)
+    params = SamplingParams(max_new_tokens=run.max_new_tokens, temperature=0, stop=stop, seed=run.seed,
+                            tool_hook=ToolRunner(run.tok, tools).fork if tools else None)
     replies = [r if r is not None else "" for r in _generate(engine, prompts, params)]
+    steps: list[list] = [[] for _ in replies]
+    if tools:  # score what the model said around its calls; count the calls it made
+        split = [split_reply(r, run.tok.tool_markers) for r in replies]
+        replies, steps = [c for c, *_ in split], [s + [(n, a, "") for n, a in calls] for _, s, calls, _ in split]
     extracted = [extract_cot_answer(r) if cot else r.strip() for r in replies]
     res = {"n": len(task.items)}
     if task.kind == "exact_match":
@@ -91,11 +101,15 @@ def _run_generation(task: Task, run: RunContext) -> dict:
         ok = None
         res.update(score_references(extracted, [it.references for it in task.items]))
     res.update(too_long=prompts.count(None), stop=stop)
+    if tools:
+        res.update(tools=sorted(tools), tool_calls=sum(map(len, steps)), items_with_calls=sum(1 for s in steps if s))
     if run.template.uses_examples:
         res.update(shots_mean=sum(kept) / len(kept), fewer_shots=fewer)
     samples = []
     for i, it in enumerate(task.items[:run.n_samples]):
         s = {"loc": it.loc, "prompt": texts[i], "reply": replies[i], "extracted": extracted[i]}
+        if tools:
+            s["tool_calls"] = [{"name": n, "arguments": a, "result": r} for n, a, r in steps[i]]
         if ok is not None:
             s.update(answers=it.answers, correct=bool(ok[i]))
         else:

@@ -178,8 +178,10 @@ class Prompter:
     """Renders an item's prompt (ids and text) for a template, in chat or plain form, with
     few-shot examples dropped from the end until the prompt leaves ``room`` tokens."""
 
-    def __init__(self, tok, template: Template, chat: bool, ctx: int, worked_examples: bool):
+    def __init__(self, tok, template: Template, chat: bool, ctx: int, worked_examples: bool,
+                 tools: list[dict] | None = None):
         self.tok, self.t, self.chat, self.ctx, self.worked = tok, template, chat, ctx, worked_examples
+        self.tools = tools  # tool definitions rendered before a chat prompt (eval --tools)
 
     def text(self, item: Item, examples: list[Item]) -> str:
         ex = "\n\n".join(fill(self.t.example, {"question": e.question, "answer": e.target(self.worked)})
@@ -196,7 +198,7 @@ class Prompter:
     def ids(self, item: Item, text: str) -> list[int]:
         if self.chat:
             return self.tok.render_chat(item.messages[:-1] + [{"role": "user", "content": text}],
-                                        add_generation_prompt=True)[0]
+                                        add_generation_prompt=True, tools=self.tools)[0]
         return self.tok.encode(text, bos=True)
 
     def fit(self, item: Item, examples: list[Item], room: int) -> tuple[list[int], str, int]:

@@ -24,6 +24,7 @@ from chatsmith.eval.taskset import Task, resolve_tasks
 from chatsmith.runtime import resolve_device
 from chatsmith.reward_model import load_reward_model
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.tools.inline import builtin_tools
 
 
 def _check_options(mode: str, k, limit, max_new_tokens: int):
@@ -118,7 +119,7 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
              seed: int = 0, templates_dir: str | os.PathLike | None = None, pool: str | None = None,
              heldout: str | None = None, chat: bool | None = None, device: str = "cpu",
              n_samples: int = 3, quiet: bool = False, model=None, tok=None, reward_model=None,
-             compare: str | os.PathLike | None = None) -> dict:
+             compare: str | os.PathLike | None = None, tools: list[str] | None = None) -> dict:
     """Evaluate a model on ``tasks`` and write ``metrics.json`` into ``out`` (default
     ``MODEL_DIR/eval``); returns the metrics and prints a table unless ``quiet``.
 
@@ -127,7 +128,8 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
     may be passed already loaded (tests); otherwise they are loaded from ``model_dir``.
     ``reward_model``: a directory with a reward head (or an object with ``.score(conversations)``),
     needed by reward tasks; ``compare``: a second model directory whose replies the reward tasks
-    score too, giving the win rate of ``model_dir`` against it.
+    score too, giving the win rate of ``model_dir`` against it. ``tools``: built-in tools (calculator)
+    offered in chat prompts and run inside generation; answers are scored on the text around the calls.
     """
     t0 = time.time()
     tasks = [str(t) for t in ([tasks] if isinstance(tasks, (str, os.PathLike)) else tasks)]
@@ -140,8 +142,14 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
     if tok is None:
         tok = Tokenizer.load(model_dir)
     use_chat = model_has_chat_template(model_dir) if chat is None else bool(chat)
+    try:
+        builtin = builtin_tools(tools)
+    except ValueError as e:
+        raise UserError(f"--tools: {e}") from None
+    if builtin and not (use_chat and tok.tool_markers is not None):
+        raise UserError("--tools needs a chat model whose template knows tools (chatsmith's, or ChatML)")
     run = RunContext(model, tok, use_chat, mode, k, seed, limit, max_new_tokens, n_samples, template, mc_template,
-                     scorer, engine_b, None if compare is None else str(compare))
+                     scorer, engine_b, None if compare is None else str(compare), builtin or None)
     results = {task.name: run_task(task, run, quiet) for task in task_list}
     metrics = _metrics(model_dir, run, results, reward_model, compare, t0)
     path = (Path(out) if out is not None else Path(model_dir) / "eval") / "metrics.json"
@@ -178,6 +186,8 @@ def add_arguments(p):
     grp.add_argument("--no-chat", dest="chat", action="store_false", default=None,
                      help="plain 'Question: ... Answer:' prompts even for a chat model")
     grp.add_argument("--chat", dest="chat", action="store_true", help="force the chat template")
+    p.add_argument("--tools", nargs="+", default=None, metavar="TOOL",
+                   help="offer built-in tools (calculator) in chat prompts and run the model's calls")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--images-root", default="data/images", help="clip tasks: where `data build --what images` wrote")
 
@@ -189,7 +199,7 @@ def main(a):
         return
     run_eval(a.model, a.tasks, out=a.out, mode=a.mode, k=a.k, limit=a.limit, max_new_tokens=a.max_new_tokens,
              seed=a.seed, templates_dir=a.templates, pool=a.pool, heldout=a.heldout, chat=a.chat, device=a.device,
-             reward_model=a.reward_model, compare=a.compare)
+             reward_model=a.reward_model, compare=a.compare, tools=a.tools)
 
 
 VERB = Verb("eval", "evaluate a model on tasks: LM metrics, exact match, BLEU/chrF, multiple choice",

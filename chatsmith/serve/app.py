@@ -42,6 +42,7 @@ from chatsmith.serve.embeddings import Embedder
 from chatsmith.serve.protocol import APIError, Call, TokenText, error_body, get_field
 from chatsmith.serve.scheduler import Scheduler, admit, run_jobs
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.tools.inline import builtin_tools
 
 STATIC = Path(__file__).parent / "static"
 # the page's files, listed once: a request names one of these or gets a 404 without the
@@ -58,7 +59,8 @@ class Server:
 
     def __init__(self, model, tok, model_name: str, api_key: str | None = None, max_queue: int = 64,
                  max_batch: int = 32, chat_template: str | None = None, embedder: Embedder | None = None,
-                 quantize: str | None = None):
+                 tools: dict | None = None, quantize: str | None = None):
+        self.tools = tools or {}  # the tools this server runs itself (serve --tools)
         self.engine = Engine(model, tok, max_batch=max_batch, quantize=quantize) if model is not None else None
         self.tok, self.model_name, self.api_key = tok, model_name, api_key
         self.embedder = embedder
@@ -258,7 +260,8 @@ async def complete(request: Request, chat: bool):
     srv.generative()
     # tokenising can take seconds for a long prompt: in a worker thread, so /health and the
     # other clients are answered meanwhile (the tokenizer releases the GIL)
-    call = await srv.off_loop(protocol.parse_call, body, chat, srv.tok, srv.ctx, srv.max_batch, srv.max_chars)
+    call = await srv.off_loop(protocol.parse_call, body, chat, srv.tok, srv.ctx, srv.max_batch, srv.max_chars,
+                              srv.tools)
     srv.admit(len(call.jobs))
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     created = int(time.time())
@@ -380,10 +383,16 @@ async def lifespan(app: FastAPI):
 def create_app(model_dir: str | Path, api_key: str | None = None, model_name: str | None = None,
                max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
                allowed_hosts: list[str] | None = None, embeddings: str | None = None,
-               embeddings_name: str | None = None, quantize: str | None = None) -> FastAPI:
+               embeddings_name: str | None = None, tools: list[str] | None = None,
+               quantize: str | None = None) -> FastAPI:
     """allowed_hosts: the names a request's Host header may give (default: loopback); '*': any.
     An encoder model_dir is served for /v1/embeddings alone; `embeddings` adds an encoder beside a
-    generative model (clients pick it by `embeddings_name`, default its directory's name)."""
+    generative model (clients pick it by `embeddings_name`, default its directory's name). tools:
+    built-in tools the server runs inside generation (calculator)."""
+    try:
+        builtin = builtin_tools(tools)
+    except ValueError as e:
+        raise UserError(f"--tools: {e}") from None
     name = model_name or Path(model_dir).resolve().name
     if isinstance(read_config(model_dir), EncoderConfig):
         if embeddings:
@@ -402,7 +411,15 @@ def create_app(model_dir: str | Path, api_key: str | None = None, model_name: st
                 raise UserError(f"the embeddings model needs a name other than the chat model's ({name!r}): "
                                 f"--embeddings-name")
             embedder = Embedder(EncoderEngine.load(embeddings, device=device), ename)
-        srv = Server(model, tok, name, api_key, max_queue, max_batch, chat_template, embedder, quantize)
+        if builtin and tok.tool_markers is None:
+            raise UserError(f"--tools: the chat template of {model_dir} has no tool support")
+        srv = Server(model, tok, name, api_key, max_queue, max_batch, chat_template, embedder, builtin,
+                     quantize=quantize)
+    return build_app(srv, allowed_hosts)
+
+
+def build_app(srv: Server, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The FastAPI app over a Server (tests build one over a scripted model)."""
     app = FastAPI(title="chatsmith", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = srv
     app.add_exception_handler(APIError, on_api_error)
@@ -428,12 +445,13 @@ def default_hosts(host: str) -> list[str]:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
           threads: int | None = None, allowed_hosts: list[str] | None = None, embeddings: str | None = None,
-          embeddings_name: str | None = None, quantize: str | None = None):
+          embeddings_name: str | None = None, tools: list[str] | None = None, quantize: str | None = None):
     sock = listen(host, port)  # before the model loads: a busy port is said at once, with nothing to undo
     torch.seed()  # requests without a seed should differ from one server start to the next
     set_threads(threads)
     app = create_app(model_dir, api_key, model_name, max_queue, device, max_batch,
-                     allowed_hosts if allowed_hosts else default_hosts(host), embeddings, embeddings_name, quantize)
+                     allowed_hosts if allowed_hosts else default_hosts(host), embeddings, embeddings_name, tools,
+                     quantize)
     print(f"serving {model_dir} as '{app.state.server.model_name}' on http://{host}:{port}/v1 "
           f"(chat page: http://{host}:{port}/)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

@@ -11,7 +11,9 @@ import json
 import math
 
 from chatsmith.engine import SamplingParams
+from chatsmith.errors import UserError
 from chatsmith.messages import MessageError, check_messages
+from chatsmith.serve import tools as servetools
 from chatsmith.tokenizer import SPECIAL_TOKENS, _bytes_to_unicode
 
 MAX_LOGPROBS = 20
@@ -205,8 +207,8 @@ def sampling_from(body: dict, chat: bool) -> tuple[SamplingParams, int]:
     rep = get_field(body, "repetition_penalty", num, 1.0, lambda v: v > 0, "a number > 0")
     logprobs = _logprobs(body, chat, n)
     _response_format(body)
-    if body.get("tools") or body.get("functions"):
-        raise APIError(400, "tool and function calling are not supported", param="tools")
+    if not chat and (body.get("tools") or body.get("functions")):
+        raise APIError(400, "tool calling is a chat feature: use /v1/chat/completions", param="tools")
     params = SamplingParams(max_new_tokens=max_tokens or 0, temperature=float(temperature), top_p=float(top_p),
                             top_k=top_k, repetition_penalty=float(rep), stop=stops, seed=seed,
                             num_return_sequences=n, logprobs=logprobs, logit_bias=_logit_bias(body),
@@ -222,7 +224,7 @@ def parse_messages(body: dict) -> list[dict]:
         raise APIError(400, f"'messages' has {len(msgs)} messages; at most {MAX_MESSAGES} are allowed",
                        param="messages", code="invalid_value")
     try:
-        return check_messages(body.get("messages"), "messages", parts=True, null_assistant=True)
+        return check_messages(body.get("messages"), "messages", parts=True, null_assistant=True, tools=True)
     except MessageError as e:
         if e.field == "messages":  # not a list at all
             raise APIError(400, f"'messages' {e.problem}", param="messages", code="invalid_type") from None
@@ -299,6 +301,7 @@ class Call:
     # per prompt: leading tokens the server added (a text prompt's <|bos|>), which the echoed text
     # does not contain, so echo's logprobs leave them out (OpenAI's tokens join to the text)
     added: list[int] = dataclasses.field(default_factory=list)
+    tools: servetools.Tools | None = None  # function calling (chat): see chatsmith.serve.tools
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:  # (stream, include_usage)
@@ -311,15 +314,37 @@ def _stream_options(body: dict) -> tuple[bool, bool]:  # (stream, include_usage)
     return stream, bool(get_field(opts or {}, "include_usage", bool, False, what="a boolean"))
 
 
-def parse_call(body: dict, chat: bool, tok, ctx: int, max_batch: int, max_chars: int | None = None) -> Call:
-    """The validated call; tokenises, so the server runs it off the event loop."""
+def _tools(body: dict, tok, builtin: dict | None) -> servetools.Tools | None:
+    try:
+        return servetools.parse_tools(body, tok, builtin or {})
+    except MessageError as e:
+        raise APIError(400, str(e), param=e.field, code="invalid_value") from None
+
+
+def parse_call(body: dict, chat: bool, tok, ctx: int, max_batch: int, max_chars: int | None = None,
+               builtin_tools: dict | None = None) -> Call:
+    """The validated call; tokenises, so the server runs it off the event loop. builtin_tools: the
+    tools the server runs itself (chatsmith.tools.inline.builtin_tools)."""
     params, n = sampling_from(body, chat)
+    tools = None
     if chat:
         if not tok.has_chat:
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         msgs = parse_messages(body)
-        check_chars(sum(len(m["content"]) for m in msgs), "messages", ctx, max_chars)
-        ids, _ = tok.render_chat(msgs, add_generation_prompt=True)
+        tools = _tools(body, tok, builtin_tools)
+        # the tool definitions and calls are rendered into the prompt too
+        extra = (len(json.dumps(tools.defs)) if tools else 0) + sum(
+            len(c["function"]["arguments"]) for m in msgs for c in m.get("tool_calls", ()))
+        check_chars(sum(len(m["content"]) for m in msgs) + extra, "messages", ctx, max_chars)
+        try:
+            ids, _ = tok.render_chat(msgs, add_generation_prompt=True, tools=tools.defs if tools else None)
+        except UserError as e:  # a template that refuses tools
+            raise APIError(400, str(e), param="tools" if tools else "messages") from None
+        if tools:
+            ids += tok.encode(tools.prefix, special=True) if tools.prefix else []
+            params.tool_hook = tools.hook()
+            if ban := tools.ban(tok):
+                params.logit_bias = {**(params.logit_bias or {}), **ban}
         prompts, texts = [ids], [None]
     else:
         prompts, texts = completion_prompts(body, tok, ctx, max_chars)
@@ -334,7 +359,7 @@ def parse_call(body: dict, chat: bool, tok, ctx: int, max_batch: int, max_chars:
     if len(jobs) * n > max_batch:
         raise APIError(400, f"{len(jobs)} prompts x n={n} is more than the {max_batch} sequences this "
                             f"server decodes at once", param="n")
-    return Call(chat, jobs, texts, n, stream, include_usage, (not chat) and bool(body.get("echo")), added)
+    return Call(chat, jobs, texts, n, stream, include_usage, (not chat) and bool(body.get("echo")), added, tools)
 
 
 # --- response bodies --------------------------------------------------------------------------
@@ -401,9 +426,13 @@ def usage(call: Call, comps_by_job) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def _chat_choice(i: int, c, tt: TokenText) -> dict:
-    return {"index": i, "message": {"role": "assistant", "content": c.text, "refusal": None},
-            "finish_reason": c.finish_reason,
+def _chat_choice(i: int, c, tt: TokenText, tools: servetools.Tools | None = None) -> dict:
+    message, finish = {"role": "assistant", "content": c.text, "refusal": None}, c.finish_reason
+    if tools is not None:
+        fields, called = servetools.reply(tools, c.text)
+        message.update(fields)
+        finish = "tool_calls" if called and finish == "stop" else finish
+    return {"index": i, "message": message, "finish_reason": finish,
             "logprobs": chat_logprobs(tt, c.logprobs) if c.logprobs is not None else None}
 
 
@@ -422,7 +451,7 @@ def _completion_choice(call: Call, j: int, i: int, c, tt: TokenText) -> dict:
 def response(call: Call, done: dict[int, list], rid: str, created: int, model: str, tt: TokenText) -> dict:
     """The whole chat.completion / text_completion body from each job's Completions."""
     by_job = [done[j] for j in range(len(call.jobs))]
-    choices = [_chat_choice(i, c, tt) if call.chat else _completion_choice(call, j, i, c, tt)
+    choices = [_chat_choice(i, c, tt, call.tools) if call.chat else _completion_choice(call, j, i, c, tt)
                for j, comps in enumerate(by_job) for i, c in enumerate(comps)]
     return json_safe({"id": rid, "object": "chat.completion" if call.chat else "text_completion",
                       "created": created, "model": model, "choices": choices, "usage": usage(call, by_job)})
@@ -462,6 +491,7 @@ class Chunks:
                      "created": created, "model": model}
         self.offsets: dict[int, int] = {}  # completions logprobs: the text offset of each choice so far
         self.decoders: dict[int, codecs.IncrementalDecoder] = {}  # and its tokens' UTF-8 decoder
+        self.tool_streams: dict[tuple[int, int], servetools.ToolStream] = {}  # per (job, choice), with tools
 
     def chunk(self, choices: list, usage_: dict | None = None) -> str:
         d = {**self.head, "choices": choices}
@@ -478,7 +508,24 @@ class Chunks:
                              "finish_reason": None, "logprobs": None}]) for i in range(self.call.n)]
 
     def event(self, j: int, ev) -> str:
+        if self.call.chat and self.call.tools is not None:
+            return "".join(self.chunk([c]) for c in self._chat_tools(j, ev))
         return self.chunk([self._chat(j, ev) if self.call.chat else self._completion(j, ev)])
+
+    def _chat_tools(self, j: int, ev) -> list[dict]:
+        """With tools, one event may make several chunks (content, then each call's deltas); the
+        logprobs ride on the first, the finish reason on the last."""
+        ts = self.tool_streams.setdefault((j, ev.index), servetools.ToolStream(self.call.tools))
+        deltas, finish = ts.feed(ev.text), ev.finish_reason
+        if finish is not None:
+            more, called = ts.finish()
+            deltas += more
+            finish = "tool_calls" if called and finish == "stop" else finish
+        lp = chat_logprobs(self.tt, ev.logprobs) if self.call.jobs[j][1].logprobs is not None else None
+        if not deltas and (finish is not None or lp is not None):
+            deltas = [{}]
+        return [{"index": ev.index, "delta": d, "finish_reason": finish if k == len(deltas) - 1 else None,
+                 "logprobs": lp if k == 0 else None} for k, d in enumerate(deltas)]
 
     def _chat(self, j: int, ev) -> dict:
         lp = chat_logprobs(self.tt, ev.logprobs) if self.call.jobs[j][1].logprobs is not None else None

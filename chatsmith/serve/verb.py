@@ -31,6 +31,8 @@ def add_arguments(p):
                         "is itself an encoder is served for embeddings alone")
     p.add_argument("--embeddings-name", default=None,
                    help="the model id clients give for embeddings (default: the encoder's name)")
+    p.add_argument("--tools", nargs="+", default=None, metavar="TOOL",
+                   help="built-in tools the server runs inside generation for every chat request (calculator)")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
                    help="decode weights: none (fp32 as trained) or int8 (CPU; a quarter of the bytes per token)")
@@ -41,7 +43,7 @@ def main(a):
         raise UserError("--max-batch and --threads must be at least 1")
     serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device),
           max_batch=a.max_batch, threads=a.threads, allowed_hosts=a.allowed_hosts, embeddings=a.embeddings,
-          embeddings_name=a.embeddings_name, quantize=a.quantize)
+          embeddings_name=a.embeddings_name, tools=a.tools, quantize=a.quantize)
 
 
 VERB = Verb("serve", "OpenAI-compatible API server and web chat page", add_arguments, main)

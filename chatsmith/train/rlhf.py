@@ -45,6 +45,7 @@ from chatsmith.config import TrainConfig
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb, add_dataclass_flags, add_train_flags, dataclass_from_args
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.tools.inline import builtin_tools
 from chatsmith.train import rollouts
 from chatsmith.train.advantages import (adaptive_kl_coef, gae, group_advantages, k3_kl, moving_baseline, ppo_losses,
                                         token_rewards, value_loss, whiten)
@@ -83,9 +84,11 @@ class RLConfig:
     # grpo: draw up to this many more rollouts to fill the batch with groups whose rewards differ
     # (DAPO's dynamic sampling); 0 trains on every group, including those with no signal
     max_resample: int = 4
+    tools: str = ""  # comma list of built-in tools run inside the rollouts (calculator)
 
 
 RL_HELP = {
+    "tools": "built-in tools offered in the prompts and run inside the rollouts, comma separated (calculator)",
     "algo": "the RL algorithm (see the table in the README)",
     "rollout_prompts": "prompts per rollout",
     "group_size": "sampled replies per prompt (GRPO's G; grpo needs at least 2)",
@@ -120,6 +123,7 @@ class RLStage:
         self.heldout = list(heldout)
         self.last_result = None
         self.rl, self.cfg, self.world = rl, cfg, world
+        self.tools = rl_tools(rl, tok) or None  # built-in tools run inside the rollouts
         self.end_id = tok.token_to_id("<|assistant_end|>")
         if self.end_id is None:
             self.end_id = tok.eos_id
@@ -149,7 +153,8 @@ class RLStage:
     # rollout phase ----------------------------------------------------------------------
     def sample(self, model, items: list[PromptItem], seed: int, temperature: float, n: int = 1) -> Rollout:
         """Completions for each item (n each, grouped), unscored."""
-        return rollouts.sample(model, self.tok, items, seed, temperature, self.rl.max_new_tokens, self.end_id, n)
+        return rollouts.sample(model, self.tok, items, seed, temperature, self.rl.max_new_tokens, self.end_id, n,
+                               tools=self.tools)
 
     def score(self, items, texts, finished) -> tuple[torch.Tensor, dict]:
         total = torch.zeros(len(texts))
@@ -305,6 +310,16 @@ def check_config(rl: RLConfig):
         raise UserError("--minibatches cannot exceed the samples per rollout (rollout-prompts x group-size)")
 
 
+def rl_tools(rl: RLConfig, tok) -> dict:
+    try:
+        tools = builtin_tools([t.strip() for t in rl.tools.split(",") if t.strip()])
+    except ValueError as e:
+        raise UserError(f"--tools: {e}") from None
+    if tools and tok.tool_markers is None:
+        raise UserError("--tools: the policy's chat template has no tool support")
+    return tools
+
+
 def run(cfg: TrainConfig, rl: RLConfig, prompts: list[str], init: str, rewards: list[str],
         heldout: list[str] | None = None) -> dict:
     check_config(rl)
@@ -312,12 +327,15 @@ def run(cfg: TrainConfig, rl: RLConfig, prompts: list[str], init: str, rewards: 
     policy = load_model(init)
     ref = load_model(init).requires_grad_(False)
     fams = {f.strip() for f in rl.families.split(",") if f.strip()} or None
-    items, info = load_prompts(tok, prompts, policy.cfg.max_seq_len, fams)
+    tools = rl_tools(rl, tok)
+    defs = [spec for spec, _ in tools.values()] or None
+    items, info = load_prompts(tok, prompts, policy.cfg.max_seq_len, fams, tools=defs)
     if not items:
         raise UserError(f"no usable prompts in {', '.join(prompts)} ({info})")
     held = []
     if heldout:
-        held = heldout_items(load_prompts(tok, heldout, policy.cfg.max_seq_len, fams)[0], items, rl.eval_prompts)
+        held = heldout_items(load_prompts(tok, heldout, policy.cfg.max_seq_len, fams, tools=defs)[0], items,
+                             rl.eval_prompts)
     print(f"rl ({rl.algo}): {info['prompts']} prompts ({info['too_long']} too long, {info['other_families']} "
           f"of other families skipped); held-out {len(held)}", file=sys.stderr)
     if rl.algo == "ppo":

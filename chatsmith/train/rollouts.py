@@ -19,6 +19,8 @@ from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.messages import heldout_overlap
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.tools.calls import split_reply
+from chatsmith.tools.inline import ToolRunner
 
 
 @dataclass
@@ -31,8 +33,10 @@ class PromptItem:
 
 
 def load_prompts(tok: Tokenizer, specs: list[str], ctx: int, families: set[str] | None,
-                 min_new: int = 8) -> tuple[list[PromptItem], dict]:
-    """Prompts from chat files (any format SFT reads); a trailing assistant turn becomes the reference."""
+                 min_new: int = 8, tools: list[dict] | None = None) -> tuple[list[PromptItem], dict]:
+    """Prompts from chat files (any format SFT reads); a trailing assistant turn becomes the reference.
+    tools: definitions offered in every prompt (RL with tools run inside the rollouts); a record's
+    own "tools" are used where it has them."""
     records, _ = read_conversations(specs, prompts=True)
     items, too_long, other = [], 0, 0
     for r in records:
@@ -44,7 +48,7 @@ def load_prompts(tok: Tokenizer, specs: list[str], ctx: int, families: set[str] 
             msgs, ref = msgs[:-1], msgs[-1]["content"]
         if not msgs or msgs[-1]["role"] != "user":
             continue
-        ids, _ = tok.render_chat(msgs, add_generation_prompt=True)
+        ids, _ = tok.render_chat(msgs, add_generation_prompt=True, tools=r.meta.get("tools") or tools)
         if len(ids) > ctx - min_new:
             too_long += 1
             continue
@@ -103,11 +107,14 @@ class Rollout:
 
 @torch.no_grad()
 def sample(model, tok: Tokenizer, items: list[PromptItem], seed: int, temperature: float, max_new_tokens: int,
-           end_id: int, n: int = 1) -> Rollout:
-    """n completions for each item (grouped), unscored."""
+           end_id: int, n: int = 1, tools: dict | None = None) -> Rollout:
+    """n completions for each item (grouped), unscored. tools: built-in tools run inside generation;
+    the tokens they feed in are left out of the policy's loss, and the texts to score are what the
+    model wrote around its calls."""
     items = [it for it in items for _ in range(n)]
     was = model.training
-    p = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed)
+    p = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed,
+                       tool_hook=ToolRunner(tok, tools).fork if tools else None)
     # one batch for the whole rollout when it fits: decode steps cost about the same for 8 or 64 rows
     comps = Engine(model, tok).generate_many([it.ids for it in items], p, max_batch=min(64, len(items)))
     model.train(was)
@@ -115,8 +122,10 @@ def sample(model, tok: Tokenizer, items: list[PromptItem], seed: int, temperatur
     for it, c in zip(items, comps):
         # the engine leaves the end token out of token_ids; the policy must learn to emit it
         resp = list(c.token_ids) + ([end_id] if c.finish_reason == "stop" else [])
-        seqs.append((it.ids + (resp or [end_id]), len(it.ids)))
-    return Rollout(items, [c.text for c in comps], [c.finish_reason == "stop" for c in comps], seqs)
+        seqs.append((it.ids + (resp or [end_id]), len(it.ids), c.forced) if c.forced else
+                    (it.ids + (resp or [end_id]), len(it.ids)))
+    texts = [split_reply(c.text, tok.tool_markers)[0] if tools else c.text for c in comps]
+    return Rollout(items, texts, [c.finish_reason == "stop" for c in comps], seqs)
 
 
 def keep_informative(first: Rollout, draw: Callable[[], Rollout], group: int, want: int, max_resample: int) -> Rollout:

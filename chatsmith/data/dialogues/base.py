@@ -27,6 +27,7 @@ class Family:
     name: str = ""
     checkable: bool = False
     default_cap: int | None = None
+    default: bool = True  # built when no families are named (the tool forms are asked for by name)
 
     def missing(self, inputs: Inputs) -> str | None:
         """Why the raw source is not available (and how to install it), or None if it is."""

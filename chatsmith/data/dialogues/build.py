@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 from chatsmith.atomic import write_json, write_jsonl
 from chatsmith.data.dialogues.base import Inputs, sample_in_order, seeded_rng
 from chatsmith.data.dialogues.definition import WORDNET_DIR
-from chatsmith.data.dialogues.families import CHECKABLE, DEFAULT_CAPS, FAMILIES, REGISTRY
+from chatsmith.data.dialogues.families import CHECKABLE, DEFAULT_CAPS, DEFAULT_FAMILIES, FAMILIES, REGISTRY
 from chatsmith.data.dialogues.quiz import QUIZ_DIR
 from chatsmith.data.dialogues.split import prompt_hash, split_records
 from chatsmith.data.sources import FORTUNES_DIR, warn
@@ -85,7 +85,7 @@ def build_dialogues(out_dir: str | os.PathLike, sources_dir: str | os.PathLike =
 def _check_arguments(families: Iterable[str] | None, caps: dict | None, heldout_per_family: int,
                      heldout_max_fraction: float) -> tuple[list[str], dict]:
     """(the wanted families, the cap of every family); a UserError for a bad argument."""
-    wanted = list(FAMILIES) if families is None else list(families)
+    wanted = list(DEFAULT_FAMILIES) if families is None else list(families)
     unknown = [f for f in wanted if f not in FAMILIES]
     if unknown:
         raise UserError(f"unknown dialogue famil{'y' if len(unknown) == 1 else 'ies'} "
@@ -135,7 +135,8 @@ def _drop_duplicates(by_family: dict[str, list[dict]]) -> tuple[list[dict], dict
     records, seen, dup = [], set(), {}
     for fam, recs in by_family.items():
         for r in recs:
-            k = json.dumps(r["messages"], ensure_ascii=False)
+            # a tool form with the same turns as its plain record differs by the tools on offer
+            k = json.dumps([r["messages"], r.get("tools")] if r.get("tools") else r["messages"], ensure_ascii=False)
             if k in seen:
                 dup[fam] = dup.get(fam, 0) + 1
                 continue

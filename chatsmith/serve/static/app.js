@@ -1,6 +1,8 @@
 // The chatsmith chat page: streamed replies from /v1/chat/completions, stop, regenerate, new chat,
 // conversations and settings kept in this browser's localStorage. Model text is rendered by
 // Markdown.render, which only ever creates DOM nodes from text (no HTML strings reach the DOM).
+// Tools the server runs itself (serve --tools calculator) arrive as `server_tool_calls` deltas and
+// are shown above the reply, one collapsible entry per call (its arguments and result as text).
 "use strict";
 
 const STORE = "chatsmith.conversations";
@@ -76,11 +78,30 @@ function messageNode(m) {
   const who = document.createElement("div");
   who.className = "who";
   who.textContent = m.role === "user" ? "You" : "chatsmith";
+  const tools = document.createElement("div");
+  tools.className = "tools";
+  for (const t of m.tools || []) tools.appendChild(toolNode(t));
   const body = document.createElement("div");
   body.className = "body";
   body.appendChild(Markdown.render(m.content));
-  div.append(who, body);
+  div.append(who, tools, body);
   return div;
+}
+
+// one tool call and its result, collapsed to its name and arguments; text only, never markup
+function toolNode(t) {
+  const d = document.createElement("details");
+  d.className = "tool-call";
+  const summary = document.createElement("summary");
+  summary.textContent = "\u{1F527} " + String(t.name) + "(" + String(t.arguments) + ")";
+  const args = document.createElement("pre");
+  args.className = "tool-arguments";
+  args.textContent = String(t.arguments);
+  const result = document.createElement("pre");
+  result.className = "tool-result";
+  result.textContent = "\u2192 " + String(t.result);
+  d.append(summary, args, result);
+  return d;
 }
 
 function renderMessages() {
@@ -172,7 +193,12 @@ async function streamReply(c) {
           if (data === "[DONE]") continue;
           const chunk = JSON.parse(data);
           if (chunk.error) throw new Error(chunk.error.message);
-          const piece = chunk.choices?.[0]?.delta?.content;
+          const delta = chunk.choices?.[0]?.delta || {};
+          for (const t of delta.server_tool_calls || []) {
+            (reply.tools = reply.tools || []).push(t);
+            node.querySelector(".tools").appendChild(toolNode(t));
+          }
+          const piece = delta.content;
           if (piece) {
             reply.content += piece;
             body.replaceChildren(Markdown.render(reply.content));
@@ -186,7 +212,7 @@ async function streamReply(c) {
   } finally {
     state.controller = null;
     node.classList.remove("streaming");
-    if (!reply.content) c.messages.pop();  // nothing arrived: leave no empty reply behind
+    if (!reply.content && !reply.tools) c.messages.pop();  // nothing arrived: leave no empty reply behind
     c.updated = Date.now();
     save();
     renderAll();
