@@ -15,6 +15,8 @@ reply makes at least one.
 
     python bench/tools_calculator.py --base runs/speedrun/base --out runs/bench-tools --minutes 27
     python bench/tools_calculator.py --sft runs/bench-tools/sft --data runs/bench-tools/chat --out runs/bench-tools
+    python bench/tools_calculator.py --base smollm2 --lora-rank 8 --lr 1e-3 --max-steps 150 --batch-size 4 \
+        --limit 40 --out runs/bench-tools-smollm2
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--minutes", type=float, default=27.0)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-steps", type=int, default=None, help="fixed work instead of --minutes")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA SFT (e.g. 8 for smollm2); 0 = full")
     p.add_argument("--limit", type=int, default=None, help="held-out prompts per family")
     a = p.parse_args()
     out = Path(a.out)
@@ -68,9 +73,10 @@ def main():
         build_data(data)
     model = Path(a.sft) if a.sft else out / "sft"
     if not a.sft:
+        budget = ["--max-steps", a.max_steps] if a.max_steps else ["--max-minutes", a.minutes]
         run("sft", "--data", data / "train.jsonl", "--init", a.base, "--out", model, "--batch-size", a.batch_size,
-            "--lr", "2e-3", "--warmup-steps", 10, "--max-minutes", a.minutes, "--eval-every", 100000,
-            "--save-every", 100000, "--log-every", 10)
+            "--lr", a.lr, "--warmup-steps", 10, *budget, "--eval-every", 100000,
+            "--save-every", 100000, "--log-every", 10, "--lora-rank", a.lora_rank)
     plain = evaluate(model, data / "heldout.jsonl", out, False, a.limit)
     tools = evaluate(model, data / "heldout.jsonl", out, True, a.limit)
     tp = sum(tools[f]["items_with_calls"] for f in SHOULD_CALL)

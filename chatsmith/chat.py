@@ -117,7 +117,7 @@ def run(a):
     tok = Tokenizer.load(a.model)
     if not tok.has_chat:  # our chat tokens, or an imported model's own chat template
         raise UserError(f"{a.model} has no chat tokens in its tokenizer: it cannot chat")
-    # one conversation: one KV-cache row, not the engine's default 32 (12 GB for SmolLM2's 8k context)
+    # one conversation: one row of the KV cache (max_batch=1)
     try:
         tools = builtin_tools(a.tools)
     except ValueError as e:
