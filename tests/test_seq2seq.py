@@ -20,6 +20,16 @@ from chatsmith.train.translate import TranslationStage
 PAD, EOS = 0, 1
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a busy 2-core machine a second OpenMP
+    thread makes each step tens of times slower (spin-waiting), not faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class IdTokenizer:
     """Texts are ids written as numbers: enough for the engine (vocab_size, encode, decode)."""
 

@@ -311,6 +311,14 @@ def build_translation(out_dir: str | os.PathLike, sources_dir: str | os.PathLike
     return meta
 
 
+LANGUAGE_NAMES = {"en": "English", "zh": "Chinese", "de": "German", "fr": "French", "ja": "Japanese"}
+
+
+def chat_prompt(text: str, tgt: str) -> str:
+    """The user turn that asks a decoder-only chat model for a translation (fine-tuning and eval)."""
+    return f"Translate to {LANGUAGE_NAMES.get(tgt, tgt)}: {text}"
+
+
 # --- the user's pairs ----------------------------------------------------------------------------------
 
 @dataclass
@@ -402,5 +410,5 @@ def read_pairs(path: str | os.PathLike, src: str, tgt: str, skip_bad: bool = Fal
     return pairs, stats
 
 
-__all__ = ["Pair", "read_pairs", "build_translation", "split_pairs", "align_help", "align_bible", "read_cuv",
+__all__ = ["Pair", "chat_prompt", "LANGUAGE_NAMES", "read_pairs", "build_translation", "split_pairs", "align_help", "align_bible", "read_cuv",
            "read_web", "help_paragraphs", "bad_reason", "units", "ensure_help"]
