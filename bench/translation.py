@@ -106,12 +106,16 @@ def train_both(a, out: Path, tok_dir: Path) -> dict:
     common = ["--max-minutes", a.minutes, "--seed", 0, "--device", a.device, "--eval-every", 500, "--eval-batches", 5,
               "--save-every", 1000, "--log-every", 50]
     enc = start(["translate", "train", "--data", a.data / "train.jsonl", "--src", "zh", "--tgt", "en", "--both",
-                 "--tokenizer", tok_dir, "--out", out / "encdec", "--preset", "tiny", "--seq-len", a.seq_len,
+                 "--tokenizer", tok_dir, "--out", out / "encdec", "--preset", a.preset, "--seq-len", a.seq_len,
                  "--batch-size", 32, "--skip-bad", *common], out / "encdec.log")
     # the GPT: a fresh decoder of about the same size on the same tokenizer, fine-tuned on the pairs as chat
     tok = Tokenizer.load(tok_dir)
     torch.manual_seed(0)
-    gpt_cfg = registry.preset("tiny", vocab_size=(tok.vocab_size + 63) // 64 * 64, max_seq_len=2 * a.seq_len)
+    # as many blocks as the enc-dec has encoder + decoder layers, at its width
+    shape = registry.preset(a.preset, family="seq2seq")
+    gpt_cfg = registry.preset("tiny", vocab_size=(tok.vocab_size + 63) // 64 * 64, max_seq_len=2 * a.seq_len,
+                              d_model=shape.d_model, n_layer=shape.n_layer + shape.n_decoder_layer,
+                              n_head=shape.n_head)
     save_checkpoint(out / "gpt-init", registry.build(gpt_cfg), tok_dir)
     n = chat_records(a.data / "train.jsonl", out / "train.chat.jsonl")
     gpt = start(["sft", "--data", out / "train.chat.jsonl", "--init", out / "gpt-init", "--out", out / "gpt",
@@ -143,6 +147,8 @@ def main():
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--limit", type=int, default=150, help="held-out pairs per direction and source")
     ap.add_argument("--seq-len", type=int, default=128, help="enc-dec tokens per side (the GPT gets twice)")
+    ap.add_argument("--preset", default="tiny", help="the enc-dec's seq2seq preset (the GPT gets its width, "
+                    "and as many blocks as its encoder and decoder together)")
     ap.add_argument("--device", default="cpu", help="cpu (the measured table), or cuda for a GPU run")
     ap.add_argument("--skip-train", action="store_true", help="score the models already under --out")
     a = ap.parse_args()

@@ -243,6 +243,9 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 32):
+        if getattr(model, "family", None) == "seq2seq":  # decoded by chatsmith/seq2seq_engine.py instead
+            raise UserError("this is an encoder-decoder (translation) model: use `chatsmith translate MODEL` or "
+                            "`chatsmith eval MODEL --tasks translation`; chat, generate and serve need a decoder")
         self.model = model.eval()
         self.tok = tokenizer
         self.device = next(model.parameters()).device

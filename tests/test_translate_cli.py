@@ -112,3 +112,9 @@ def test_wrong_language_key_names_the_record(tmp_path, capsys):
     data.write_text('{"translation": {"zh": "一", "en": "one"}}\n', encoding="utf-8")
     assert cli("translate", "train", "--data", data, "--src", "zh", "--tgt", "fr", "--out", tmp_path / "o") == 2
     assert f"{data}:1: no 'fr' side" in capsys.readouterr().err
+
+
+def test_decoder_verbs_refuse_a_seq2seq_model(trained, capsys):
+    _, out, _ = trained
+    assert cli("generate", out, "--prompt", "一") == 2
+    assert "encoder-decoder (translation) model" in capsys.readouterr().err

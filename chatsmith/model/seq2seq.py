@@ -129,7 +129,8 @@ class Seq2SeqConfig:
 # Named model shapes; vocab_size comes from the tokenizer when a run starts.
 PRESETS: dict[str, dict] = {
     "micro": dict(n_layer=2, n_head=4, d_model=64, max_seq_len=64, dropout=0.0),  # tests: seconds
-    "tiny": dict(n_layer=3, n_head=4, d_model=256, max_seq_len=192),  # the 15-minute CPU translator
+    "mini": dict(n_layer=2, n_head=4, d_model=128, max_seq_len=160),  # ~1.6M + embeddings: CPU minutes
+    "tiny": dict(n_layer=3, n_head=4, d_model=256, max_seq_len=192),  # ~5M + embeddings
     "small": dict(n_layer=6, n_head=8, d_model=512, max_seq_len=256),  # the paper's base shape
 }
 
