@@ -103,7 +103,7 @@ def chat_records(pairs_file: Path, out: Path) -> int:
 
 def train_both(a, out: Path, tok_dir: Path) -> dict:
     """enc-dec and GPT trained side by side for the same minutes, one thread each."""
-    common = ["--max-minutes", a.minutes, "--seed", 0, "--device", a.device, "--eval-every", 500, "--eval-batches", 5,
+    common = ["--max-minutes", a.minutes, "--seed", 0, "--device", a.device, "--warmup-steps", a.warmup, "--eval-every", 500, "--eval-batches", 5,
               "--save-every", 1000, "--log-every", 50]
     enc = start(["translate", "train", "--data", a.data / "train.jsonl", "--src", "zh", "--tgt", "en", "--both",
                  "--tokenizer", tok_dir, "--out", out / "encdec", "--preset", a.preset, "--seq-len", a.seq_len,
@@ -119,7 +119,7 @@ def train_both(a, out: Path, tok_dir: Path) -> dict:
     save_checkpoint(out / "gpt-init", registry.build(gpt_cfg), tok_dir)
     n = chat_records(a.data / "train.jsonl", out / "train.chat.jsonl")
     gpt = start(["sft", "--data", out / "train.chat.jsonl", "--init", out / "gpt-init", "--out", out / "gpt",
-                 "--batch-size", 32, "--lr", "1e-3", "--warmup-steps", 200, "--seq-len", 2 * a.seq_len, *common],
+                 "--batch-size", 32, "--lr", "1e-3", "--seq-len", 2 * a.seq_len, *common],
                 out / "gpt.log")
     wait(enc, "translate train", out / "encdec.log")
     wait(gpt, "sft", out / "gpt.log")
@@ -147,7 +147,9 @@ def main():
     ap.add_argument("--minutes", type=float, default=15.0)
     ap.add_argument("--limit", type=int, default=150, help="held-out pairs per direction and source")
     ap.add_argument("--seq-len", type=int, default=128, help="enc-dec tokens per side (the GPT gets twice)")
-    ap.add_argument("--preset", default="tiny", help="the enc-dec's seq2seq preset (the GPT gets its width, "
+    ap.add_argument("--warmup", type=int, default=50, help="warmup steps of both runs (a CPU budget of minutes "
+                    "is a few hundred steps)")
+    ap.add_argument("--preset", default="mini", help="the enc-dec's seq2seq preset (the GPT gets its width, "
                     "and as many blocks as its encoder and decoder together)")
     ap.add_argument("--device", default="cpu", help="cpu (the measured table), or cuda for a GPU run")
     ap.add_argument("--skip-train", action="store_true", help="score the models already under --out")

@@ -188,3 +188,17 @@ def test_learns_to_reverse_a_tiny_language(tmp_path):
     outs = engine.generate_ids([s for s, _ in held], SamplingParams(max_new_tokens=10, temperature=0.0))
     exact = sum(o[0].token_ids == t[:-1] for o, (_, t) in zip(outs, held)) / len(held)
     assert before < 0.3 and exact >= 0.9, (before, exact)
+
+
+def test_length_buckets_cover_each_pair_once_and_pad_less():
+    rng = random.Random(0)
+    lens = [rng.randint(4, 60) for _ in range(32 * 16)]  # a translation about as long as its source
+    rows = [([2] * n, [3] * max(1, n + rng.randint(-3, 3))) for n in lens]
+    tc = TrainConfig(batch_size=32, seed=3)
+    stage = TranslationStage(rows, [], tc, PAD, PAD)
+    batches = [stage.batch_rows(i) for i in range(16)]
+    assert sorted(j for b in batches for j in b) == list(range(len(rows)))  # one epoch: every pair once
+    assert batches == [stage.batch_rows(i) for i in range(16)]  # a pure function of the index
+    def cost(b):  # what a padded batch computes on: both sides at their longest
+        return len(b) * (max(len(rows[j][0]) for j in b) + max(len(rows[j][1]) for j in b))
+    assert sum(map(cost, batches)) < 0.8 * sum(cost(range(i * 32, i * 32 + 32)) for i in range(16))

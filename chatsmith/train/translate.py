@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -70,6 +71,9 @@ def collate_pairs(rows: list[tuple[list[int], list[int]]], pad: int, start: int)
     return {"src": src, "src_mask": mask, "tgt_in": tgt_in, "labels": labels}
 
 
+BUCKET = 16  # micro-batches drawn together and cut by length (see TranslationStage.batch)
+
+
 class TranslationStage:
     name = "translate"
 
@@ -77,10 +81,22 @@ class TranslationStage:
         self.rows, self.val_rows, self.cfg = rows, val_rows, cfg
         self.pad, self.start, self.eps = pad, start, label_smoothing
 
+    def batch_rows(self, index: int) -> list[int]:
+        """Pair indices of micro-batch `index`. BUCKET consecutive micro-batches of the shuffled
+        stream are drawn together, sorted by length and cut into BUCKET batches of similar lengths,
+        served in a seeded order: each pair is still seen once per epoch, but a batch of short
+        sentences is no longer padded to the longest paragraph (about half the compute, on the help
+        pages). A pure function of the index, as the trainer's exact resume needs."""
+        bs, n = self.cfg.batch_size, len(self.rows)
+        group, k = divmod(index, BUCKET)
+        pool = epoch_batch(self.cfg.seed, group, bs * BUCKET, n)
+        pool.sort(key=lambda j: (len(self.rows[j][0]) + len(self.rows[j][1]), j))
+        order = np.random.default_rng([self.cfg.seed, group, 11]).permutation(BUCKET)
+        return pool[order[k] * bs:(order[k] + 1) * bs]
+
     def batch(self, step: int, micro: int, rank: int):
         i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, runtime.world_size())
-        return collate_pairs([self.rows[j] for j in epoch_batch(self.cfg.seed, i, self.cfg.batch_size,
-                                                                 len(self.rows))], self.pad, self.start)
+        return collate_pairs([self.rows[j] for j in self.batch_rows(i)], self.pad, self.start)
 
     def _logits(self, model, b):
         return model(b["src"], b["tgt_in"], b["src_mask"]).float()
