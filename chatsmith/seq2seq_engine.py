@@ -146,16 +146,14 @@ class Seq2SeqEngine:
         logps = torch.zeros(N)
         done = [False] * N
         reasons = ["length"] * N
+        history = torch.zeros((N, 0), dtype=torch.long, device=self.device)  # every row's tokens, for the penalty
         for _ in range(self._budget(p)):
             logits = self._logp(self.model.decode(cur, cache)[:, -1])
             lp = logits.log_softmax(-1).cpu()
             if p.temperature == 0:
                 nxt = logits.argmax(-1).cpu()
             else:
-                hist = None
-                if p.repetition_penalty != 1.0 and seqs[0]:
-                    hist = torch.tensor(seqs, device=self.device)
-                probs = process_logits(logits, p, hist).softmax(-1).cpu()
+                probs = process_logits(logits, p, history).softmax(-1).cpu()
                 nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
             for i, t in enumerate(nxt.tolist()):
                 if done[i]:
@@ -168,6 +166,7 @@ class Seq2SeqEngine:
             if all(done):
                 break
             cur = nxt.to(self.device)[:, None]
+            history = torch.cat([history, cur], 1)
         stopper = StopMatcher(p.stop)
         comps = [self._finish(s, r, float(lp_), stopper) for s, r, lp_ in zip(seqs, reasons, logps.tolist())]
         return [comps[i * R:(i + 1) * R] for i in range(len(srcs))]

@@ -202,3 +202,15 @@ def test_length_buckets_cover_each_pair_once_and_pad_less():
     def cost(b):  # what a padded batch computes on: both sides at their longest
         return len(b) * (max(len(rows[j][0]) for j in b) + max(len(rows[j][1]) for j in b))
     assert sum(map(cost, batches)) < 0.8 * sum(cost(range(i * 32, i * 32 + 32)) for i in range(16))
+
+
+def test_sampling_is_seeded_and_returns_n_per_source():
+    m = _model(seed=4, vocab=30)
+    engine = Seq2SeqEngine(m, IdTokenizer(30))
+    srcs = [[2, 3, EOS], [4, 5, 6, 7, EOS]]
+    p = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, repetition_penalty=1.3, seed=7,
+                       num_return_sequences=3)
+    a = engine.generate_ids(srcs, p)
+    assert [len(x) for x in a] == [3, 3]
+    assert [[c.token_ids for c in x] for x in a] == [[c.token_ids for c in x] for x in engine.generate_ids(srcs, p)]
+    assert all(t not in (PAD,) and t < 30 for x in a for c in x for t in c.token_ids)
