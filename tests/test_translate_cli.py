@@ -63,7 +63,7 @@ def test_translate_text_greedy_and_beams(trained, capsys):
     _, out, _ = trained
     capsys.readouterr()
     assert cli("translate", out, "--text", "一二三", "--text", "四五", "--tgt", "en", "--src", "zh") == 0
-    assert len(capsys.readouterr().out.strip().split("\n")) == 2
+    assert capsys.readouterr().out.count("\n") == 2  # one line per source (an untrained model may say "")
     assert cli("translate", out, "--text", "一二三", "--tgt", "zh", "--num-beams", 3, "--num-return-sequences", 2,
                "--json", "--max-new-tokens", 6) == 0
     rec = json.loads(capsys.readouterr().out)
