@@ -10,8 +10,9 @@ Beam search keeps, per source, the `num_beams` best partial translations by summ
 a hypothesis that emits the end token joins that source's finished pool scored
 logp / length**length_penalty, and a source is done when it has num_beams finished hypotheses and
 its best live beam, scored at its current length, no longer beats the worst of them (as the
-decoder's beam search and HF's). All sources' beams advance in one batch: rows n*B .. n*B+B-1
-belong to source n, and `Cache.reorder` moves each row's cache with its beam.
+decoder's beam search and HF's). All sources' beams advance in one batch, B rows per source, and `Cache.reorder` moves each row's
+cache with its beam; a source that is done (and, in greedy decoding, a row that has ended) leaves
+the batch, so a batch runs as long as its longest translation, not each row to the budget.
 
 The padding rows of the vocabulary (ids the tokenizer lacks) and the pad token are never produced.
 """
@@ -146,7 +147,8 @@ class Seq2SeqEngine:
         logps = torch.zeros(N)
         done = [False] * N
         reasons = ["length"] * N
-        history = torch.zeros((N, 0), dtype=torch.long, device=self.device)  # every row's tokens, for the penalty
+        alive = list(range(N))  # the rows still decoding, in cache order: a finished row leaves the batch
+        history = torch.zeros((N, 0), dtype=torch.long, device=self.device)  # each row's tokens, for the penalty
         for _ in range(self._budget(p)):
             logits = self._logp(self.model.decode(cur, cache)[:, -1])
             lp = logits.log_softmax(-1).cpu()
@@ -155,18 +157,22 @@ class Seq2SeqEngine:
             else:
                 probs = process_logits(logits, p, history).softmax(-1).cpu()
                 nxt = torch.multinomial(probs, 1, generator=gen)[:, 0]
-            for i, t in enumerate(nxt.tolist()):
-                if done[i]:
-                    continue
-                logps[i] += lp[i, t]
+            for li, (i, t) in enumerate(zip(alive, nxt.tolist())):
+                logps[i] += lp[li, t]
                 if t == self.cfg.eos_token_id:
                     done[i], reasons[i] = True, "stop"
                 else:
                     seqs[i].append(t)
-            if all(done):
+            keep = [li for li, i in enumerate(alive) if not done[i]]
+            if not keep:
                 break
+            history = torch.cat([history, nxt.to(self.device)[:, None]], 1)
+            if len(keep) < len(alive):
+                idx = torch.tensor(keep, device=self.device)
+                cache.reorder(idx)
+                nxt, history = nxt[keep], history.index_select(0, idx)
+                alive = [alive[li] for li in keep]
             cur = nxt.to(self.device)[:, None]
-            history = torch.cat([history, cur], 1)
         stopper = StopMatcher(p.stop)
         comps = [self._finish(s, r, float(lp_), stopper) for s, r, lp_ in zip(seqs, reasons, logps.tolist())]
         return [comps[i * R:(i + 1) * R] for i in range(len(srcs))]
@@ -175,61 +181,58 @@ class Seq2SeqEngine:
         B, N, lp_pow = p.num_beams, len(srcs), p.length_penalty
         enc, keep = self._encode(srcs)
         cache = self.model.new_cache(enc.repeat_interleave(B, 0), keep.repeat_interleave(B, 0))
+        active = list(range(N))  # sources still searching; rows a*B .. a*B+B-1 of the cache are active[a]'s
         scores = torch.full((N, B), float("-inf"))
         scores[:, 0] = 0.0  # all beams start identical: expand only the first
-        seqs: list[list[int]] = [[] for _ in range(N * B)]
+        seqs: list[list[int]] = [[] for _ in range(N * B)]  # per cache row
         finished: list[list[tuple[float, list[int], str]]] = [[] for _ in range(N)]
-        done = [False] * N
+        live_end: list[list[tuple[float, list[int]]]] = [[] for _ in range(N)]  # live beams at the budget
         cur = torch.full((N * B, 1), self.cfg.decoder_start_token_id, dtype=torch.long, device=self.device)
         eos = self.cfg.eos_token_id
-        for _step in range(self._budget(p)):
+        budget = self._budget(p)
+        for step in range(budget):
             logp = self._logp(self.model.decode(cur, cache)[:, -1]).log_softmax(-1).cpu()
             V = logp.shape[-1]
-            cand = (scores.view(-1, 1) + logp).view(N, B * V)
+            cand = (scores.view(-1, 1) + logp).view(len(active), B * V)
             top_v, top_i = torch.topk(cand, min(2 * B, B * V), dim=-1)
-            rows, toks, new_scores, new_seqs = [], [], [], []
-            for n in range(N):
+            rows, toks, new_scores, new_seqs, still = [], [], [], [], []
+            for a, n in enumerate(active):
                 live: list[tuple[float, int, int, list[int]]] = []
-                if not done[n]:
-                    for s, idx in zip(top_v[n].tolist(), top_i[n].tolist()):
-                        if s == float("-inf"):
-                            break
-                        b, t = divmod(idx, V)
-                        prev = seqs[n * B + b]
-                        if t == eos:
-                            finished[n].append((s / (len(prev) + 1) ** lp_pow, prev, "stop"))
-                        else:
-                            live.append((s, n * B + b, t, prev + [t]))
-                        if len(live) == B:
-                            break
-                    if not live:
-                        done[n] = True
-                    elif len(finished[n]) >= B:
-                        worst = sorted((f[0] for f in finished[n]), reverse=True)[B - 1]
-                        if max(x[0] for x in live) / len(live[0][3]) ** lp_pow <= worst:
-                            done[n] = True
-                if done[n]:
-                    live = []
-                while len(live) < B:  # dead beams keep the batch shape fixed
-                    live.append((float("-inf"), n * B, eos, []))
+                for s, idx in zip(top_v[a].tolist(), top_i[a].tolist()):
+                    if s == float("-inf"):
+                        break
+                    b, t = divmod(idx, V)
+                    prev = seqs[a * B + b]
+                    if t == eos:
+                        finished[n].append((s / (len(prev) + 1) ** lp_pow, prev, "stop"))
+                    else:
+                        live.append((s, a * B + b, t, prev + [t]))
+                    if len(live) == B:
+                        break
+                if not live:
+                    continue  # nothing left to extend: done
+                if len(finished[n]) >= B:
+                    worst = sorted((f[0] for f in finished[n]), reverse=True)[B - 1]
+                    if max(x[0] for x in live) / len(live[0][3]) ** lp_pow <= worst:
+                        continue  # no live beam can still beat the finished ones: done
+                if step == budget - 1:  # out of budget: the live beams end here
+                    live_end[n] = [(x[0], x[3]) for x in live]
+                    continue
+                while len(live) < B:  # dead beams keep B rows per source
+                    live.append((float("-inf"), a * B, eos, []))
+                still.append(n)
                 for s, row, t, seq in live:
                     new_scores.append(s), rows.append(row), toks.append(t), new_seqs.append(seq)
-            if all(done):
+            if not still:
                 break
-            scores = torch.tensor(new_scores).view(N, B)
-            seqs = new_seqs
-            cache.reorder(torch.tensor(rows, device=self.device))
+            active, seqs = still, new_seqs
+            scores = torch.tensor(new_scores).view(len(active), B)
+            cache.reorder(torch.tensor(rows, device=self.device))  # also drops the rows of finished sources
             cur = torch.tensor(toks, device=self.device)[:, None]
         stopper = StopMatcher(p.stop)
         out = []
         for n in range(N):
-            pool = list(finished[n])
-            if not done[n]:
-                for b in range(B):
-                    s = scores[n, b].item()
-                    if s > float("-inf"):
-                        seq = seqs[n * B + b]
-                        pool.append((s / max(len(seq), 1) ** lp_pow, seq, "length"))
+            pool = finished[n] + [(s / max(len(seq), 1) ** lp_pow, seq, "length") for s, seq in live_end[n]]
             pool.sort(key=lambda f: -f[0])
             out.append([self._finish(seq, reason, score, stopper) for score, seq, reason in
                         pool[:p.num_return_sequences]])
