@@ -118,3 +118,16 @@ def test_decoder_verbs_refuse_a_seq2seq_model(trained, capsys):
     _, out, _ = trained
     assert cli("generate", out, "--prompt", "一") == 2
     assert "encoder-decoder (translation) model" in capsys.readouterr().err
+
+
+def test_translate_reads_lines_on_stdin(trained, capsys, monkeypatch):
+    import io
+    _, out, _ = trained
+    monkeypatch.setattr("sys.stdin", io.StringIO("一二\n\n三四五\n"))
+    capsys.readouterr()
+    assert cli("translate", out, "--tgt", "en", "--json") == 0
+    recs = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [r["source"] for r in recs] == ["一二", "三四五"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    assert cli("translate", out, "--tgt", "en") == 2
+    assert "nothing to translate" in capsys.readouterr().err
