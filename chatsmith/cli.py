@@ -19,7 +19,7 @@ from chatsmith.flags import HelpFormatter, Parser
 from chatsmith.interop import convert
 from chatsmith.interop.registry import KNOWN, resolve
 from chatsmith.serve import verb as serve_verb
-from chatsmith.train import classify, clip, dpo, pretrain, qa, reward, rlhf, sft
+from chatsmith.train import classify, clip, dpo, pretrain, qa, reward, rlhf, sft, translate
 
 VERBS = [
     data_build.VERB, dpo.PAIRS_VERB,
@@ -27,6 +27,7 @@ VERBS = [
     pretrain.VERB, sft.VERB, reward.VERB, dpo.VERB, rlhf.VERB,
     classify.TRAIN_VERB, classify.EVAL_VERB, classify.PREDICT_VERB, qa.TRAIN_VERB, qa.EVAL_VERB, qa.PREDICT_VERB,
     clip.TRAIN_VERB, clip_verbs.CLASSIFY_VERB, clip_verbs.SEARCH_VERB, clip_verbs.EMBED_VERB,
+    translate.TRAIN_VERB, translate.RUN_VERB,
     chat.VERB, serve_verb.VERB, generate.VERB, embed.VERB, embed.FILL_VERB,
     runner.VERB, ngram.TRAIN_VERB, ngram.EVAL_VERB, harness.VERB, report.VERB,
     convert.MERGE_VERB, convert.IMPORT_VERB, convert.EXPORT_VERB,
@@ -37,7 +38,8 @@ GROUPS = {"data": "build corpora, dialogues and preference pairs", "tokenizer": 
           "lora": "LoRA adapters (train them with --lora-rank on any training verb)",
           "classify": "sentence (pair) classification with an encoder: train, eval, predict",
           "clip": "image-text models (CLIP): train, zero-shot classify, search images by text, embed",
-          "qa": "extractive question answering with an encoder (SQuAD format): train, eval, predict"}
+          "qa": "extractive question answering with an encoder (SQuAD format): train, eval, predict",
+          "translate": "encoder-decoder translation: train, or translate with `chatsmith translate MODEL`"}
 
 
 def build_parser() -> Parser:
@@ -73,6 +75,9 @@ def _resolve_model_names(a):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["translate"] and len(argv) > 1 and argv[1] not in translate.ACTIONS and not argv[1].startswith("-"):
+        argv.insert(1, "run")  # `chatsmith translate MODEL` is `chatsmith translate run MODEL`
     try:
         a = build_parser().parse_args(argv)
         if a.verb != "ngram":

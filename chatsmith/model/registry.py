@@ -8,12 +8,13 @@ block is matched by its `model_type`.
 from __future__ import annotations
 
 from chatsmith.errors import UserError
-from chatsmith.model import clip, decoder, encoder
+from chatsmith.model import clip, decoder, encoder, seq2seq
 from chatsmith.model.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (decoder.FAMILY, encoder.FAMILY, clip.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (decoder.FAMILY, encoder.FAMILY, clip.FAMILY, seq2seq.FAMILY)}
 DEFAULT = "decoder"
-ALIASES = {"gpt": "decoder", "bert": "encoder"}  # what the tutorials call them
+ALIASES = {"gpt": "decoder", "bert": "encoder", "transformer": "seq2seq", "translation": "seq2seq",
+           "marian": "seq2seq"}  # what the tutorials call them
 
 
 def get(name: str | None) -> Family:
