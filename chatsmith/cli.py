@@ -74,10 +74,16 @@ def _resolve_model_names(a):
                 setattr(a, name_attr, v)  # clients ask for "smollm2", not the cache directory's name
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def shorthand(argv: list[str]) -> list[str]:
+    """The command line's shorthands spelled out: `chatsmith translate MODEL …` is `translate run MODEL …`."""
+    argv = list(argv)
     if argv[:1] == ["translate"] and len(argv) > 1 and argv[1] not in translate.ACTIONS and not argv[1].startswith("-"):
-        argv.insert(1, "run")  # `chatsmith translate MODEL` is `chatsmith translate run MODEL`
+        argv.insert(1, "run")
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = shorthand(sys.argv[1:] if argv is None else argv)
     try:
         a = build_parser().parse_args(argv)
         if a.verb != "ngram":

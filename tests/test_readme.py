@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from chatsmith.cli import build_parser
+from chatsmith.cli import build_parser, shorthand
 from chatsmith.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_the_readme_has_commands():
 
 @pytest.mark.parametrize("line", RUNNABLE)
 def test_every_readme_command_parses(line, capsys):
-    argv = chatsmith_argv(line)
+    argv = shorthand(chatsmith_argv(line))
     try:
         build_parser().parse_args(argv)
     except UserError as e:  # a bad flag, choice or missing argument: what the user would see
