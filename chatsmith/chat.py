@@ -18,6 +18,7 @@ from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.watermark import Watermark, add_flags as add_watermark_flags, config_from_args as watermark_config
 
 HELP = """commands:
   /reset          start a new conversation (keeps the system prompt)
@@ -83,8 +84,11 @@ def run(a):
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                             top_k=a.top_k, seed=a.seed)
     params.validate()
+    cfg = watermark_config(a) if a.watermark else None
     model = load_model(a.model, device=resolve_device(a.device))
     tok = Tokenizer.load(a.model)
+    if cfg is not None:
+        params.watermark = Watermark(cfg, tok.vocab_size)
     if not tok.has_chat:  # our chat tokens, or an imported model's own chat template
         raise UserError(f"{a.model} has no chat tokens in its tokenizer: it cannot chat")
     # one conversation: one KV-cache row, not the engine's default 32 (12 GB for SmolLM2's 8k context)
@@ -188,6 +192,7 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--jsonl", action="store_true", help="read a user turn per input line and print one JSON "
                    "object per reply: {\"user\", \"assistant\", \"turns_dropped\"}")
+    add_watermark_flags(p)
 
 
 VERB = Verb("chat", "talk to a chat model in the terminal", add_arguments, run)

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from chatsmith import chat, embed, generate, report, runtime, speedrun, tokenizer
+from chatsmith import chat, embed, generate, report, runtime, speedrun, tokenizer, watermark
 from chatsmith.data import build as data_build
 from chatsmith.errors import UserError
 from chatsmith.eval import harness, ngram, runner
@@ -29,13 +29,15 @@ VERBS = [
     chat.VERB, serve_verb.VERB, generate.VERB, embed.VERB, embed.FILL_VERB,
     runner.VERB, ngram.TRAIN_VERB, ngram.EVAL_VERB, harness.VERB, report.VERB,
     convert.MERGE_VERB, convert.IMPORT_VERB, convert.EXPORT_VERB,
+    watermark.DETECT_VERB,
     speedrun.VERB,
 ]
 GROUPS = {"data": "build corpora, dialogues and preference pairs", "tokenizer": "train a byte-level BPE tokenizer",
           "ngram": "n-gram baseline (interpolated modified Kneser-Ney)",
           "lora": "LoRA adapters (train them with --lora-rank on any training verb)",
           "classify": "sentence (pair) classification with an encoder: train, eval, predict",
-          "qa": "extractive question answering with an encoder (SQuAD format): train, eval, predict"}
+          "qa": "extractive question answering with an encoder (SQuAD format): train, eval, predict",
+          "watermark": "detect the green-list watermark of generated text"}
 
 
 def build_parser() -> Parser:
@@ -62,7 +64,8 @@ def build_parser() -> Parser:
 
 def _resolve_model_names(a):
     """A known model name (smollm2) in place of a model directory: imported once into the cache."""
-    for attr, name_attr in (("model", "model_name"), ("init", None), ("embeddings", "embeddings_name")):
+    for attr, name_attr in (("model", "model_name"), ("init", None), ("embeddings", "embeddings_name"),
+                           ("tokenizer", None)):
         v = getattr(a, attr, None)
         if isinstance(v, str) and v in KNOWN and not Path(v).exists():
             setattr(a, attr, resolve(v))

@@ -17,6 +17,7 @@ from chatsmith.engine import Engine, SamplingParams
 from chatsmith.flags import Verb, add_dataclass_flags, dataclass_from_args
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.watermark import Watermark, add_flags as add_watermark_flags, config_from_args as watermark_config
 
 
 SAMPLING_HELP = {
@@ -37,17 +38,22 @@ SAMPLING_HELP = {
 def add_arguments(p):
     p.add_argument("model", help="model directory")
     p.add_argument("--prompt", required=True, help="the text to continue")
-    add_dataclass_flags(p, SamplingParams, skip=("stop", "logit_bias"), help=SAMPLING_HELP)  # logit_bias: the API's
+    add_dataclass_flags(p, SamplingParams, skip=("stop", "logit_bias", "watermark"),
+                        help=SAMPLING_HELP)  # logit_bias: the API's
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--no-stream", action="store_true", help="print only when finished")
+    add_watermark_flags(p)
 
 
 def main(a):
+    cfg = watermark_config(a) if a.watermark else None
     params = dataclass_from_args(SamplingParams, a, stop=a.stop)
     params.validate()
     model = load_model(a.model, device=resolve_device(a.device))
     tok = Tokenizer.load(a.model)
+    if cfg is not None:
+        params.watermark = Watermark(cfg, tok.vocab_size)
     engine = Engine(model, tok, max_batch=1)
     ids = tok.encode(a.prompt, bos=True, special=True)
     torch.manual_seed(params.seed if params.seed is not None else torch.seed())
