@@ -18,6 +18,7 @@ from chatsmith.eval import harness, ngram, runner
 from chatsmith.flags import HelpFormatter, Parser
 from chatsmith.interop import convert
 from chatsmith.interop.registry import KNOWN, resolve
+from chatsmith.moderation import verb as moderate
 from chatsmith.serve import verb as serve_verb
 from chatsmith.train import classify, dpo, pretrain, qa, reward, rlhf, sft
 
@@ -29,7 +30,7 @@ VERBS = [
     chat.VERB, serve_verb.VERB, generate.VERB, embed.VERB, embed.FILL_VERB,
     runner.VERB, ngram.TRAIN_VERB, ngram.EVAL_VERB, harness.VERB, report.VERB,
     convert.MERGE_VERB, convert.IMPORT_VERB, convert.EXPORT_VERB,
-    watermark.DETECT_VERB,
+    watermark.DETECT_VERB, moderate.VERB,
     speedrun.VERB,
 ]
 GROUPS = {"data": "build corpora, dialogues and preference pairs", "tokenizer": "train a byte-level BPE tokenizer",
