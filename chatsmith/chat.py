@@ -3,7 +3,9 @@
 Replies stream as they are decoded. Commands: /reset, /system TEXT, /temp X, /save FILE, /help;
 quit, exit or Ctrl-D leave; Ctrl-C stops the reply being written and keeps the conversation.
 With piped input (`echo hi | chatsmith chat DIR`) every input line is one user turn and only the
-replies are printed.
+replies are printed. `--moderation lexicon|MODEL_DIR` checks each message (a flagged one gets a
+refusal, crisis language a supportive reply with help lines, and the model is not asked) and each
+reply as it streams (a flagged reply stops there and is marked); `--watermark` watermarks replies.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from chatsmith.config import DEVICES
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
+from chatsmith.moderation import CRISIS_REPLY, REFUSAL, load_moderator
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.watermark import Watermark, add_flags as add_watermark_flags, config_from_args as watermark_config
@@ -32,9 +35,11 @@ HELP = """commands:
 class ChatSession:
     """History, context management and one reply at a time; the terminal loop sits on top."""
 
-    def __init__(self, engine, params, system: str | None = None):
+    def __init__(self, engine, params, system: str | None = None, moderator=None):
         self.engine, self.params, self.system = engine, params, system
+        self.moderator = moderator
         self.history: list[dict] = []
+        self.filtered = False  # the last reply: refused, or stopped by the content filter
 
     @property
     def messages(self) -> list[dict]:
@@ -67,9 +72,25 @@ class ChatSession:
         except UserError:
             self.history.pop()
             raise
-        parts, interrupted = [], False
+        parts, interrupted, self.filtered = [], False, False
+        if self.moderator is not None:
+            (v,) = self.moderator.check([user_text])
+            if v.flagged:  # the model is not asked
+                text = CRISIS_REPLY if v.crisis else REFUSAL
+                self.filtered = True
+                if write:
+                    write(text)
+                self.history.append({"role": "assistant", "content": text})
+                return text, dropped, False
+        stream = self.engine.stream(ids, self.params)
         try:
-            for _, piece in self.engine.stream(ids, self.params):
+            for _, piece in stream:
+                if self.moderator is not None:
+                    so_far = "".join(parts)
+                    if self.moderator.lexicon.hits(so_far[-64:] + piece):
+                        self.filtered = True
+                        stream.close()  # cancels the request
+                        break
                 parts.append(piece)
                 if write:
                     write(piece)
@@ -92,7 +113,8 @@ def run(a):
     if not tok.has_chat:  # our chat tokens, or an imported model's own chat template
         raise UserError(f"{a.model} has no chat tokens in its tokenizer: it cannot chat")
     # one conversation: one KV-cache row, not the engine's default 32 (12 GB for SmolLM2's 8k context)
-    session = ChatSession(Engine(model, tok, max_batch=1), params, a.system)
+    moderator = load_moderator(a.moderation, device=resolve_device(a.device)) if a.moderation else None
+    session = ChatSession(Engine(model, tok, max_batch=1), params, a.system, moderator)
     interactive = sys.stdin.isatty()
     out = sys.stdout
 
@@ -107,7 +129,8 @@ def run(a):
                 continue
             if a.jsonl:  # one JSON object per input line, so a multi-line reply stays with its question
                 reply, dropped, _ = session.reply(line)
-                write(json.dumps({"user": line, "assistant": reply, "turns_dropped": dropped}, ensure_ascii=False)
+                write(json.dumps({"user": line, "assistant": reply, "turns_dropped": dropped,
+                                  "content_filter": session.filtered}, ensure_ascii=False)
                       + "\n")
             else:
                 session.reply(line, write)
@@ -175,6 +198,8 @@ def run(a):
             print(f"({e})")
             continue
         write("\n")
+        if session.filtered:
+            print("(content filter)")
         if interrupted:
             print("(stopped)")
         if dropped:
@@ -193,6 +218,8 @@ def add_arguments(p):
     p.add_argument("--jsonl", action="store_true", help="read a user turn per input line and print one JSON "
                    "object per reply: {\"user\", \"assistant\", \"turns_dropped\"}")
     add_watermark_flags(p)
+    p.add_argument("--moderation", default=None, metavar="lexicon|MODEL_DIR",
+                   help="check messages and replies: 'lexicon' or a moderation classifier directory (default: off)")
 
 
 VERB = Verb("chat", "talk to a chat model in the terminal", add_arguments, run)

@@ -41,7 +41,7 @@ LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t"
                       "|": "i", "€": "e"})
 _HAN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
 _NOT_KEPT_ZH = re.compile(r"[^\u3400-\u9fff\uf900-\ufaffa-z]+")
-_EDGE = re.compile(r"^[^\w@$]+|[^\w@$!]+$")  # punctuation at a token's edges ("hi!", "(word)") is not part of it
+_EDGE = re.compile(r"^[^\w@$]+|[^\w@$]+$")  # punctuation at a token's edges ("hi!", "(word)") is not part of it
 _LETTER = re.compile(r"[^\W\d_]")
 
 # first-person crisis language: asks for help, not a refusal. Matched on the normalised words.
