@@ -80,7 +80,18 @@ function messageNode(m) {
   body.className = "body";
   body.appendChild(Markdown.render(m.content));
   div.append(who, body);
+  if (m.filtered) div.appendChild(filterNote(m.filtered));
   return div;
+}
+
+// serve --moderation: a refused request ("refusal" in the reply) or a reply stopped by the filter
+// (finish_reason "content_filter") is marked under the message, so it is not mistaken for the model's own
+function filterNote(kind) {
+  const note = document.createElement("div");
+  note.className = "filter-note";
+  note.textContent = kind === "refused" ? "Content filter: this message was not sent to the model."
+                                        : "Content filter: the reply was stopped here.";
+  return note;
 }
 
 function renderMessages() {
@@ -172,7 +183,10 @@ async function streamReply(c) {
           if (data === "[DONE]") continue;
           const chunk = JSON.parse(data);
           if (chunk.error) throw new Error(chunk.error.message);
-          const piece = chunk.choices?.[0]?.delta?.content;
+          const choice = chunk.choices?.[0];
+          if (choice?.delta?.refusal) reply.filtered = "refused";
+          if (choice?.finish_reason === "content_filter" && !reply.filtered) reply.filtered = "stopped";
+          const piece = choice?.delta?.content;
           if (piece) {
             reply.content += piece;
             body.replaceChildren(Markdown.render(reply.content));
@@ -186,7 +200,7 @@ async function streamReply(c) {
   } finally {
     state.controller = null;
     node.classList.remove("streaming");
-    if (!reply.content) c.messages.pop();  // nothing arrived: leave no empty reply behind
+    if (!reply.content && !reply.filtered) c.messages.pop();  // nothing arrived: leave no empty reply behind
     c.updated = Date.now();
     save();
     renderAll();
