@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ppl-prompts", type=int, default=None, help="perplexity on the first N prompts' replies (default: all)")
     ap.add_argument("--out", default="bench/results/watermark")
     a = ap.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -150,7 +151,9 @@ def main():
             att.append(s)
         res["robustness"][frac] = {T: tpr([detect(s[:T], wm, min_tokens=1).z for s in att])
                                    for T in (50, 100, 200) if T <= a.tokens}
-    res["perplexity"] = {"plain": perplexity(model, ids, plain_ids), "watermarked": perplexity(model, ids, wm_ids)}
+    k = a.ppl_prompts or len(ids)
+    res["perplexity"] = {"prompts": k, "plain": perplexity(model, ids[:k], plain_ids[:k]),
+                         "watermarked": perplexity(model, ids[:k], wm_ids[:k])}
     per_tok = gen_s / n_gen
     res["speed"] = {"generated_tokens": n_gen, "seconds": gen_s, "tokens_per_s": 1 / per_tok,
                     "watermark_ms_per_token": wm_per_tok * 1e3,

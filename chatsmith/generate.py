@@ -48,7 +48,7 @@ def add_arguments(p):
 
 def main(a):
     cfg = watermark_config(a) if a.watermark else None
-    params = dataclass_from_args(SamplingParams, a, stop=a.stop)
+    params = dataclass_from_args(SamplingParams, a, stop=a.stop, watermark=None)  # --watermark is the switch
     params.validate()
     model = load_model(a.model, device=resolve_device(a.device))
     tok = Tokenizer.load(a.model)

