@@ -3,7 +3,9 @@
 Replies stream as they are decoded. Commands: /reset, /system TEXT, /temp X, /save FILE, /help;
 quit, exit or Ctrl-D leave; Ctrl-C stops the reply being written and keeps the conversation.
 With piped input (`echo hi | chatsmith chat DIR`) every input line is one user turn and only the
-replies are printed.
+replies are printed. `--moderation lexicon|MODEL_DIR` checks each message (a flagged one gets a
+refusal, crisis language a supportive reply with help lines, and the model is not asked) and each
+reply as it streams (a flagged reply stops there and is marked); `--watermark` watermarks replies.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from chatsmith.config import DEVICES
 from chatsmith.engine import QUANTIZE, Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
+from chatsmith.moderation import CRISIS_REPLY, REFUSAL, load_moderator
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.tools import calls as toolcalls
 from chatsmith.tools.inline import ToolRunner, builtin_tools
 from chatsmith.tools.stream import ReplyStream
+from chatsmith.watermark import Watermark, add_flags as add_watermark_flags, config_from_args as watermark_config
 
 HELP = """commands:
   /reset          start a new conversation (keeps the system prompt)
@@ -35,13 +39,16 @@ HELP = """commands:
 class ChatSession:
     """History, context management and one reply at a time; the terminal loop sits on top."""
 
-    def __init__(self, engine, params, system: str | None = None, tools: dict | None = None):
+    def __init__(self, engine, params, system: str | None = None, tools: dict | None = None, moderator=None):
         """tools: built-in tools (chatsmith.tools.inline.builtin_tools) the model may call; they run
-        inside generation and the reply shows each call and its result."""
+        inside generation and the reply shows each call and its result. moderator: checks each
+        message before the model sees it and each reply as it streams (chatsmith.moderation)."""
         self.engine, self.params, self.system = engine, params, system
         self.tools = tools or {}
+        self.moderator = moderator
         self.history: list[dict] = []
         self.last_steps: list[tuple[str, str, str]] = []  # the tool calls of the last reply
+        self.filtered = False  # the last reply: refused, or stopped by the content filter
 
     @property
     def messages(self) -> list[dict]:
@@ -75,7 +82,16 @@ class ChatSession:
         except UserError:
             self.history.pop()
             raise
-        parts, interrupted = [], False
+        parts, interrupted, self.filtered = [], False, False
+        if self.moderator is not None:
+            (v,) = self.moderator.check([user_text])
+            if v.flagged:  # the model is not asked
+                text = CRISIS_REPLY if v.crisis else REFUSAL
+                self.filtered = True
+                if write:
+                    write(text)
+                self.history.append({"role": "assistant", "content": text})
+                return text, dropped, False
         markers = self.engine.tok.tool_markers if self.tools else None
         params = self.params
         if markers is not None:
@@ -90,8 +106,15 @@ class ChatSession:
                 elif ev[0] == "step":
                     self.last_steps.append(ev[1:])
                     write and write(f"[{ev[1]} {ev[2]} -> {ev[3]}] ")
+        stream = self.engine.stream(ids, params)
         try:
-            for _, piece in self.engine.stream(ids, params):
+            for _, piece in stream:
+                if self.moderator is not None:
+                    so_far = "".join(parts)
+                    if self.moderator.lexicon.hits(so_far[-64:] + piece):
+                        self.filtered = True
+                        stream.close()  # cancels the request
+                        break
                 parts.append(piece)
                 if reader is not None:
                     show(reader.feed(piece))
@@ -113,8 +136,11 @@ def run(a):
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                             top_k=a.top_k, seed=a.seed)
     params.validate()
+    cfg = watermark_config(a) if a.watermark else None
     model = load_model(a.model, device=resolve_device(a.device))
     tok = Tokenizer.load(a.model)
+    if cfg is not None:
+        params.watermark = Watermark(cfg, tok.vocab_size)
     if not tok.has_chat:  # our chat tokens, or an imported model's own chat template
         raise UserError(f"{a.model} has no chat tokens in its tokenizer: it cannot chat")
     # one conversation: one row of the KV cache (max_batch=1)
@@ -124,7 +150,8 @@ def run(a):
         raise UserError(f"--tools: {e}") from None
     if tools and tok.tool_markers is None:
         raise UserError(f"--tools: the chat template of {a.model} has no tool support")
-    session = ChatSession(Engine(model, tok, max_batch=1, quantize=a.quantize), params, a.system, tools)
+    moderator = load_moderator(a.moderation, device=resolve_device(a.device)) if a.moderation else None
+    session = ChatSession(Engine(model, tok, max_batch=1, quantize=a.quantize), params, a.system, tools, moderator)
     interactive = sys.stdin.isatty()
     out = sys.stdout
 
@@ -139,7 +166,7 @@ def run(a):
                 continue
             if a.jsonl:  # one JSON object per input line, so a multi-line reply stays with its question
                 reply, dropped, _ = session.reply(line)
-                row = {"user": line, "assistant": reply, "turns_dropped": dropped}
+                row = {"user": line, "assistant": reply, "turns_dropped": dropped, "content_filter": session.filtered}
                 if session.tools:
                     row["tool_calls"] = [{"name": n, "arguments": x, "result": r} for n, x, r in session.last_steps]
                 write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -209,6 +236,8 @@ def run(a):
             print(f"({e})")
             continue
         write("\n")
+        if session.filtered:
+            print("(content filter)")
         if interrupted:
             print("(stopped)")
         if dropped:
@@ -230,6 +259,9 @@ def add_arguments(p):
                    help="built-in tools the model may call, run inside generation (calculator)")
     p.add_argument("--jsonl", action="store_true", help="read a user turn per input line and print one JSON "
                    "object per reply: {\"user\", \"assistant\", \"turns_dropped\"}")
+    add_watermark_flags(p)
+    p.add_argument("--moderation", default=None, metavar="lexicon|MODEL_DIR",
+                   help="check messages and replies: 'lexicon' or a moderation classifier directory (default: off)")
 
 
 VERB = Verb("chat", "talk to a chat model in the terminal", add_arguments, run)

@@ -11,13 +11,14 @@ import os
 import sys
 from pathlib import Path
 
-from chatsmith import chat, clip_verbs, embed, generate, report, runtime, speedrun, tokenizer
+from chatsmith import chat, clip_verbs, embed, generate, report, runtime, speedrun, tokenizer, watermark
 from chatsmith.data import build as data_build
 from chatsmith.errors import UserError
 from chatsmith.eval import harness, ngram, runner
 from chatsmith.flags import HelpFormatter, Parser
 from chatsmith.interop import convert
 from chatsmith.interop.registry import KNOWN, resolve
+from chatsmith.moderation import verb as moderate
 from chatsmith.serve import verb as serve_verb
 from chatsmith.train import classify, clip, dpo, pretrain, qa, reward, rlhf, sft, translate
 
@@ -31,6 +32,7 @@ VERBS = [
     chat.VERB, serve_verb.VERB, generate.VERB, embed.VERB, embed.FILL_VERB,
     runner.VERB, ngram.TRAIN_VERB, ngram.EVAL_VERB, harness.VERB, report.VERB,
     convert.MERGE_VERB, convert.IMPORT_VERB, convert.EXPORT_VERB,
+    watermark.DETECT_VERB, moderate.VERB,
     speedrun.VERB,
 ]
 GROUPS = {"data": "build corpora, dialogues and preference pairs", "tokenizer": "train a byte-level BPE tokenizer",
@@ -39,7 +41,8 @@ GROUPS = {"data": "build corpora, dialogues and preference pairs", "tokenizer": 
           "classify": "sentence (pair) classification with an encoder: train, eval, predict",
           "clip": "image-text models (CLIP): train, zero-shot classify, search images by text, embed",
           "qa": "extractive question answering with an encoder (SQuAD format): train, eval, predict",
-          "translate": "encoder-decoder translation: train, or translate with `chatsmith translate MODEL`"}
+          "translate": "encoder-decoder translation: train, or translate with `chatsmith translate MODEL`",
+          "watermark": "detect the green-list watermark of generated text"}
 
 
 def build_parser() -> Parser:
@@ -66,7 +69,8 @@ def build_parser() -> Parser:
 
 def _resolve_model_names(a):
     """A known model name (smollm2) in place of a model directory: imported once into the cache."""
-    for attr, name_attr in (("model", "model_name"), ("init", None), ("embeddings", "embeddings_name")):
+    for attr, name_attr in (("model", "model_name"), ("init", None), ("embeddings", "embeddings_name"),
+                           ("tokenizer", None)):
         v = getattr(a, attr, None)
         if isinstance(v, str) and v in KNOWN and not Path(v).exists():
             setattr(a, attr, resolve(v))

@@ -32,6 +32,7 @@ import torch
 
 from chatsmith.errors import UserError
 from chatsmith.model.decoder import cpu_int8_supported
+from chatsmith.watermark import Watermark, context_tail
 
 
 @dataclass
@@ -53,6 +54,7 @@ class SamplingParams:
     # each sampled token and may return tokens to feed instead of sampling (a tool's result, see
     # chatsmith.tools.inline). Forced tokens are never end tokens and never call the hook.
     tool_hook: object | None = None
+    watermark: Watermark | None = None  # green-list watermark (Kirchenbauer et al. 2023)
 
     def validate(self):
         if self.max_new_tokens < (0 if self.prompt_logprobs is not None else 1):
@@ -318,6 +320,9 @@ class Engine:
             raise UserError("the prompt is empty")
         if len(prompt_ids) >= ctx + (p.max_new_tokens == 0):
             raise UserError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {ctx}")
+        if p.watermark is not None and p.watermark.vocab_size > self.n_vocab:
+            raise UserError(f"the watermark's vocabulary ({p.watermark.vocab_size}) is larger than the model's "
+                            f"({self.n_vocab}): build it with the model's tokenizer")
         bad = [t for t in [*prompt_ids, *(p.logit_bias or {})] if not 0 <= t < self.n_vocab]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
@@ -553,6 +558,12 @@ class Engine:
                 hist = torch.tensor([s.req.prompt_ids + s.out], device=logits.device)
                 logits[i:i + 1] = process_logits(logits[i:i + 1], SamplingParams(
                     temperature=0, repetition_penalty=ps[i].repetition_penalty), hist)
+        marked = [i for i, p in enumerate(ps) if p.watermark is not None]
+        if marked:  # each row's green list comes from its own context (prompt + reply so far)
+            logits = logits.float().clone()
+            for i in marked:
+                s, wm = seqs[i], ps[i].watermark
+                logits[i] = wm.apply(context_tail(s.req.prompt_ids, s.out, wm.cfg.context_width), logits[i])
         greedy = [i for i, p in enumerate(ps) if p.temperature == 0]
         if len(greedy) == len(seqs):
             return logits.argmax(-1).tolist()
@@ -597,6 +608,14 @@ class Engine:
         ids = list(p.logit_bias)
         row[ids] = torch.tensor([float(p.logit_bias[t]) for t in ids], device=device)
         return row
+
+    @staticmethod
+    def _marked(p: SamplingParams, prompt_ids: list[int], seqs: list[list[int]], logits: torch.Tensor) -> torch.Tensor:
+        """Beam search's log-probabilities, each beam's logits watermarked from its own context."""
+        if p.watermark is not None:
+            w = p.watermark.cfg.context_width
+            logits = torch.stack([p.watermark.apply(context_tail(prompt_ids, q, w), row) for q, row in zip(seqs, logits)])
+        return logits.log_softmax(-1)
 
     # --- the public API ---------------------------------------------------------------------------
     def run_until_done(self, reqs: list[Request]):
@@ -657,7 +676,7 @@ class Engine:
         cache = self.model.new_cache(B, len(prompt_ids) + budget)
         x = torch.tensor([prompt_ids] * B, device=self.device)
         bias = self._bias_row(p, self.device) if p.logit_bias else 0.0
-        logp = (self._real(self.model(x, cache=cache)[:, -1].float()) + bias).log_softmax(-1)
+        logp = self._marked(p, prompt_ids, [[]] * B, self._real(self.model(x, cache=cache)[:, -1].float()) + bias)
         scores = torch.zeros(B, device=self.device)
         scores[1:] = float("-inf")  # all beams start identical: expand only the first
         seqs: list[list[int]] = [[] for _ in range(B)]
@@ -694,7 +713,7 @@ class Engine:
             cache.reorder(torch.tensor(rows, device=self.device))
             seqs, scores = new_seqs, torch.tensor(new_scores, device=self.device)
             logits = self.model(torch.tensor(toks, device=self.device)[:, None], cache=cache)[:, -1].float()
-            logp = (self._real(logits) + bias).log_softmax(-1)
+            logp = self._marked(p, prompt_ids, seqs, self._real(logits) + bias)
         for s, seq in zip(scores.tolist(), seqs):
             if s > float("-inf"):
                 finished.append((s / max(len(seq), 1) ** p.length_penalty, seq, "length"))

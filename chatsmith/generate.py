@@ -16,6 +16,7 @@ from chatsmith.engine import QUANTIZE, Engine, SamplingParams
 from chatsmith.flags import Verb, add_dataclass_flags, dataclass_from_args
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.watermark import Watermark, add_flags as add_watermark_flags, config_from_args as watermark_config
 
 
 SAMPLING_HELP = {
@@ -36,20 +37,24 @@ SAMPLING_HELP = {
 def add_arguments(p):
     p.add_argument("model", help="model directory")
     p.add_argument("--prompt", required=True, help="the text to continue")
-    # logit_bias: the API's; tool_hook: chat / serve / eval --tools
-    add_dataclass_flags(p, SamplingParams, skip=("stop", "logit_bias", "tool_hook"), help=SAMPLING_HELP)
+    # logit_bias: the API's; tool_hook: chat / serve / eval --tools; watermark: the flags below
+    add_dataclass_flags(p, SamplingParams, skip=("stop", "logit_bias", "tool_hook", "watermark"), help=SAMPLING_HELP)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--no-stream", action="store_true", help="print only when finished")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
                    help="decode weights: none (fp32 as trained) or int8 (CPU; a quarter of the bytes per token)")
+    add_watermark_flags(p)
 
 
 def main(a):
-    params = dataclass_from_args(SamplingParams, a, stop=a.stop)
+    cfg = watermark_config(a) if a.watermark else None
+    params = dataclass_from_args(SamplingParams, a, stop=a.stop, watermark=None)  # --watermark is the switch
     params.validate()
     model = load_model(a.model, device=resolve_device(a.device))
     tok = Tokenizer.load(a.model)
+    if cfg is not None:
+        params.watermark = Watermark(cfg, tok.vocab_size)
     engine = Engine(model, tok, max_batch=1, quantize=a.quantize)
     ids = tok.encode(a.prompt, bos=True, special=True)
     torch.manual_seed(params.seed if params.seed is not None else torch.seed())

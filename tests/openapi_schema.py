@@ -35,7 +35,7 @@ OPERATIONS = {"/chat/completions": "post", "/completions": "post", "/models": "g
               "/embeddings": "post"}
 # the schemas `validate` is asked for (and everything they reference)
 RESPONSES = ["CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "CreateCompletionResponse",
-             "ErrorResponse", "ListModelsResponse", "Model"]
+             "ErrorResponse", "ListModelsResponse", "Model", "CreateModerationResponse"]
 
 
 def _refs(node):

@@ -263,3 +263,36 @@ def test_tool_calls_are_shown_collapsible_and_as_text(calc_web, browser):
     assert not d.find_elements("css selector", "#messages img, #messages script, #messages b")
     time.sleep(0.2)
     assert d.execute_script("return window.__xss") is None
+
+
+def test_the_page_marks_refused_and_filtered_replies(web, browser):
+    from chatsmith.moderation import REFUSAL, Moderator, load_moderator
+    from chatsmith.moderation.lexicon import Lexicon
+    from chatsmith.serve.moderations import Moderations
+
+    url, srv = web
+    d = browser
+    saved = srv.moderation
+    srv.moderation = Moderations(load_moderator("lexicon"))
+    try:
+        d.get(url + "/")
+        d.execute_script("localStorage.clear()")
+        d.get(url + "/")
+        wait(lambda: d.find_element("id", "model-name").text == "web-model", what="the model name")
+        d.find_element("id", "input").send_keys("you f.u.c.k.i.n.g idiot")
+        d.find_element("id", "send").click()
+        wait(lambda: REFUSAL in replies(d), what="the refusal")
+        notes = wait(lambda: d.find_elements("css selector", ".message.assistant .filter-note"), what="the note")
+        assert "not sent to the model" in notes[0].text
+        # a reply the filter stops: every reply contains a space-separated word; flag the letter "e" words
+        lex = Lexicon()
+        lex.single, lex.phrases, lex.zh, lex._zh_re = {w for w in ("the", "and", "a", "of", "to", "in", "is", "he",
+                                                                   "she", "it", "was", "said", "king")}, set(), [], None
+        srv.moderation = Moderations(Moderator(lex))
+        d.find_element("id", "input").send_keys("Tell me more")
+        d.find_element("id", "send").click()
+        wait(lambda: len(d.find_elements("css selector", ".message.assistant .filter-note")) == 2 and not streaming(d),
+             what="the reply stopped by the filter", timeout=60)
+        assert "stopped" in d.find_elements("css selector", ".message.assistant .filter-note")[1].text
+    finally:
+        srv.moderation = saved

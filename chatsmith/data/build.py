@@ -7,6 +7,7 @@
     chatsmith data build --what qa                  data/qa/{train,test}.json (SQuAD v2.0)
     chatsmith data build --what images              data/images/{fashion,emoji}/ (image-text pairs, CLIP)
     chatsmith data build --what translation         data/translation/{train,test}.jsonl (zh–en pairs)
+    chatsmith data build --what moderation          data/moderation/{train,test}.jsonl (offensive / clean)
 
 `--what all` builds the corpus and the chat data; the encoder sets (sentiment, qa) are built
 only when asked for, since the corpus and chat stages never read them.
@@ -19,6 +20,7 @@ from pathlib import Path
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.dialogues import FAMILIES, build_dialogues
 from chatsmith.data.images import build_images
+from chatsmith.data.moderation import build_moderation
 from chatsmith.data.preferences import build_preferences
 from chatsmith.data.qa import build_qa
 from chatsmith.data.sentiment import build_sentiment
@@ -31,7 +33,8 @@ from chatsmith.flags import Verb
 def add_arguments(p):
     p.add_argument("--out", default="data", help="output directory: built-in data goes to OUT/corpus "
                    "(pretraining text) and OUT/chat (dialogues); with --input the corpus goes to OUT itself")
-    p.add_argument("--what", choices=["all", "corpus", "chat", "sentiment", "qa", "images", "translation"],
+    p.add_argument("--what", choices=["all", "corpus", "chat", "sentiment", "qa", "images", "translation",
+                                      "moderation"],
                    default="all",
                    help="which built-in data to build: all = corpus + chat; sentiment and qa (classification and "
                    "extractive QA sets for encoders, with fixed held-out splits) go to OUT/sentiment and OUT/qa; "
@@ -42,6 +45,8 @@ def add_arguments(p):
     p.add_argument("--sources-dir", default=default_sources_dir(),
                    help="where scripts/setup.sh put the raw source packages "
                         "($CHATSMITH_SOURCES; else ./.sources, else the checkout's)")
+    p.add_argument("--corpus", default=None, help="--what moderation: the built corpus whose train split gives "
+                   "clean text (default: OUT/corpus)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of corpus documents held out for validation")
     p.add_argument("--seed", type=int, default=1337, help="seed of the train/val and held-out splits")
     p.add_argument("--max-doc-chars", type=int, default=20000, help="longer documents are cut at paragraphs")
@@ -67,6 +72,11 @@ def main(a):
         meta = build_sentiment(out, sources_dir=a.sources_dir)
         sets = ", ".join(f"{k} {v['train']['total']}/{v['test']['total']}" for k, v in meta["sets"].items())
         print(f"sentiment sets (train/test: {sets}) written to {out / 'sentiment'}")
+        return
+    if a.what == "moderation":
+        meta = build_moderation(out, Path(a.corpus) if a.corpus else out / "corpus")
+        print(f"moderation set (train {sum(meta['counts']['train'].values())}, test "
+              f"{sum(meta['counts']['test'].values())}: {meta['counts']['test']}) written to {out / 'moderation'}")
         return
     if a.what == "qa":
         meta = build_qa(out, sources_dir=a.sources_dir)

@@ -1,7 +1,9 @@
 """`chatsmith serve`: an OpenAI-compatible HTTP API and a web chat page over the batching engine.
 
 Endpoints: GET / (the chat page), GET /health, GET /v1/models, POST /v1/chat/completions,
-POST /v1/completions, POST /tokenize, POST /detokenize, GET /tokenizer_info. Errors use OpenAI's
+POST /v1/completions, POST /tokenize, POST /detokenize, GET /tokenizer_info, POST /v1/embeddings,
+POST /v1/moderations (`serve/moderations.py`, which also checks requests and replies under
+--moderation). --watermark-key watermarks every reply (chatsmith/watermark.py); the key stays here. Errors use OpenAI's
 shape {"error": {"message", "type", "param", "code"}} with a 4xx status; a malformed request never
 yields a 500 and never stops the server. A bug that does raise is answered with a generic 500 that
 carries a request id; the details go to the server's log only. Browser-facing defaults: the API
@@ -39,10 +41,13 @@ from chatsmith.runtime import set_threads
 from chatsmith.model.encoder import EncoderConfig
 from chatsmith.serve import protocol
 from chatsmith.serve.embeddings import Embedder
+from chatsmith.serve.moderations import Moderations
 from chatsmith.serve.protocol import APIError, Call, TokenText, error_body, get_field
 from chatsmith.serve.scheduler import Scheduler, admit, run_jobs
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.moderation import load_moderator
 from chatsmith.tools.inline import builtin_tools
+from chatsmith.watermark import Watermark, WatermarkConfig
 
 STATIC = Path(__file__).parent / "static"
 # the page's files, listed once: a request names one of these or gets a 404 without the
@@ -64,6 +69,8 @@ class Server:
         self.engine = Engine(model, tok, max_batch=max_batch, quantize=quantize) if model is not None else None
         self.tok, self.model_name, self.api_key = tok, model_name, api_key
         self.embedder = embedder
+        self.moderation: Moderations | None = None  # serve --moderation
+        self.watermark: Watermark | None = None  # serve --watermark-key: every reply
         self.max_queue, self.max_batch = max_queue, max_batch
         self.created = int(time.time())
         self.has_chat = tok is not None and tok.has_chat  # our chat tokens, or an imported model's template
@@ -117,6 +124,8 @@ class Server:
         admit(self.scheduler, jobs, self.max_queue)
 
     def run(self, jobs: list[tuple[list[int], SamplingParams]], request: Request | None = None):
+        for _, p in jobs:
+            p.watermark = self.watermark
         return run_jobs(self.scheduler, jobs, request.is_disconnected if request is not None else None)
 
 
@@ -262,9 +271,13 @@ async def complete(request: Request, chat: bool):
     # other clients are answered meanwhile (the tokenizer releases the GIL)
     call = await srv.off_loop(protocol.parse_call, body, chat, srv.tok, srv.ctx, srv.max_batch, srv.max_chars,
                               srv.tools)
-    srv.admit(len(call.jobs))
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     created = int(time.time())
+    if srv.moderation is not None:  # a flagged request gets a refusal (or crisis) reply, not the model's
+        refusal = await srv.moderation.request_reply(body, chat)
+        if refusal is not None:
+            return srv.moderation.refusal(call, refusal, rid, created, srv.model_name)
+    srv.admit(len(call.jobs))
     if not call.stream:
         done: dict[int, list] = {}
         async for j, kind, item in srv.run(call.jobs, request):
@@ -272,6 +285,8 @@ async def complete(request: Request, chat: bool):
                 done[j] = item
         if len(done) < len(call.jobs):  # the client left; nobody reads this
             return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=400)
+        if srv.moderation is not None:
+            await srv.moderation.cut_completions(done)
         return protocol.response(call, done, rid, created, srv.model_name, srv.token_text)
     chunks = protocol.Chunks(call, rid, created, srv.model_name, srv.token_text)
     return StreamingResponse(stream_events(srv, call, chunks), media_type="text/event-stream",
@@ -284,12 +299,21 @@ async def stream_events(srv: Server, call: Call, chunks: protocol.Chunks):
         for c in chunks.roles():
             yield c
         done: dict[int, list] = {}
-        async for j, kind, item in srv.run(call.jobs):
-            if kind == "done":
-                done[j] = item
-                continue
-            for ev in item:
-                yield chunks.event(j, ev)
+        guard = srv.moderation.guard(call) if srv.moderation is not None else None
+        run = srv.run(call.jobs)
+        try:
+            async for j, kind, item in run:
+                if kind == "done":
+                    done[j] = item
+                    continue
+                for ev in item:
+                    if guard is not None and (ev := await guard.check(j, ev)) is None:
+                        continue
+                    yield chunks.event(j, ev)
+                if guard is not None and guard.all_stopped:
+                    break  # every choice ended or was filtered: closing `run` cancels what still decodes
+        finally:
+            await run.aclose()
         for c in chunks.usage(done):
             yield c
         yield protocol.SSE_DONE
@@ -359,6 +383,15 @@ async def embeddings(request: Request):
     return await srv.embedder.create(body)
 
 
+async def moderations(request: Request):
+    srv = server_of(request)
+    body = await body_of(request, model_name=None)
+    if srv.moderation is None:
+        raise APIError(404, "this server does not moderate; start it with --moderation lexicon (or a classifier "
+                       "directory)", code="moderation_not_enabled")
+    return await srv.moderation.create(body)
+
+
 # --- the app ----------------------------------------------------------------------------------
 
 ROUTES = [  # (method, path, handler, in the OpenAPI schema)
@@ -367,6 +400,7 @@ ROUTES = [  # (method, path, handler, in the OpenAPI schema)
     ("POST", "/v1/chat/completions", chat_completions, True), ("POST", "/v1/completions", completions, True),
     ("POST", "/tokenize", tokenize, True), ("POST", "/detokenize", detokenize, True),
     ("GET", "/tokenizer_info", tokenizer_info, True), ("POST", "/v1/embeddings", embeddings, True),
+    ("POST", "/v1/moderations", moderations, True),
 ]
 
 
@@ -384,7 +418,8 @@ def create_app(model_dir: str | Path, api_key: str | None = None, model_name: st
                max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
                allowed_hosts: list[str] | None = None, embeddings: str | None = None,
                embeddings_name: str | None = None, tools: list[str] | None = None,
-               quantize: str | None = None) -> FastAPI:
+               quantize: str | None = None, moderation: str | None = None,
+               watermark: WatermarkConfig | None = None) -> FastAPI:
     """allowed_hosts: the names a request's Host header may give (default: loopback); '*': any.
     An encoder model_dir is served for /v1/embeddings alone; `embeddings` adds an encoder beside a
     generative model (clients pick it by `embeddings_name`, default its directory's name). tools:
@@ -415,6 +450,10 @@ def create_app(model_dir: str | Path, api_key: str | None = None, model_name: st
             raise UserError(f"--tools: the chat template of {model_dir} has no tool support")
         srv = Server(model, tok, name, api_key, max_queue, max_batch, chat_template, embedder, builtin,
                      quantize=quantize)
+    if moderation:
+        srv.moderation = Moderations(load_moderator(moderation, device=device))
+    if watermark is not None and srv.tok is not None:
+        srv.watermark = Watermark(watermark, srv.tok.vocab_size)
     return build_app(srv, allowed_hosts)
 
 
@@ -445,13 +484,14 @@ def default_hosts(host: str) -> list[str]:
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
           threads: int | None = None, allowed_hosts: list[str] | None = None, embeddings: str | None = None,
-          embeddings_name: str | None = None, tools: list[str] | None = None, quantize: str | None = None):
+          embeddings_name: str | None = None, tools: list[str] | None = None, quantize: str | None = None,
+          moderation: str | None = None, watermark: WatermarkConfig | None = None):
     sock = listen(host, port)  # before the model loads: a busy port is said at once, with nothing to undo
     torch.seed()  # requests without a seed should differ from one server start to the next
     set_threads(threads)
     app = create_app(model_dir, api_key, model_name, max_queue, device, max_batch,
                      allowed_hosts if allowed_hosts else default_hosts(host), embeddings, embeddings_name, tools,
-                     quantize)
+                     quantize, moderation, watermark)
     print(f"serving {model_dir} as '{app.state.server.model_name}' on http://{host}:{port}/v1 "
           f"(chat page: http://{host}:{port}/)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

@@ -10,6 +10,7 @@ from chatsmith.errors import UserError
 from chatsmith.flags import Verb
 from chatsmith.runtime import resolve_device
 from chatsmith.serve.app import serve
+from chatsmith.watermark import add_flags as add_watermark_flags, config_from_args as watermark_config
 
 
 def add_arguments(p):
@@ -36,6 +37,12 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
                    help="decode weights: none (fp32 as trained) or int8 (CPU; a quarter of the bytes per token)")
+    p.add_argument("--moderation", default=None, metavar="lexicon|MODEL_DIR",
+                   help="check requests and replies and answer POST /v1/moderations: 'lexicon' (word lists) or a "
+                        "moderation classifier directory beside the lexicon (default: off)")
+    p.add_argument("--watermark-key", default=None,
+                   help="watermark every reply with this secret integer key (never sent to clients; default: off)")
+    add_watermark_flags(p, switch=False)
 
 
 def main(a):
@@ -43,7 +50,8 @@ def main(a):
         raise UserError("--max-batch and --threads must be at least 1")
     serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device),
           max_batch=a.max_batch, threads=a.threads, allowed_hosts=a.allowed_hosts, embeddings=a.embeddings,
-          embeddings_name=a.embeddings_name, tools=a.tools, quantize=a.quantize)
+          embeddings_name=a.embeddings_name, tools=a.tools, quantize=a.quantize, moderation=a.moderation,
+          watermark=watermark_config(a) if a.watermark_key is not None else None)
 
 
 VERB = Verb("serve", "OpenAI-compatible API server and web chat page", add_arguments, main)

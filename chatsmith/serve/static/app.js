@@ -85,6 +85,7 @@ function messageNode(m) {
   body.className = "body";
   body.appendChild(Markdown.render(m.content));
   div.append(who, tools, body);
+  if (m.filtered) div.appendChild(filterNote(m.filtered));
   return div;
 }
 
@@ -102,6 +103,16 @@ function toolNode(t) {
   result.textContent = "\u2192 " + String(t.result);
   d.append(summary, args, result);
   return d;
+}
+
+// serve --moderation: a refused request ("refusal" in the reply) or a reply stopped by the filter
+// (finish_reason "content_filter") is marked under the message, so it is not mistaken for the model's own
+function filterNote(kind) {
+  const note = document.createElement("div");
+  note.className = "filter-note";
+  note.textContent = kind === "refused" ? "Content filter: this message was not sent to the model."
+                                        : "Content filter: the reply was stopped here.";
+  return note;
 }
 
 function renderMessages() {
@@ -193,11 +204,14 @@ async function streamReply(c) {
           if (data === "[DONE]") continue;
           const chunk = JSON.parse(data);
           if (chunk.error) throw new Error(chunk.error.message);
-          const delta = chunk.choices?.[0]?.delta || {};
+          const choice = chunk.choices?.[0];
+          const delta = choice?.delta || {};
           for (const t of delta.server_tool_calls || []) {
             (reply.tools = reply.tools || []).push(t);
             node.querySelector(".tools").appendChild(toolNode(t));
           }
+          if (delta.refusal) reply.filtered = "refused";
+          if (choice?.finish_reason === "content_filter" && !reply.filtered) reply.filtered = "stopped";
           const piece = delta.content;
           if (piece) {
             reply.content += piece;
@@ -212,7 +226,7 @@ async function streamReply(c) {
   } finally {
     state.controller = null;
     node.classList.remove("streaming");
-    if (!reply.content && !reply.tools) c.messages.pop();  // nothing arrived: leave no empty reply behind
+    if (!reply.content && !reply.tools && !reply.filtered) c.messages.pop();  // nothing arrived: leave no empty reply behind
     c.updated = Date.now();
     save();
     renderAll();
