@@ -308,6 +308,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.fast = True  # fused decode weights when the model is plain (see GPT.fuse_decode_weights)
         self._fused = None
+        self._fused_key = None  # the weights' versions when _fused was taken
         self.quantize = None if quantize in (None, "none") else quantize
         if self.quantize:
             check_quantize(model, self.quantize)
@@ -380,6 +381,18 @@ class Engine:
             L = min(ctx, _round_up(max(length, 2 * c.max_len), CACHE_BLOCK)) if length > c.max_len else c.max_len
             c.grow(n, L)
 
+    def _snapshot(self):
+        """The fused (or int8) decode weights, rebuilt only when a weight changed since the last
+        snapshot: every in-place update (an optimizer step, load_state_dict, a LoRA merge) bumps a
+        tensor's version counter. Re-quantizing SmolLM2 takes about a second, which every request
+        from idle would otherwise pay."""
+        if not (self.fast or self.quantize):
+            self._fused = None
+            return
+        key = tuple((id(p), p._version) for p in self.model.parameters())
+        if key != self._fused_key:
+            self._fused, self._fused_key = self.model.fuse_decode_weights(self.quantize), key
+
     def _fits(self, n: int) -> bool:
         if not self.rows:  # an idle engine takes any request, growing the cache for n > max_batch
             return True
@@ -435,7 +448,7 @@ class Engine:
     def _admit(self, req: Request, events: list[Event]):
         n = len(req.seqs)
         if not self.rows:  # starting from idle: snapshot the weights (they may have been trained since)
-            self._fused = self.model.fuse_decode_weights(self.quantize) if self.fast or self.quantize else None
+            self._snapshot()
         r0 = len(self.rows)
         T = len(req.prompt_ids)
         self._ensure_cache(r0 + n, T + 1)

@@ -69,3 +69,20 @@ def test_generate_with_int8_from_the_cli(base_model, capsys):
     assert cli("generate", base_model, "--prompt", "The king", "--temperature", "0", "--max-new-tokens", "8",
                "--quantize", "int8") == 0
     assert capsys.readouterr().out.startswith("The king")
+
+
+def test_decode_weights_are_rebuilt_only_when_the_weights_change(base_model):
+    """The int8 snapshot is reused across requests, and retaken after an in-place update (RL
+    trains the policy between rollouts: the rollouts must use the new weights)."""
+    model, tok = load_model(base_model), Tokenizer.load(base_model)
+    eng = Engine(model, tok, quantize="int8")
+    p = SamplingParams(max_new_tokens=4, temperature=0)
+    ids = tok.encode("The king", bos=True)
+    eng.generate(ids, p)
+    first = eng._fused
+    eng.generate(ids, p)
+    assert eng._fused is first
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.01)
+    eng.generate(ids, p)
+    assert eng._fused is not first
