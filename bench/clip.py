@@ -27,7 +27,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported (see t
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -41,16 +40,7 @@ from chatsmith.clip_verbs import render_grid, save_png  # noqa: E402
 from chatsmith.data.images import FASHION_DIR, read_idx, read_set  # noqa: E402
 from chatsmith.eval.clip import run_clip_eval  # noqa: E402
 
-PY = [sys.executable, "-m", "chatsmith"]
-
-
-def sh(*args, log: Path) -> float:
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        r = subprocess.run([*PY, *map(str, args)], stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode:
-        sys.exit(f"failed ({r.returncode}): chatsmith {' '.join(map(str, args))}; see {log}")
-    return time.perf_counter() - t0
+from cli_run import sh  # noqa: E402  (bench/ is on sys.path when a script runs)
 
 
 def logreg(x_train, y_train, x_test, y_test, seen_mask) -> dict:

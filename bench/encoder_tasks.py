@@ -19,24 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import sentiment_baseline  # bench/ is on sys.path when this file runs as a script
-
-PY = [sys.executable, "-m", "chatsmith"]
-
-
-def sh(*args, log: Path) -> float:
-    """Run a chatsmith command, its output to `log`; -> seconds. A failure stops the benchmark."""
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        r = subprocess.run([*PY, *map(str, args)], stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode:
-        sys.exit(f"failed ({r.returncode}): chatsmith {' '.join(map(str, args))}; see {log}")
-    return time.perf_counter() - t0
+from cli_run import sh
 
 
 def classify(init: str, set_dir: Path, out: Path, epochs: float, max_len: int, lr: float) -> dict:
