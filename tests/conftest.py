@@ -86,6 +86,18 @@ def pytest_report_header(config):
     return f"OpenAI OpenAPI document: neither {SPEC} nor {SUBSET}: the schema checks skip"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny models: they gain nothing from a second thread, and
+    on a busy 2-core machine a second OpenMP thread spin-waits and makes each step many times slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def encoder_dir(tmp_path_factory) -> Path:
     """A tiny random BERT-style encoder (2 layers, d=32, 24 positions) with a WordPiece tokenizer

@@ -9,6 +9,8 @@ import math
 import random
 from pathlib import Path
 
+from chatsmith.train.rl_eval import flatten
+
 
 def _jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -80,9 +82,9 @@ def speedrun_dir(run: Path) -> Path:
                                              "samples": [{"family": "arithmetic", "prompt": "What is 3 * 4?", "reply": "12"}]}
     before, after = rl_side([0.2, 0.3, 0.05], 0.18, 0.0, 1.0, 0.1), rl_side([0.26, 0.33, 0.07], 0.22, 0.9, 1.0, 0.12)
     rows.append({"step": 6, **{k.replace("exact_match_", "exact_match/").replace("exact_match/all", "exact_match_all"): v
-                               for k, v in _flat(after).items() if isinstance(v, float)}})
+                               for k, v in flatten(after).items() if isinstance(v, float)}})
     d = _stage(run, "rl", "rlhf", rows, {"steps": 6, "max_steps": 6, "tokens": 18000, "seconds": 80.0, "interrupted": False,
-                                         **{k: v for k, v in _flat(after).items() if isinstance(v, float)},
+                                         **{k: v for k, v in flatten(after).items() if isinstance(v, float)},
                                          "eval": {"init": before, "rl": after}}, {"algo": "grpo", "rl_config": {"max_new_tokens": 48, "eval_prompts": 100}})
     (d / "rl_eval.json").write_text(json.dumps({"init": before, "rl": after}))
     # dpo with RPO (alpha 1): the train objective adds the chosen reply's NLL (~3.5 nats/token)
@@ -121,11 +123,3 @@ def speedrun_dir(run: Path) -> Path:
     return run
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[prefix + k] = v
-    return out

@@ -20,14 +20,7 @@ from chatsmith.train.translate import TranslationStage
 PAD, EOS = 0, 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine a second OpenMP
-    thread makes each step tens of times slower (spin-waiting), not faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one thread
 
 
 class IdTokenizer:

@@ -22,14 +22,7 @@ from chatsmith.train.trainer import Trainer
 VOCAB, SEQ = 64, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The micro model gains nothing from intra-op threads, and on a shared machine they only wait
-    on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one thread
 
 
 def micro_model(seed: int = 0, dropout: float = 0.0) -> GPT:

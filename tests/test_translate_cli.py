@@ -5,19 +5,13 @@ import json
 import random
 
 import pytest
-import torch
 from conftest import cli
 
 NUM_ZH = "零 一 二 三 四 五 六 七 八 九".split()
 NUM_EN = "zero one two three four five six seven eight nine".split()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a busy 2-core machine: see tests/test_seq2seq.py
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models, one thread
 
 
 def _pairs(n, seed=0):

