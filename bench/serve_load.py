@@ -37,6 +37,14 @@ sys.path.insert(0, str(ROOT))
 from chatsmith.interop.registry import KNOWN, resolve  # noqa: E402
 
 
+def syllable_docs(seed: int = 0, n_docs: int = 2000, words: int = 200) -> list[str]:
+    """Pronounceable nonsense: enough distinct words for an 8k BPE, no corpus needed."""
+    rng = random.Random(seed)
+    syl = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "sh", "ng", "qu"]
+    return [" ".join("".join(rng.choice(syl) for _ in range(rng.randint(1, 4))) for _ in range(words))
+            for _ in range(n_docs)]
+
+
 def random_tiny_model(out: Path, seed: int = 0) -> Path:
     """A `tiny` preset model with random weights and an 8k byte-level BPE trained on syllable soup."""
     import torch
@@ -46,11 +54,7 @@ def random_tiny_model(out: Path, seed: int = 0) -> Path:
     from chatsmith.model.decoder import GPT
     from chatsmith.tokenizer import train_tokenizer
 
-    rng = random.Random(seed)
-    syl = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "sh", "ng", "qu"]
-    text = [" ".join("".join(rng.choice(syl) for _ in range(rng.randint(1, 4))) for _ in range(200))
-            for _ in range(2000)]
-    tok = train_tokenizer(iter(text), vocab_size=8192)
+    tok = train_tokenizer(iter(syllable_docs(seed)), vocab_size=8192)
     out.mkdir(parents=True)
     tok.save(out / "tok")
     torch.manual_seed(seed)
@@ -250,7 +254,9 @@ def main():
     ap.add_argument("--soak", type=int, default=200, help="requests from 32 clients after the levels (0: none)")
     ap.add_argument("--max-batch", type=int, default=None, help="the server's --max-batch (default: its own)")
     ap.add_argument("--skip-single", action="store_true")
+    ap.add_argument("--json", default=None, help="write the results here")
     a = ap.parse_args()
+    result: dict = {"model": a.model or "tiny (random init)", "max_batch": a.max_batch}
 
     import torch
 
@@ -263,7 +269,7 @@ def main():
     if a.model in KNOWN and not model_dir.exists():  # "smollm2": the imported copy in the cache
         model_dir = resolve(a.model)
     if not a.skip_single:
-        s = single_stream(model_dir, a.new_tokens, a.repeats)
+        s = result["single"] = single_stream(model_dir, a.new_tokens, a.repeats)
         print(f"\nsingle stream, greedy, {a.new_tokens} new tokens, best of {a.repeats}:")
         print(f"  {'':22} {'tok/s':>8} {'tok/CPU-s':>10}")
         print(f"  chatsmith engine       {s['chatsmith']:8.1f} {s['chatsmith_cpu']:10.1f}")
@@ -295,12 +301,14 @@ def main():
             r16 = next(r for r in rows if r["clients"] == 16)
             print(f"  16 clients / 1 client: {r16['tok_s'] / one:.2f}x (target >= 6x)")
         rss1 = rss_mb(proc.pid)
+        result.update(levels=rows, rss_mb={"idle_loaded": rss0, "peak_levels": peak.peak, "idle_after": rss1})
         print(f"  server RSS: {rss0:.0f} MB idle after loading, {peak.peak:.0f} MB peak under the levels, "
               f"{rss1:.0f} MB idle after them", flush=True)
         if a.soak:
             with PeakRSS(proc.pid) as peak:
                 soak = asyncio.run(load_level(base, 32, a.soak, 32, 300))
             rss2 = rss_mb(proc.pid)
+            result["soak"] = {**soak, "rss_before_mb": rss1, "rss_peak_mb": peak.peak, "rss_after_mb": rss2}
             print(f"\n{soak['requests'] + soak['errors']} requests from 32 clients: {soak['errors']} errors "
                   f"{soak['first_error'] or ''}; server RSS {rss1:.0f} MB before, {peak.peak:.0f} MB peak, "
                   f"{rss2:.0f} MB after the soak", flush=True)
@@ -312,6 +320,9 @@ def main():
             proc.kill()
         tmp.cleanup()
     print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":

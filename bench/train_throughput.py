@@ -29,6 +29,12 @@ dtype; on a CPU without native bf16 the bf16 "peak" is an emulated rate that bf1
     python bench/train_throughput.py --profile fp32        # op table for a couple of eager steps
     python bench/train_throughput.py --malloc-keep         # glibc keeps freed memory (see --help)
     python bench/train_throughput.py --device cuda --configs fp32,bf16-compiled
+    python bench/train_throughput.py --configs fp32 --models chatsmith --cli-steps 30   # trainer overhead
+
+--cli-steps N also runs `chatsmith pretrain` (the CLI: data loader, schedule, gradient clipping, logging,
+metrics.jsonl) for N steps on the same shape, batch and thread count, on a syllable-soup corpus with an
+8k BPE, and compares the median tok/s of its logged steps (each step's own window) with the bare loop's
+fp32 median from this run: the trainer's own overhead.
 """
 
 from __future__ import annotations
@@ -89,6 +95,8 @@ def parse_args(argv=None):
                    help="re-run under glibc settings that keep freed memory (MALLOC_MMAP_MAX_=0, "
                         "MALLOC_TRIM_THRESHOLD_=huge): no page faults on the big per-step tensors")
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here as JSON")
+    p.add_argument("--cli-steps", type=int, default=0, metavar="N",
+                   help="also time `chatsmith pretrain` for N steps (its overhead over the bare loop)")
     a = p.parse_args(argv)
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     a.models = [m.strip() for m in a.models.split(",") if m.strip()]
@@ -367,6 +375,15 @@ def main(argv=None):
         summary["best_ratio"] = ratio
         print(f"chatsmith best / reference best: {ratio:.2f}x")
 
+    if a.cli_steps:
+        loop = next((r["tok_per_s"] for r in results if r["model"] == "chatsmith" and r["config"] == "fp32"), None)
+        summary["cli"] = cli_throughput(a, B, T, threads)
+        cli = summary["cli"]["tok_per_s"]
+        print(f"chatsmith pretrain (CLI, {a.cli_steps} steps, median of steps {summary['cli']['from_step']}+): "
+              f"{cli:8.0f} tok/s" + (f" | bare loop fp32 {loop:.0f} tok/s | CLI/loop {cli / loop:.3f}x" if loop else ""))
+        if loop:
+            summary["cli"]["vs_loop"] = cli / loop
+
     if a.json:
         out = {"torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu_name(),
                "device": a.device, "device_name": dev_name, "threads": torch.get_num_threads(),
@@ -387,6 +404,35 @@ def main(argv=None):
 
     if failures:
         raise SystemExit("sanity check failed: " + "; ".join(failures))
+
+
+def cli_throughput(a, B: int, T: int, threads: int) -> dict:
+    """`chatsmith pretrain` on the same shape: the median of its per-step tok/s (metrics.jsonl,
+    log_every 1), past the first quarter of the steps (warm-up, allocator growth)."""
+    import subprocess
+    import tempfile
+
+    from serve_load import syllable_docs  # noqa: E402 (a bench sibling)
+
+    from chatsmith.tokenizer import train_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="chatsmith-cli-"))
+    docs = syllable_docs(a.seed, n_docs=4000)
+    (work / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    train_tokenizer(iter(docs), vocab_size=a.vocab_size).save(work / "tok")
+    cmd = [sys.executable, "-m", "chatsmith", "pretrain", "--input", str(work / "corpus.jsonl"),
+           "--tokenizer", str(work / "tok"), "--preset", a.preset, "--batch-size", str(B), "--seq-len", str(T),
+           "--max-steps", str(a.cli_steps), "--lr", str(a.lr), "--warmup-steps", "1", "--eval-every", "1000000",
+           "--save-every", "1000000", "--log-every", "1", "--device", a.device, "--dtype", "fp32",
+           "--seed", str(a.seed), "--out", str(work / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"chatsmith pretrain failed:\n{r.stdout[-1500:]}{r.stderr[-1500:]}")
+    rows = [json.loads(line) for line in open(work / "run" / "metrics.jsonl") if '"tok_per_s"' in line]
+    first = max(2, a.cli_steps // 4)
+    rates = [row["tok_per_s"] for row in rows if row.get("step", 0) > first]
+    return {"tok_per_s": statistics.median(rates), "steps": len(rows), "from_step": first + 1}
 
 
 def explain(cfg, init, models, x, y, device):

@@ -269,6 +269,20 @@ def test_rl_algorithms_raise_the_reward(base_model, rl_prompts, tmp_path, algo, 
     assert m[-1]["kl"] > 0  # moved away from the reference, and says by how much
 
 
+def test_rl_rollouts_with_int8_decode_weights(base_model, rl_prompts, tmp_path, capsys):
+    """--quantize int8 samples the rollouts from an int8 snapshot of the policy, retaken every
+    rollout (the weights move): the reward still rises. With LoRA it is refused before any work."""
+    out = tmp_path / "int8"
+    assert cli("rlhf", "--algo", "grpo", "--quantize", "int8", "--init", base_model, "--prompts", rl_prompts,
+               "--out", out, "--max-steps", 40, *RL, "--lr", "3e-3", "--ppo-epochs", 2, "--minibatches", 2,
+               "--kl-coef", "0.01") == 0
+    m = [r for r in rows(out) if "reward" in r]
+    assert sum(r["reward"] for r in m[-6:]) / 6 > sum(r["reward"] for r in m[:6]) / 6 + 0.1
+    assert cli("rlhf", "--quantize", "int8", "--lora-rank", 4, "--init", base_model, "--prompts", rl_prompts,
+               "--out", tmp_path / "lora", "--max-steps", 2, *RL) == 2
+    assert "--lora-rank" in capsys.readouterr().err and not (tmp_path / "lora").exists()
+
+
 def test_rl_with_verifiable_reward_and_discriminator(base_model, tmp_path):
     from chatsmith.data.tasks import generate_tasks
     tasks = list({t["question"]: t for t in generate_tasks("arithmetic", 60, seed=3, difficulty=1)}.values())[:40]

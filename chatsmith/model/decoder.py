@@ -725,20 +725,32 @@ class GPT(FamilyModel):
             (cache.positions[:span] > pos[:, None])[:, None, None], float("-inf"))
         rows = cache.rows[:B]
         head = fused[-1] if isinstance(fused[-1], Int8Linear) else self.lm_head
-        for layer, (n1, wqkv, wo_t, n2, wgu, wd_t) in enumerate(fused[:cfg.n_layer]):
+        # Per token and layer this is ~15 tensor ops; at batch 1 on the tiny preset their dispatch
+        # costs as much as the matmuls, so every op saved counts: fp32 needs no casts (RMSNorm
+        # then takes its weight in the same kernel, as the module's fp32 math), q and k are rotated
+        # in one call (they are adjacent in the qkv output), the cache dtype is checked once
+        same = x.dtype == torch.float32 and cache.k[0].dtype == x.dtype
+
+        def norm(w, t):
+            if same:
+                return F.rms_norm(t, (d,), w, eps)
             # RMSNorm as the module computes it: in fp32, then the weight in the input's dtype
-            h = n1 * F.rms_norm(x.float(), (d,), eps=eps).to(x.dtype)
-            q, k, v = _linear(h, wqkv).split((H * D, G * D, G * D), dim=-1)
-            q = apply_rope(q.view(B, H, D), cos, sin)
-            k = apply_rope(k.view(B, G, D), cos, sin)
+            return w * F.rms_norm(t.float(), (d,), eps=eps).to(t.dtype)
+
+        for layer, (n1, wqkv, wo_t, n2, wgu, wd_t) in enumerate(fused[:cfg.n_layer]):
+            qkv = _linear(norm(n1, x), wqkv)
+            qk = apply_rope(qkv[:, :(H + G) * D].view(B, H + G, D), cos, sin)
+            q, k = qk[:, :H], qk[:, H:]
+            v = qkv[:, (H + G) * D:].view(B, G, D)
             kc, vc = cache.k[layer], cache.v[layer]
-            kc[rows, :, pos] = k.to(kc.dtype)
-            vc[rows, :, pos] = v.view(B, G, D).to(vc.dtype)
-            y = F.scaled_dot_product_attention(q[:, :, None], kc[:B, :, :span].to(q.dtype),
-                                               vc[:B, :, :span].to(q.dtype), attn_mask=mask, enable_gqa=G != H)
+            kc[rows, :, pos] = k if same else k.to(kc.dtype)
+            vc[rows, :, pos] = v if same else v.to(vc.dtype)
+            ks, vs = kc[:B, :, :span], vc[:B, :, :span]
+            if not same:
+                ks, vs = ks.to(q.dtype), vs.to(q.dtype)
+            y = F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=mask, enable_gqa=G != H)
             x = _add_linear(x, y.view(B, H * D), wo_t)  # x + o_proj(y)
-            h = n2 * F.rms_norm(x.float(), (d,), eps=eps).to(x.dtype)
-            gate, up = _linear(h, wgu).chunk(2, dim=-1)
+            gate, up = _linear(norm(n2, x), wgu).chunk(2, dim=-1)
             x = _add_linear(x, F.silu(gate).mul_(up), wd_t)  # x + down(silu(gate) * up)
         cache.lens[:B] += 1
         return head(self.model.norm(x))

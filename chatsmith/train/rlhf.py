@@ -42,6 +42,7 @@ from chatsmith import atomic, runtime
 from chatsmith.batching import completion_batch, entropy, masked_mean, token_logprobs
 from chatsmith.checkpoint import load_model, save_checkpoint
 from chatsmith.config import TrainConfig
+from chatsmith.engine import QUANTIZE, check_quantize
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb, add_dataclass_flags, add_train_flags, dataclass_from_args
 from chatsmith.tokenizer import Tokenizer
@@ -85,9 +86,12 @@ class RLConfig:
     # (DAPO's dynamic sampling); 0 trains on every group, including those with no signal
     max_resample: int = 4
     tools: str = ""  # comma list of built-in tools run inside the rollouts (calculator)
+    quantize: str = "none"  # int8: the rollouts decode with int8 weights (the evaluations stay fp32)
 
 
 RL_HELP = {
+    "quantize": "decode the training rollouts with int8 weights (a fresh snapshot each rollout; the loss, "
+                "the reference and the evaluations stay fp32, so samples come from a slightly different policy)",
     "tools": "built-in tools offered in the prompts and run inside the rollouts, comma separated (calculator)",
     "algo": "the RL algorithm (see the table in the README)",
     "rollout_prompts": "prompts per rollout",
@@ -151,10 +155,11 @@ class RLStage:
             fn.load_state(js, tensors)
 
     # rollout phase ----------------------------------------------------------------------
-    def sample(self, model, items: list[PromptItem], seed: int, temperature: float, n: int = 1) -> Rollout:
+    def sample(self, model, items: list[PromptItem], seed: int, temperature: float, n: int = 1,
+               quantize: str | None = None) -> Rollout:
         """Completions for each item (n each, grouped), unscored."""
         return rollouts.sample(model, self.tok, items, seed, temperature, self.rl.max_new_tokens, self.end_id, n,
-                               tools=self.tools)
+                               tools=self.tools, quantize=quantize)
 
     def score(self, items, texts, finished) -> tuple[torch.Tensor, dict]:
         total = torch.zeros(len(texts))
@@ -174,7 +179,7 @@ class RLStage:
         rl = self.rl
         pick = rng.choice(len(self.items), size=rl.rollout_prompts, replace=len(self.items) < rl.rollout_prompts)
         ro = self.sample(self.policy, [self.items[i] for i in pick], int(rng.integers(2**31)), rl.temperature,
-                         rl.group_size)
+                         rl.group_size, quantize=rl.quantize)
         ro.scores, ro.parts = self.score(ro.items, ro.texts, ro.finished)
         ro.parts["reward"] = float(ro.scores.mean())
         return ro
@@ -325,6 +330,11 @@ def run(cfg: TrainConfig, rl: RLConfig, prompts: list[str], init: str, rewards: 
     check_config(rl)
     tok = Tokenizer.load(init)
     policy = load_model(init)
+    if rl.quantize != "none":
+        if cfg.lora_rank:
+            raise UserError("--quantize int8 decodes a snapshot of plain weights; with --lora-rank the policy's "
+                            "adapters are not merged into it: drop one of the two")
+        check_quantize(policy.to(runtime.resolve_device(cfg.device)), rl.quantize)
     ref = load_model(init).requires_grad_(False)
     fams = {f.strip() for f in rl.families.split(",") if f.strip()} or None
     tools = rl_tools(rl, tok)
@@ -384,7 +394,7 @@ def add_arguments(p):
     p.add_argument("--reward", nargs="+", default=[], metavar="SOURCE", help="reward sources, summed: a "
                    "reward-model directory, exact, format, module:function or discriminator (default: none)")
     p.add_argument("--heldout", nargs="+", help="held-out prompts: exact match, reward and KL before/after")
-    add_dataclass_flags(p, RLConfig, help=RL_HELP, choices={"algo": ALGOS})
+    add_dataclass_flags(p, RLConfig, help=RL_HELP, choices={"algo": ALGOS, "quantize": QUANTIZE})
     add_train_flags(p, DEFAULTS, skip=("preset", "batch_size"))
 
 
