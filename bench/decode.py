@@ -63,7 +63,11 @@ def llamacpp(gguf: Path, ids: list[int], n: int, threads: int, repeats: int) -> 
                        capture_output=True, text=True, cwd=PEERS)
     if r.returncode:
         raise SystemExit(f"llama.cpp on {gguf.name} failed:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if len(res["tokens"]) != n or not res.get("decode_tok_s"):
+        raise SystemExit(f"llama.cpp on {gguf.name}: {len(res['tokens'])} tokens, rate {res.get('decode_tok_s')}: "
+                         f"{r.stderr[-1000:]}")
+    return res
 
 
 def model_dir_for(name: str, work: Path) -> tuple[Path, Path | None]:

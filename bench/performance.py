@@ -32,8 +32,9 @@ HAVE_LLAMACPP = (HERE / "peers" / "node_modules" / "node-llama-cpp").exists()
 
 ROWS = {
     "train-tiny": ["train_throughput.py", "--configs", "fp32", "--steps", "6", "--cli-steps", "30"],
-    "decode-tiny": ["decode.py", "--model", "tiny", "--new-tokens", "200"],
-    "decode-smollm2": ["decode.py", "--model", "smollm2", "--new-tokens", "128", "--gguf-types", "f32,q8_0"],
+    "decode-tiny": ["decode.py", "--model", "tiny", "--new-tokens", "200", "--threads", "1"],
+    "decode-smollm2": ["decode.py", "--model", "smollm2", "--new-tokens", "128", "--gguf-types", "f32,q8_0",
+                       "--threads", "1"],
     "serve-tiny": ["serve_load.py", "--skip-single", "--levels", "1", "16", "--requests-per-client", "3",
                    "--soak", "200"],
     "serve-smollm2": ["serve_load.py", "--model", "smollm2", "--max-batch", "32", "--skip-single", "--levels", "1",
