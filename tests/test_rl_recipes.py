@@ -189,3 +189,54 @@ def test_grpo_simple_is_on_policy_without_kl_and_raises_the_reward(base_model, p
     assert meta["algo_preset"] == "grpo-simple" and meta["algo"] == "grpo"
     assert {k: meta["rl_config"][k] for k in ("advantage", "loss_average", "ppo_epochs", "kl_coef")} == {
         "advantage": "mean", "loss_average": "token", "ppo_epochs": 1, "kl_coef": 0.0}
+
+
+# --------------------------------------------------------------------------- the same-compute control
+
+def test_wilson_interval_by_hand():
+    from chatsmith.train.rl_eval import wilson
+    lo, hi = wilson(0, 10)  # no successes: the interval is not empty, its upper end z²/(n + z²)
+    assert lo == 0 and hi == pytest.approx(1.96 ** 2 / (10 + 1.96 ** 2))
+    lo, hi = wilson(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert wilson(400, 400)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
+
+
+def test_control_budget_matches_rls_steps_and_tokens(tmp_path):
+    from chatsmith.config import TrainConfig
+    from chatsmith.train.rl_control import control_config
+    # 4 examples, each with 20 assistant tokens in the loss; RL: 10 steps, 1000 trained tokens
+    ex = [([0] * 30, [0] * 10 + [1] * 20)] * 4
+    cfg = TrainConfig(lr=1e-4, grad_accum=2, max_steps=10, seed=3)
+    c = control_config(cfg, {"steps": 10, "tokens": 1000, "seconds": 90.0}, ex, "tokens", tmp_path / "c")
+    assert (c.max_steps, c.max_minutes, c.batch_size, c.grad_accum, c.lr, c.seed) == (10, None, 5, 1, 1e-4, 3)
+    c = control_config(cfg, {"steps": 10, "tokens": 1000, "seconds": 90.0}, ex, "seconds", tmp_path / "c")
+    assert (c.max_steps, c.max_minutes, c.batch_size) == (None, 1.5, 5)
+    with pytest.raises(UserError):
+        control_config(cfg, {"steps": 1, "tokens": 1, "seconds": 1}, ex, "flops", tmp_path / "c")
+
+
+def test_control_sft_is_reported_next_to_rl(base_model, tmp_path, capsys, one_torch_thread):
+    from chatsmith.data.tasks import generate_tasks
+    tasks = list({t["question"]: t for t in generate_tasks("arithmetic", 60, seed=3, difficulty=1)}.values())[:40]
+    recs = [{"messages": [{"role": "user", "content": t["question"]}, {"role": "assistant", "content": t["worked"]}],
+             "family": "arithmetic", "answers": t["answers"]} for t in tasks]
+    write_jsonl(tmp_path / "train.jsonl", recs[:30])
+    write_jsonl(tmp_path / "held.jsonl", recs[30:])
+    out = tmp_path / "rl"
+    assert cli("rlhf", "--algo", "rft", "--init", base_model, "--prompts", tmp_path / "train.jsonl",
+               "--heldout", tmp_path / "held.jsonl", "--reward", "exact", "format", "--success-threshold", 1,
+               "--out", out, "--max-steps", 3, "--rollout-prompts", 4, "--group-size", 2, "--max-new-tokens", 8,
+               "--ppo-epochs", 1, "--minibatches", 1, "--eval-every", 1000, "--control-sft") == 0
+    err = capsys.readouterr().err
+    ev = json.loads((out / "rl_eval.json").read_text())
+    assert set(ev) >= {"init", "rl", "control"}
+    for side in ("init", "rl", "control"):
+        lo, hi = ev[side]["exact_match_ci95"]["arithmetic"]
+        assert lo <= ev[side]["exact_match"]["arithmetic"] <= hi and ev[side]["exact_match_counts"]["arithmetic"][1] == 10
+        assert "top_answer_share" in ev[side]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["control"]["steps"] == summary["steps"] == 3 and summary["control"]["mode"] == "tokens"
+    assert json.loads((out / "control" / "config.json").read_text())["chatsmith"]["control_for"] == "rlhf"
+    header = next(line for line in err.splitlines() if line.startswith("held-out"))
+    assert header.split()[1:] == ["init", "rl", "control"] and "exact match: arithmetic (n=10)" in err

@@ -61,7 +61,7 @@ from chatsmith.errors import UserError
 from chatsmith.flags import Verb, add_dataclass_flags, add_train_flags, dataclass_from_args
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.tools.inline import builtin_tools
-from chatsmith.train import rollouts
+from chatsmith.train import rl_control, rollouts
 from chatsmith.train.advantages import (adaptive_kl_coef, average, gae, group_advantages, k3_kl, moving_baseline,
                                         ppo_losses, token_rewards, value_loss, whiten)
 from chatsmith.train.curriculum import Curriculum
@@ -462,10 +462,14 @@ def rl_tools(rl: RLConfig, tok) -> dict:
 
 
 def run(cfg: TrainConfig, rl: RLConfig, prompts: list[str], init: str, rewards: list[str],
-        heldout: list[str] | None = None) -> dict:
+        heldout: list[str] | None = None, control: str | None = None) -> dict:
+    """control: "tokens" or "seconds" also trains the same-compute SFT control into OUT/control
+    (chatsmith/train/rl_control.py) and reports it next to init and rl."""
     preset = rl.algo if rl.algo in PRESETS else None
     rl = apply_preset(rl)
     check_config(rl)
+    if control is not None and control not in rl_control.MODES:
+        raise UserError(f"--control-sft must be one of {', '.join(rl_control.MODES)}, got {control!r}")
     tok = Tokenizer.load(init)
     policy = load_model(init)
     if rl.quantize != "none":
@@ -499,11 +503,21 @@ def run(cfg: TrainConfig, rl: RLConfig, prompts: list[str], init: str, rewards: 
     stage = RLStage(policy, ref, tok, items, scorers, rl, cfg, runtime.world_size(), heldout=held,
                     threshold=success_threshold(rl, scorers))
     trainer.stage = stage
+    if control:  # refused before any RL step, not after
+        rl_control.control_examples(tok, items, policy.cfg.max_seq_len)
     before = evaluate_policy(stage, ref, held, seed=cfg.seed) if held and trainer.master else None
     summary = trainer.fit()
+    res = {}
+    if trainer.master and held:
+        res = {"init": before, "rl": stage.last_result or evaluate_policy(stage, trainer.unwrapped, held,
+                                                                          seed=cfg.seed)}
+    if control:
+        model, summary["control"] = rl_control.train_control(cfg, summary, init, tok, items, control,
+                                                             Path(cfg.out) / "control")
+        if trainer.master and held:
+            res["control"] = evaluate_policy(stage, model.eval(), held, seed=cfg.seed)
     if trainer.master:
-        after = stage.last_result or evaluate_policy(stage, trainer.unwrapped, held, seed=cfg.seed)
-        _report(Path(cfg.out), init, summary, {"init": before, "rl": after} if held else {}, scorers)
+        _report(Path(cfg.out), init, summary, res, scorers)
     return summary
 
 
@@ -534,6 +548,10 @@ def add_arguments(p):
     p.add_argument("--reward", nargs="+", default=[], metavar="SOURCE", help="reward sources, summed: a "
                    "reward-model directory, exact, format, module:function or discriminator (default: none)")
     p.add_argument("--heldout", nargs="+", help="held-out prompts: exact match, reward and KL before/after")
+    p.add_argument("--control-sft", nargs="?", const="tokens", choices=rl_control.MODES, default=None,
+                   help="also train the same-compute control, SFT from --init on the prompts' reference replies, "
+                        "into OUT/control and report it next to RL: 'tokens' (default when given: RL's optimizer "
+                        "steps x trained tokens per step) or 'seconds' (RL's training seconds); none when left out")
     add_dataclass_flags(p, RLConfig, help=RL_HELP, choices={"algo": ALGO_CHOICES, "quantize": QUANTIZE,
                                                             "advantage": ADVANTAGES, "loss_average": LOSS_AVERAGES})
     add_train_flags(p, DEFAULTS, skip=("preset", "batch_size"))
@@ -541,7 +559,7 @@ def add_arguments(p):
 
 def main(a):
     summary = run(dataclass_from_args(TrainConfig, a), dataclass_from_args(RLConfig, a), a.prompts, a.init,
-                  a.reward, heldout=a.heldout)
+                  a.reward, heldout=a.heldout, control=a.control_sft)
     print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
 
 
