@@ -316,8 +316,7 @@ class RLStage:
             stats["kept_share"] = ro.kept / ro.sampled
         if rl.algo == "rft":
             n_ok = sum(float(self.verified(s).sum()) for _, s in self._drawn)
-            stats["accept_rate"] = n_ok / ro.sampled  # verified share of every reply drawn
-            stats["kept_share"] = float(out["weight"].sum()) / ro.sampled
+            stats["accept_rate"] = n_ok / ro.sampled  # verified share of every reply drawn (all are trained on)
         if self.curriculum is not None:
             stats.update(self._learn_curriculum())
         for fn in self.rewards:
