@@ -77,3 +77,21 @@ def test_mixture_weights_are_honoured_on_a_tiny_run(corpus_dir, tokenizer_dir, t
             digits[src].append(any(c.isdigit() for c in tok.decode(x.tolist())))
     task_rate, corpus_rate = (sum(v) / len(v) for v in (digits[1], digits[0]))
     assert task_rate >= 0.9 and task_rate > corpus_rate + 0.3, (task_rate, corpus_rate)
+
+
+def test_a_corpus_only_mix_reads_the_unmixed_stream(corpus_dir, tokenizer_dir, tmp_path):
+    """Source j reads its own window stream, the corpus the one an unmixed run reads: --mix corpus=1
+    trains on exactly the batches of a run without --mix."""
+    from chatsmith.config import TrainConfig
+    from chatsmith.data.shards import write_shards
+    from chatsmith.tokenizer import Tokenizer
+    from chatsmith.train.pretrain import PretrainStage
+    tok = Tokenizer.load(tokenizer_dir)
+    write_shards({"train": [str(corpus_dir / "train.jsonl")], "val": [str(corpus_dir / "val.jsonl")]}, tok,
+                 tmp_path / "data")
+    cfg = TrainConfig(batch_size=4, seed=5)
+    plain = PretrainStage(tmp_path / "data", cfg, 16, tok.token_bytes())
+    mixed = PretrainStage(tmp_path / "data", cfg, 16, tok.token_bytes(), mix={"corpus": 1.0})
+    for step in range(3):
+        assert plain.batch(step, 0, 0)["x"].equal(mixed.batch(step, 0, 0)["x"])
+    assert mixed.token_shares(3) == {"corpus": 1.0}

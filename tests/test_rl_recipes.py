@@ -101,9 +101,10 @@ def test_curriculum_unknown_prompts_take_their_level_then_explore():
     c.update([1], [0.5])  # the sibling turns out to be at the edge: its own rate wins over the level's
     assert c.weights().tolist() == [0.1, 1, 1]
     assert c.prompt_rate[0] == 1.0 and c.level_rate["f:1"] == pytest.approx(0.75)  # EMA, momentum 0.5
-    stats = c.stats([0, 1, 2, 2], [1, 0.5, 0, 0])
+    stats = c.stats([0, 1, 2, 2])
     assert stats["curriculum_share/f:1"] == 0.5 and stats["curriculum_share/f:2"] == 0.5
     assert stats["curriculum_success/f:2"] == -1.0  # not seen yet
+    assert stats["curriculum_success/f:1"] == pytest.approx(0.75) and stats["curriculum_in_band"] == pytest.approx(2 / 3)
     restored = Curriculum(metas)
     restored.load_state(json.loads(json.dumps(c.state())))
     assert restored.weights().tolist() == c.weights().tolist() and restored.state() == c.state()

@@ -87,10 +87,11 @@ class Curriculum:
             old = self.level_rate.get(lvl)
             self.level_rate[lvl] = s if old is None else m * old + (1 - m) * s
 
-    def stats(self, picked, successes) -> dict[str, float]:
+    def stats(self, picked) -> dict[str, float]:
         """For the rollout's metrics row, one key per level of the prompt set (every row has the
-        same keys, so ranks and steps line up): the share of this rollout's prompts drawn from
-        the level, and the level's running success rate (-1 before it was first seen)."""
+        same keys, so ranks and steps line up): the share of this rollout's prompts (`picked`)
+        drawn from the level, and the level's running success rate (-1 before it was first seen);
+        `curriculum_in_band`: the share of all prompts whose estimated rate is inside the band."""
         out = {}
         picked_levels = [self.levels[int(i)] for i in picked]
         for lvl in self.level_names:

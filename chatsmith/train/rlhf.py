@@ -267,9 +267,8 @@ class RLStage:
         G = self.rl.group_size
         picks = np.concatenate([p for p, _ in self._drawn])
         succ = torch.cat([self.verified(s).view(-1, G).mean(1) for _, s in self._drawn]).tolist()
-        stats = self.curriculum.stats(picks, succ)  # share drawn per level, and the rates they were drawn by
         self.curriculum.update(picks, succ)
-        return stats
+        return self.curriculum.stats(picks)  # share drawn per level, running success with these groups in
 
     def informative_groups(self, rng, first: Rollout) -> Rollout:
         """GRPO with --max-resample: only groups whose rewards differ, topped up with more draws
