@@ -241,3 +241,25 @@ def test_control_sft_is_reported_next_to_rl(base_model, tmp_path, capsys, one_to
     assert json.loads((out / "control" / "config.json").read_text())["chatsmith"]["control_for"] == "rlhf"
     header = next(line for line in err.splitlines() if line.startswith("held-out"))
     assert header.split()[1:] == ["init", "rl", "control"] and "exact match: arithmetic (n=10)" in err
+
+
+def test_grpo_with_the_curriculum_logs_levels_by_answer_digits(base_model, tmp_path, one_torch_thread):
+    """--curriculum on GRPO with the exact reward: success is a verified answer (the default
+    threshold, exact's maximum 1), and the levels come from the answers' digits."""
+    from chatsmith.data.tasks import generate_tasks
+    tasks = list({t["question"]: t for t in generate_tasks("arithmetic", 40, seed=5, difficulty=2)}.values())[:20]
+    write_jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": t["question"]}],
+                                        "family": "arithmetic", "answers": t["answers"]} for t in tasks])
+    out = tmp_path / "cur"
+    assert cli("rlhf", "--algo", "grpo", "--curriculum", "--init", base_model, "--prompts", tmp_path / "p.jsonl",
+               "--reward", "exact", "--out", out, "--max-steps", 2, "--rollout-prompts", 4, "--group-size", 2,
+               "--max-new-tokens", 6, "--ppo-epochs", 1, "--minibatches", 1, "--log-every", 1,
+               "--eval-every", 1000) == 0
+    m = [r for r in rows(out) if "reward" in r]
+    levels = {k.split("/", 1)[1] for k in m[0] if k.startswith("curriculum_share/")}
+    digits = {f"arithmetic:{sum(c.isdigit() for c in t['answers'][0])}" for t in tasks}
+    assert levels == digits and len(levels) >= 2
+    for r in m:
+        assert sum(r[f"curriculum_share/{lvl}"] for lvl in levels) == pytest.approx(1.0)
+        assert all(r[f"curriculum_success/{lvl}"] == -1 or 0 <= r[f"curriculum_success/{lvl}"] <= 1
+                   for lvl in levels)

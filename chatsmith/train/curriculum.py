@@ -17,7 +17,9 @@ mastered is revisited now and then (forgetting shows), and one it cannot do yet 
 improves. Rollouts draw `rollout_prompts` distinct prompts with probabilities proportional to the
 weights.
 
-The state (both tables and visit counts) is plain JSON, checkpointed with the RL stage.
+The state (both tables and visit counts) is plain JSON, checkpointed with the RL stage. Under
+torchrun each process keeps its own tables, learnt from the groups it drew (ranks draw different
+prompts), and the checkpoint holds rank 0's: a resumed multi-process run starts every rank from it.
 """
 
 from __future__ import annotations
