@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from chatsmith.errors import UserError
 from chatsmith.train.advantages import average, group_advantages
 from chatsmith.train.curriculum import Curriculum, level_of
-from chatsmith.train.rlhf import PRESETS, RLConfig, apply_preset, success_threshold
 from chatsmith.train.rewards import ExactReward, FunctionReward
-from chatsmith.errors import UserError
+from chatsmith.train.rlhf import PRESETS, RLConfig, apply_preset, success_threshold
 from conftest import cli
 
 
