@@ -65,7 +65,8 @@ def test_rlhf_help_names_the_algorithms_and_reward_sources(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["rlhf", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "--algo {ppo,grpo,reinforce}" in out and set(rlhf.ALGOS) == {"ppo", "grpo", "reinforce"}
+    assert "--algo {ppo,grpo,reinforce,rft,grpo-simple}" in out
+    assert set(rlhf.ALGOS) == {"ppo", "grpo", "reinforce", "rft"} and set(rlhf.PRESETS) == {"grpo-simple"}
     for source in ("reward-model directory", "exact", "format", "module:function", "discriminator"):
         assert source in out
     assert out.count("(default: ppo)") == 1

@@ -47,12 +47,26 @@ def whiten(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (v - mean) * torch.rsqrt(var + 1e-8) * mask
 
 
-def ppo_losses(logp, old_logp, adv, mask, clip: float):
+def average(v: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
+    """A per-token loss (N, T) reduced to one number.
+
+    ``token``: Σ_i Σ_t m v / Σ_i Σ_t m, every reply token of the batch weighs the same (DAPO, Yu et
+    al. 2025 §3.3; nanochat), so a long reply counts in proportion to its length. ``sequence``:
+    (1/N) Σ_i (1/|o_i|) Σ_t m v, each reply weighs the same whatever its length (GRPO as written,
+    DeepSeekMath eq. 3), which gives each token of a short reply more weight."""
+    if how == "token":
+        return masked_mean(v, mask)
+    if how == "sequence":
+        return masked_mean(v, mask, dim=1).mean()
+    raise ValueError(f"unknown loss average {how!r}")
+
+
+def ppo_losses(logp, old_logp, adv, mask, clip: float, how: str = "token"):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7) as a loss, and the clipped share:
-        L = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε))."""
+        L = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1-ε, 1+ε)),  the mean as `average` says."""
     ratio = torch.exp(logp - old_logp)
     pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    return masked_mean(pg, mask), masked_mean(((ratio - 1).abs() > clip).float(), mask)
+    return average(pg, mask, how), masked_mean(((ratio - 1).abs() > clip).float(), mask)
 
 
 def value_loss(v, old_v, returns, mask, clip: float):
@@ -63,11 +77,18 @@ def value_loss(v, old_v, returns, mask, clip: float):
 
 # --------------------------------------------------------------------------- GRPO
 
-def group_advantages(scores: torch.Tensor, group: int) -> torch.Tensor:
+def group_advantages(scores: torch.Tensor, group: int, how: str = "zscore") -> torch.Tensor:
     """GRPO (Shao et al. 2024, DeepSeekMath §4.1.2): each sample's score standardised within its
-    prompt's group of G consecutive samples, A_i = (s_i - mean(s_group)) / std(s_group)."""
+    prompt's group of G consecutive samples, A_i = (s_i - mean(s_group)) / std(s_group) (``zscore``);
+    or only centred, A_i = s_i - mean(s_group) (``mean``: nanochat; Liu et al. 2025, "Dr. GRPO",
+    argue the division by std over-weights groups that are almost all right or all wrong)."""
     s = scores.view(-1, group)
-    return ((s - s.mean(1, keepdim=True)) / (s.std(1, unbiased=False, keepdim=True) + 1e-4)).view(-1)
+    centred = s - s.mean(1, keepdim=True)
+    if how == "mean":
+        return centred.view(-1)
+    if how != "zscore":
+        raise ValueError(f"unknown advantage {how!r}")
+    return (centred / (s.std(1, unbiased=False, keepdim=True) + 1e-4)).view(-1)
 
 
 def k3_kl(logp, ref_logp):
@@ -95,5 +116,5 @@ def adaptive_kl_coef(coef: float, kl: float, target: float, n: int, horizon: int
     return coef * (1 + err * n / horizon)
 
 
-__all__ = ["token_rewards", "gae", "whiten", "ppo_losses", "value_loss", "group_advantages", "k3_kl",
+__all__ = ["token_rewards", "gae", "whiten", "average", "ppo_losses", "value_loss", "group_advantages", "k3_kl",
            "moving_baseline", "adaptive_kl_coef"]

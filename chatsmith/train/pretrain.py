@@ -4,6 +4,13 @@
 Input is either `--data DIR` (token shards from an earlier run) or `--input PATH…` (a corpus
 directory from `chatsmith data build`, or raw .txt/.md/.jsonl files, which are cleaned, split and
 sharded first). Without `--tokenizer` a byte-level BPE tokenizer is trained on the train split.
+
+`--mix corpus=0.8,tasks=0.2` mixes in task text (chatsmith/data/task_text.py: copy exercises,
+column arithmetic, number sense), sharded into OUT/data_tasks: each row of a batch comes from
+source j with probability w_j (a multinomial per micro-batch, a pure function of its index, so
+resume stays exact); every row is seq_len tokens, so the weights are token shares. The token
+shares actually drawn are logged per step (mix_share/NAME) and summed in the summary; the
+validation loss and bits-per-byte stay on the corpus, and tasks_val_loss is the task text's.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +28,7 @@ from chatsmith import atomic, runtime
 from chatsmith.checkpoint import has_results
 from chatsmith.config import TrainConfig
 from chatsmith.data.corpus import build_corpus
+from chatsmith.data.task_text import task_documents
 from chatsmith.data.shards import TokenShards, write_shards
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
@@ -29,26 +38,90 @@ from chatsmith.train import mlm
 from chatsmith.train.trainer import Trainer
 
 
+MIX_SOURCES = ("corpus", "tasks")
+MIX_SEED = 7  # the task text generator's seed (fixed: the text is data, not an experiment's randomness)
+
+
+def parse_mix(spec: str | None) -> dict[str, float] | None:
+    """"corpus=0.8,tasks=0.2" -> {"corpus": 0.8, "tasks": 0.2}, normalised to sum to 1."""
+    if not spec:
+        return None
+    weights: dict[str, float] = {}
+    for part in spec.split(","):
+        name, sep, w = part.strip().partition("=")
+        if not sep:
+            raise UserError(f"--mix {spec!r}: expected NAME=WEIGHT,… (e.g. corpus=0.8,tasks=0.2)")
+        if name not in MIX_SOURCES:
+            raise UserError(f"--mix: unknown source {name!r}; the sources are {', '.join(MIX_SOURCES)}")
+        if name in weights:
+            raise UserError(f"--mix: {name} is given twice")
+        try:
+            v = float(w)
+        except ValueError:
+            raise UserError(f"--mix: the weight of {name} must be a number, got {w!r}") from None
+        if not (math.isfinite(v) and v >= 0):
+            raise UserError(f"--mix: the weight of {name} must be a finite number >= 0, got {w!r}")
+        weights[name] = v
+    total = sum(weights.values())
+    if total <= 0:
+        raise UserError(f"--mix {spec!r}: at least one weight must be positive")
+    return {k: weights[k] / total for k in MIX_SOURCES if k in weights}
+
+
+def mix_counts(weights: list[float], rows: int, seed: int, index: int) -> np.ndarray:
+    """Rows of micro-batch `index` drawn from each source: a multinomial, a pure function of its arguments."""
+    return np.random.default_rng([seed, index, 2, 0]).multinomial(rows, weights)
+
+
 class PretrainStage:
     name = "pretrain"
 
-    def __init__(self, data_dir: Path, cfg: TrainConfig, seq_len: int, token_bytes: list[int]):
+    def __init__(self, data_dir: Path, cfg: TrainConfig, seq_len: int, token_bytes: list[int],
+                 mix: dict[str, float] | None = None, task_dir: Path | None = None):
         self.train = TokenShards(data_dir, "train")
         self.val = TokenShards(data_dir, "val")
         self.cfg, self.seq_len = cfg, seq_len
         self.token_bytes = torch.tensor(token_bytes, dtype=torch.float64)
+        self.mix = mix
+        self.sources = {"corpus": self.train}
+        self.task_val = None
+        if mix and "tasks" in mix:
+            self.sources["tasks"] = TokenShards(task_dir, "train")
+            self.task_val = TokenShards(task_dir, "val")
 
     def batch(self, step: int, micro: int, rank: int):
         # one independent stream per micro-batch of the global batch, numbered across ranks
         # (micro-major), so the global batch of a step is the same for any split of
         # world x grad_accum: 2 processes with --grad-accum 1 see what 1 process with 2 sees
         i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, runtime.world_size())
-        x, y = self.train.batch(self.cfg.batch_size, self.seq_len, self.cfg.seed, i, 0)
-        return {"x": x, "y": y}
+        if not self.mix:
+            x, y = self.train.batch(self.cfg.batch_size, self.seq_len, self.cfg.seed, i, 0)
+            return {"x": x, "y": y}
+        counts = mix_counts(list(self.mix.values()), self.cfg.batch_size, self.cfg.seed, i)
+        xs, ys, src = [], [], []
+        for j, (name, n) in enumerate(zip(self.mix, counts)):
+            if n:  # source j's own window stream (corpus: j = 0, the stream an unmixed run reads)
+                x, y = self.sources[name].batch(int(n), self.seq_len, self.cfg.seed, i, MIX_SOURCES.index(name))
+                xs.append(x)
+                ys.append(y)
+                src += [j] * int(n)
+        return {"x": torch.cat(xs), "y": torch.cat(ys), "source": torch.tensor(src)}
 
     def loss(self, model, batch):
         _, loss = model(batch["x"], batch["y"])
-        return loss, {}
+        if not self.mix:
+            return loss, {}
+        src = batch["source"]
+        return loss, {f"mix_share/{name}": float((src == j).float().mean()) for j, name in enumerate(self.mix)}
+
+    def token_shares(self, micro_batches: int) -> dict[str, float]:
+        """The share of training tokens each source supplied over the first `micro_batches`
+        micro-batches (all ranks), recomputed from the batch indices: exact, and resume-proof."""
+        if not micro_batches:
+            return {}
+        w = list(self.mix.values())
+        tot = sum(mix_counts(w, self.cfg.batch_size, self.cfg.seed, i) for i in range(micro_batches))
+        return {name: float(c) / float(tot.sum()) for name, c in zip(self.mix, tot)}
 
     def tokens(self, batch) -> int:
         return batch["x"].numel()
@@ -57,16 +130,46 @@ class PretrainStage:
     def evaluate(self, model) -> dict:
         """Validation loss (nats/token) and bits-per-byte = sum(nats) / (ln 2 * sum(bytes)), the
         tokenizer-independent measure: a model with a different vocabulary is compared fairly."""
+        nats, n_tok, n_bytes = self._val_nats(model, self.val)
+        res = {"val_loss": nats / max(n_tok, 1), "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
+        if self.task_val is not None:
+            nats, n_tok, _ = self._val_nats(model, self.task_val)
+            res["tasks_val_loss"] = nats / max(n_tok, 1)
+        return res
+
+    def _val_nats(self, model, shards) -> tuple[float, float, float]:
         device = next(model.parameters()).device
         nats = n_tok = n_bytes = 0.0
-        for x, y in self.val.sequential(self.seq_len, self.cfg.eval_batches, self.cfg.batch_size):
+        for x, y in shards.sequential(self.seq_len, self.cfg.eval_batches, self.cfg.batch_size):
             x, y = x.to(device), y.to(device)
             logits = model(x)
             ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
             nats += ce.sum().item()
             n_tok += y.numel()
             n_bytes += self.token_bytes[y.flatten().cpu()].sum().item()
-        return {"val_loss": nats / max(n_tok, 1), "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
+        return nats, n_tok, n_bytes
+
+
+def prepare_task_shards(out: Path, tok: Tokenizer, n_docs: int) -> Path:
+    """OUT/tasks/{train,val}.jsonl (task text, 1 document in 20 held out for tasks_val_loss) and
+    their token shards in OUT/data_tasks, reused when they exist for the same documents."""
+    shard_dir = out / "data_tasks"
+    meta = shard_dir / "meta.json"
+    key = {"task_documents": n_docs, "seed": MIX_SEED}
+    if meta.exists():
+        m = json.loads(meta.read_text())
+        if m.get("inputs") == key and m.get("vocab_size") == tok.vocab_size:
+            return shard_dir
+    docs = task_documents(n_docs, MIX_SEED)
+    n_val = max(1, n_docs // 20)
+    tdir = out / "tasks"
+    tdir.mkdir(parents=True, exist_ok=True)
+    for split, part in (("train", docs[n_val:]), ("val", docs[:n_val])):
+        atomic.write_text(tdir / f"{split}.jsonl", "".join(json.dumps({"text": d}) + "\n" for d in part))
+    m = write_shards({"train": [str(tdir / "train.jsonl")], "val": [str(tdir / "val.jsonl")]}, tok, shard_dir)
+    m["inputs"] = key
+    atomic.write_json(meta, m)
+    return shard_dir
 
 
 def prepare_data(inputs: list[str] | None, data: str | None, tokenizer: str | None, out: Path,
@@ -129,8 +232,12 @@ def build_model(preset_name: str, tok: Tokenizer, seed: int, **overrides):
     return registry.build(mcfg)
 
 
-def check_flags(cfg: TrainConfig, inputs, data, tokenizer, vocab_size: int, overrides: dict):
+def check_flags(cfg: TrainConfig, inputs, data, tokenizer, vocab_size: int, overrides: dict, mix: str | None = None,
+                mix_docs: int = 20000):
     """Everything the flags alone decide, before any tokenizer is trained or shard written."""
+    parse_mix(mix)
+    if mix_docs < 20:
+        raise UserError(f"--mix-docs must be at least 20 (1 in 20 is held out), got {mix_docs}")
     if not inputs and not data:
         raise UserError("pretrain needs --input PATH… (corpus files or a `data build` directory) or --data DIR")
     for p in [*(inputs or []), *([data] if data else []), *([tokenizer] if tokenizer else [])]:
@@ -149,12 +256,13 @@ def check_flags(cfg: TrainConfig, inputs, data, tokenizer, vocab_size: int, over
 
 
 def run(cfg: TrainConfig, inputs=None, data=None, tokenizer=None, vocab_size: int = 8192,
-        model_overrides: dict | None = None) -> dict:
+        model_overrides: dict | None = None, mix: str | None = None, mix_docs: int = 20000) -> dict:
     """A run that fails before its first checkpoint leaves no --out behind (nor what it added to an
     existing one): no empty corpus/, no token shards without their meta.json."""
     out = Path(cfg.out)
-    check_flags(cfg, inputs, data, tokenizer, vocab_size, model_overrides or {})
-    return _provisional(cfg, lambda: _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides))
+    check_flags(cfg, inputs, data, tokenizer, vocab_size, model_overrides or {}, mix, mix_docs)
+    return _provisional(cfg, lambda: _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides,
+                                          parse_mix(mix), mix_docs))
 
 
 def _provisional(cfg: TrainConfig, body):
@@ -169,20 +277,30 @@ def _provisional(cfg: TrainConfig, body):
         return body()
 
 
-def _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides) -> dict:
+def _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides, mix=None, mix_docs=20000) -> dict:
     with runtime.rank0_first(cfg.device):  # under torchrun rank 0 builds tokenizer and shards, the others reuse them
         shard_dir, tok_dir = prepare_data(inputs, data, tokenizer, out, vocab_size)
-    tok = Tokenizer.load(tok_dir)
+        tok = Tokenizer.load(tok_dir)
+        task_dir = prepare_task_shards(out, tok, mix_docs) if mix and "tasks" in mix else None
     model = build_model(cfg.preset, tok, cfg.seed, **(model_overrides or {}))
     seq_len = cfg.seq_len or model.cfg.max_seq_len
     n = model.num_params()
     print(f"model: preset {cfg.preset}, {n / 1e6:.2f}M parameters "
           f"({model.num_params(non_embedding=True) / 1e6:.2f}M non-embedding), {model.cfg.arch} shape, "
           f"vocab {model.cfg.vocab_size}, context {model.cfg.max_seq_len}", file=sys.stderr)
-    stage = PretrainStage(shard_dir, cfg, seq_len, tok.token_bytes() + [0] * (model.cfg.vocab_size - tok.vocab_size))
-    trainer = Trainer(model, stage, cfg, tokenizer_dir=tok_dir, extra_config={"stage": "pretrain"})
+    stage = PretrainStage(shard_dir, cfg, seq_len, tok.token_bytes() + [0] * (model.cfg.vocab_size - tok.vocab_size),
+                          mix=mix, task_dir=task_dir)
+    extra = {"stage": "pretrain", **({"mix": mix} if mix else {})}
+    trainer = Trainer(model, stage, cfg, tokenizer_dir=tok_dir, extra_config=extra)
     summary = trainer.fit()
     summary["params"] = n
+    if mix:
+        shares = stage.token_shares(trainer.step * cfg.grad_accum * runtime.world_size())
+        summary["mix"] = {"weights": mix, "token_share": shares, "task_documents": mix_docs if task_dir else 0}
+        print("token share per source: " + ", ".join(f"{k} {v:.1%} (weight {mix[k]:.0%})" for k, v in shares.items()),
+              file=sys.stderr)
+        if runtime.rank() == 0:
+            atomic.write_json(out / "train_summary.json", summary)
     return summary
 
 
@@ -202,6 +320,10 @@ def add_arguments(p):
     p.add_argument("--nsp", action="store_true", help="encoder: also next-sentence prediction (50%% real next segment)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="encoder: share of tokens chosen for prediction")
     p.add_argument("--lowercase", action="store_true", help="encoder: a lowercasing WordPiece tokenizer")
+    p.add_argument("--mix", default=None, metavar="corpus=W,tasks=W",
+                   help="decoder: mix task text (copy exercises, column arithmetic, number sense) into the "
+                        "corpus with these weights, e.g. corpus=0.8,tasks=0.2 (token shares); none when left out")
+    p.add_argument("--mix-docs", type=int, default=20000, help="--mix: task-text documents generated (8 exercises each)")
     # choices: a wrong preset is refused by argparse, before any tokenizer is trained or shard written
     presets = list(dict.fromkeys(registry.presets() + registry.presets("encoder")))
     add_train_flags(p, DEFAULTS, skip=(), choices={"preset": presets})
@@ -212,8 +334,9 @@ def add_arguments(p):
 def main(a):
     cfg = dataclass_from_args(TrainConfig, a)
     if registry.get(a.family).name == "encoder":
-        if a.data or a.arch:
-            raise UserError(f"--{'data' if a.data else 'arch'} is for decoders; an encoder reads --input")
+        if a.data or a.arch or a.mix:
+            raise UserError(f"--{'data' if a.data else 'arch' if a.arch else 'mix'} is for decoders; an encoder "
+                            f"reads --input")
         if not a.input:
             raise UserError("pretrain --family bert needs --input PATH… (a `data build` corpus directory or files)")
         registry.preset(cfg.preset, family="encoder")  # a bad --preset fails before any data work
@@ -227,7 +350,7 @@ def main(a):
         return
     overrides = {k: v for k, v in (("max_seq_len", a.max_seq_len), ("arch", a.arch)) if v is not None}
     summary = run(cfg, inputs=a.input, data=a.data, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
-                  model_overrides=overrides)
+                  model_overrides=overrides, mix=a.mix, mix_docs=a.mix_docs)
     print(json.dumps(summary, indent=2))
 
 

@@ -40,6 +40,7 @@ from chatsmith.train.rollouts import PromptItem
 class RewardSource:
     name = "reward"
     learns = False  # trains on the replies it scores
+    max_reward: float | None = None  # the best score a reply can get, where it is known and reachable
 
     def __call__(self, items: list[PromptItem], texts: list[str], finished: list[bool]) -> list[float]:
         raise NotImplementedError
@@ -61,6 +62,7 @@ class RewardSource:
 
 class ExactReward(RewardSource):
     name = "exact"
+    max_reward = 1.0
 
     def __call__(self, items, texts, finished):
         return [float(check_answer(it.meta.get("family", ""), t, it.meta["answers"]))
@@ -70,6 +72,7 @@ class ExactReward(RewardSource):
 class FormatReward(RewardSource):
     """1 for a reply that ends on its own and states a final answer ("The answer is 12.")."""
     name = "format"
+    max_reward = 1.0
 
     def __call__(self, items, texts, finished):
         return [float(f and final_answer(t) != t and extract_number(final_answer(t)) is not None)

@@ -3,6 +3,7 @@ reference on sampled replies; the before/after table `chatsmith rlhf` prints."""
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 
@@ -32,6 +33,8 @@ def evaluate_policy(stage, model, items: list[PromptItem], seed: int = 0) -> dic
                 check_answer(it.meta.get("family", ""), t, it.meta["answers"]))
     if fams:
         res["exact_match"] = {f: float(np.mean(v)) for f, v in sorted(fams.items())}
+        res["exact_match_counts"] = {f: [int(sum(v)), len(v)] for f, v in sorted(fams.items())}  # [right, n]
+        res["exact_match_ci95"] = {f: list(wilson(sum(v), len(v))) for f, v in sorted(fams.items())}
         res["exact_match_all"] = float(np.mean([x for v in fams.values() for x in v]))
         res.update(answer_collapse([t for it, t in zip(its, texts) if it.meta.get("answers")]))
     scorers = [fn for fn in stage.rewards if not fn.learns]
@@ -72,6 +75,18 @@ def _kl_to_ref(stage, model, items: list[PromptItem], seed: int) -> float:
     return float(((lp - ref) * b["mask"]).sum(1).mean())
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval for k successes in n trials (95% at z = 1.96). Unlike the normal
+    approximation p ± z sqrt(p(1-p)/n) it stays inside [0, 1] and is not empty at k = 0, which is
+    where a weak policy's exact match sits."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def answer_collapse(texts: list[str]) -> dict:
     """The most common final answer among the replies and its share. A policy that cannot solve
     the task can still raise exact match by learning the answer that is right most often ("0"
@@ -94,19 +109,35 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+SIDES = ("init", "rl", "control")  # the starting policy, the RL policy, the same-compute SFT control
+
+
+def _cell(side: dict, fam: str) -> str:
+    v = side.get("exact_match", {}).get(fam)
+    if v is None:
+        return "-"
+    ci = side.get("exact_match_ci95", {}).get(fam)
+    return f"{v:.1%} [{ci[0]:.0%},{ci[1]:.0%}]" if ci else f"{v:.1%}"
+
+
 def print_rl_table(res: dict):
-    a, b = res.get("init") or {}, res.get("rl") or {}
-    print(f"{'held-out':32s} {'before':>8s} {'after':>8s}", file=sys.stderr)
-    for fam in sorted(set(a.get("exact_match", {})) | set(b.get("exact_match", {}))):
-        va, vb = a.get("exact_match", {}).get(fam), b.get("exact_match", {}).get(fam)
-        print(f"{'exact match: ' + fam:32s} {'-' if va is None else f'{va:.0%}':>8s} "
-              f"{'-' if vb is None else f'{vb:.0%}':>8s}", file=sys.stderr)
-    if "top_answer" in a or "top_answer" in b:
-        print(f"{'most common final answer':32s} {str(a.get('top_answer')):>8s} {str(b.get('top_answer')):>8s}",
+    """Held-out figures per side (init, rl and, with --control-sft, control): exact match per family
+    with its 95% Wilson interval and item count, the most common final answer and its share."""
+    sides = [s for s in SIDES if res.get(s) is not None or s != "control"]
+    cols = {s: res.get(s) or {} for s in sides}
+    print(f"{'held-out':28s}" + "".join(f" {s:>20s}" for s in sides), file=sys.stderr)
+    fams = sorted({f for c in cols.values() for f in c.get("exact_match", {})})
+    for fam in fams:
+        n = max(c.get("exact_match_counts", {}).get(fam, [0, 0])[1] for c in cols.values())
+        print(f"{f'exact match: {fam} (n={n})':28s}" + "".join(f" {_cell(c, fam):>20s}" for c in cols.values()),
               file=sys.stderr)
-    for key in ("heldout_reward", "kl_to_ref", "ended_share", "top_answer_share"):
-        if key in a or key in b:
-            print(f"{key:32s} {a.get(key, float('nan')):8.3f} {b.get(key, float('nan')):8.3f}", file=sys.stderr)
+    if any("top_answer" in c for c in cols.values()):
+        print(f"{'most common final answer':28s}" + "".join(f" {str(c.get('top_answer')):>20s}"
+                                                              for c in cols.values()), file=sys.stderr)
+    for key in ("top_answer_share", "heldout_reward", "kl_to_ref", "ended_share"):
+        if any(key in c for c in cols.values()):
+            print(f"{key:28s}" + "".join(f" {c.get(key, float('nan')):20.3f}" for c in cols.values()),
+                  file=sys.stderr)
 
 
-__all__ = ["evaluate_policy", "answer_collapse", "flatten", "print_rl_table"]
+__all__ = ["evaluate_policy", "wilson", "answer_collapse", "flatten", "print_rl_table"]

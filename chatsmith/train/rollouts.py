@@ -128,6 +128,12 @@ def sample(model, tok: Tokenizer, items: list[PromptItem], seed: int, temperatur
     return Rollout(items, texts, [c.finish_reason == "stop" for c in comps], seqs)
 
 
+def informative_rows(ro: Rollout, group: int) -> list[int]:
+    """The rows of the groups whose rewards differ."""
+    spread = ro.scores.view(-1, group).std(1, unbiased=False) > 1e-6
+    return [i for g in torch.nonzero(spread).flatten().tolist() for i in range(g * group, (g + 1) * group)]
+
+
 def keep_informative(first: Rollout, draw: Callable[[], Rollout], group: int, want: int, max_resample: int) -> Rollout:
     """DAPO's dynamic sampling (Yu et al. 2025, §3.2): a group whose G rewards are all equal has
     zero advantage everywhere and only costs a forward and backward pass, so such groups are
@@ -136,6 +142,15 @@ def keep_informative(first: Rollout, draw: Callable[[], Rollout], group: int, wa
     carry no signal, and this keeps the optimizer's batch full of ones that do. When no draw has
     any, the last draw is kept whole (the step then only follows the KL term). The logged reward
     parts are the mean over everything drawn."""
+    return keep_rows(first, draw, lambda ro: informative_rows(ro, group), want, max_resample)
+
+
+def keep_rows(first: Rollout, draw: Callable[[], Rollout], select: Callable[[Rollout], list[int]], want: int,
+              max_resample: int, cut: bool = True) -> Rollout:
+    """The rows `select` picks from `first`, topped up from up to max_resample more draws until
+    `want` rows are collected (then cut to `want`, unless not `cut`); with none picked in any draw,
+    the last draw whole. `sampled` counts every reply drawn, and the reward parts average over all of them.
+    (GRPO's filter keeps informative groups; rft keeps the replies the verifier accepts.)"""
     kept: list[Rollout] = []
     n_kept, sampled, part_sums = 0, 0, {}
     ro = first
@@ -145,8 +160,7 @@ def keep_informative(first: Rollout, draw: Callable[[], Rollout], group: int, wa
         sampled += ro.kept
         for key, v in ro.parts.items():
             part_sums[key] = part_sums.get(key, 0.0) + v * ro.kept
-        spread = ro.scores.view(-1, group).std(1, unbiased=False) > 1e-6
-        rows = [i for g in torch.nonzero(spread).flatten().tolist() for i in range(g * group, (g + 1) * group)]
+        rows = select(ro)
         kept.append(ro.take(rows))
         n_kept += len(rows)
         if n_kept >= want:
@@ -154,8 +168,8 @@ def keep_informative(first: Rollout, draw: Callable[[], Rollout], group: int, wa
     parts = {key: v / sampled for key, v in part_sums.items()}
     if not n_kept:
         return dataclasses.replace(ro, parts=parts, sampled=sampled)
-    return dataclasses.replace(Rollout.concat(kept).take(range(want if n_kept >= want else n_kept)),
-                               parts=parts, sampled=sampled)
+    n = want if cut and n_kept >= want else n_kept
+    return dataclasses.replace(Rollout.concat(kept).take(range(n)), parts=parts, sampled=sampled)
 
 
-__all__ = ["PromptItem", "load_prompts", "heldout_items", "Rollout", "sample", "keep_informative"]
+__all__ = ["PromptItem", "load_prompts", "heldout_items", "Rollout", "sample", "informative_rows", "keep_informative", "keep_rows"]
