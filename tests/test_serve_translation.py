@@ -369,3 +369,20 @@ def test_serve_flags_for_translation(mt_dir, encoder_dir):
 def test_cli_serve_refuses_bad_flags_with_exit_2(mt_dir, capsys):
     assert cli("serve", mt_dir, "--num-beams", 0, "--port", free_port()) == 2
     assert "--num-beams must be in [1, 16]" in capsys.readouterr().err
+
+
+def test_moderation_checks_sources_as_for_a_decoder(mt_dir):
+    """serve --moderation: a flagged source gets the refusal and is never translated."""
+    from fastapi.testclient import TestClient
+
+    from chatsmith.moderation import REFUSAL
+    from chatsmith.serve.app import create_app
+
+    with TestClient(create_app(mt_dir, model_name="mt", moderation="lexicon"), base_url="http://localhost") as c:
+        worker = c.app.state.server.scheduler
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "you stupid a$$hole"}]})
+        choice = r.json()["choices"][0]
+        assert choice["message"]["content"] == REFUSAL and choice["finish_reason"] == "content_filter"
+        assert worker.batches == 0
+        r = c.post("/v1/completions", json={"prompt": "一二", "model": "mt:en"})
+        assert r.status_code == 200 and worker.batches == 1
