@@ -11,7 +11,8 @@ takes `Content-Type: application/json` only, and the `Host` header must name an 
 (loopback by default), so a web page the user visits cannot drive the server (DNS rebinding).
 
 This module wires the routes: request bodies are parsed and responses shaped by
-`chatsmith.serve.protocol`, generation runs on the one thread of `chatsmith.serve.scheduler`.
+`chatsmith.serve.protocol`, generation runs on the one thread of `chatsmith.serve.scheduler`. A
+translation (seq2seq) model is served behind the same routes by `chatsmith.serve.translation`.
 """
 
 from __future__ import annotations
