@@ -249,7 +249,16 @@ def mt_web(web, mt_dir):
     server.should_exit = True
 
 
-def test_the_page_translates_with_a_translation_model(mt_web, browser):
+def translate(model_dir, text: str, tgt: str) -> str:
+    """What `chatsmith translate MODEL --tgt TGT` says (greedy)."""
+    from chatsmith.engine import SamplingParams
+    from chatsmith.seq2seq_engine import Seq2SeqEngine
+
+    (comps,), _ = Seq2SeqEngine.load(model_dir).translate([text], tgt, SamplingParams(temperature=0.0, max_new_tokens=63))
+    return comps[0].text
+
+
+def test_the_page_translates_with_a_translation_model(mt_web, mt_dir, browser):
     """Each message is translated (the card says seq2seq): into English from Chinese and back, the
     system prompt and temperature of the settings not sent, so the server's greedy default decodes."""
     d = browser
@@ -262,10 +271,13 @@ def test_the_page_translates_with_a_translation_model(mt_web, browser):
     d.find_element("id", "system").send_keys("You are a pirate.")
     d.find_element("id", "input").send_keys("一二三")
     d.find_element("id", "send").click()
-    wait(lambda: replies(d) == ["one two three"] and not streaming(d), what="the English translation")
+    want = [translate(mt_dir, "一二三", "en"), translate(mt_dir, "seven eight", "zh")]
+    assert want[0].strip() and want[1].strip()
+    wait(lambda: replies(d) == want[:1] and not streaming(d), what=f"the English translation {want[0]!r}")
     d.find_element("id", "input").send_keys("seven eight")
     d.find_element("id", "send").click()
-    wait(lambda: replies(d) == ["one two three", "七八"] and not streaming(d), what="the Chinese translation")
+    wait(lambda: replies(d) == want and not streaming(d), what=f"the Chinese translation {want[1]!r}")
+    assert not d.find_element("id", "status").text
 
 
 def test_tool_calls_are_shown_collapsible_and_as_text(calc_web, browser):
