@@ -267,7 +267,8 @@ def test_unknown_model_and_other_routes(server):
     assert httpx.get(server + "/tokenizer_info").status_code == 200
 
 
-def test_waiting_requests_are_batched_429_and_health_meanwhile(server, srv, engine, monkeypatch):
+@pytest.mark.parametrize("decoding", [{"temperature": 0}, {"num_beams": 2}])
+def test_waiting_requests_are_batched_429_and_health_meanwhile(server, srv, engine, monkeypatch, decoding):
     """The worker is held inside its first batch; the requests that arrive meanwhile wait (health
     says so, one more than the queue holds is a 429) and are then decoded in one batch, each with
     the answer it gets alone."""
@@ -285,7 +286,7 @@ def test_waiting_requests_are_batched_429_and_health_meanwhile(server, srv, engi
     results = {}
 
     def ask(i, text):
-        results[i] = post(server, "/v1/completions", {"prompt": text, "temperature": 0})
+        results[i] = post(server, "/v1/completions", {"prompt": text, **decoding})
 
     threads = [threading.Thread(target=ask, args=(0, "九"))]
     threads[0].start()
@@ -310,7 +311,8 @@ def test_waiting_requests_are_batched_429_and_health_meanwhile(server, srv, engi
     for t in threads:
         t.join(30)
     assert calls == [1, len(texts)]  # the five waiting ones in one engine call
-    want = solo(engine, texts[:3], "en") + solo(engine, texts[3:], "zh")
+    kw = {"num_beams": decoding.get("num_beams", 1)}
+    want = solo(engine, texts[:3], "en", **kw) + solo(engine, texts[3:], "zh", **kw)
     assert [results[i + 1].json()["choices"][0]["text"] for i in range(len(texts))] == [w[0] for w in want]
 
 

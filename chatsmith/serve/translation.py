@@ -147,6 +147,8 @@ class Translator:
         p.length_penalty = float(get_field(body, "length_penalty", (int, float), 1.0, lambda v: -10 <= v <= 10,
                                            "a number in [-10, 10]"))
         sampled = body.get("temperature") is not None and p.temperature > 0
+        if not sampled:  # greedy or beams: no temperature (protocol's default is 1), so such requests batch
+            p.temperature = 0.0
         if beams is not None and beams > 1:
             if sampled:
                 raise APIError(400, "beam search ('num_beams'/'best_of' > 1) does not sample: leave 'temperature' "
@@ -154,7 +156,6 @@ class Translator:
             if n > beams:
                 raise APIError(400, f"'n' ({n}) cannot exceed the beam width ({beams})", param="n")
         elif not sampled:
-            p.temperature = 0.0
             if beams is None and body.get("temperature") is None:  # the server's default decoding
                 beams = max(self.num_beams, n)
         if not sampled and p.repetition_penalty != 1.0:
