@@ -93,8 +93,9 @@ class Completion:
 NOT_DECODED = {
     "clip": "this is a clip (image-text) model: it does not generate text; use "
             "`chatsmith clip classify | search | embed` or `chatsmith eval MODEL --tasks clip`",
-    "seq2seq": "this is an encoder-decoder (translation) model: use `chatsmith translate MODEL` or "
-               "`chatsmith eval MODEL --tasks translation`; chat, generate and serve need a decoder",
+    "seq2seq": "this is an encoder-decoder (translation) model: use `chatsmith translate MODEL`, "
+               "`chatsmith serve MODEL` (the OpenAI API translates) or `chatsmith eval MODEL --tasks "
+               "translation`; chat and generate need a decoder",
 }
 QUANTIZE = ("none", "int8")  # decode weights: fp32 as trained, or int8 (see GPT.fuse_decode_weights)
 

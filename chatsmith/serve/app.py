@@ -11,7 +11,8 @@ takes `Content-Type: application/json` only, and the `Host` header must name an 
 (loopback by default), so a web page the user visits cannot drive the server (DNS rebinding).
 
 This module wires the routes: request bodies are parsed and responses shaped by
-`chatsmith.serve.protocol`, generation runs on the one thread of `chatsmith.serve.scheduler`.
+`chatsmith.serve.protocol`, generation runs on the one thread of `chatsmith.serve.scheduler`. A
+translation (seq2seq) model is served behind the same routes by `chatsmith.serve.translation`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from chatsmith.serve.embeddings import Embedder
 from chatsmith.serve.moderations import Moderations
 from chatsmith.serve.protocol import APIError, Call, TokenText, error_body, get_field
 from chatsmith.serve.scheduler import Scheduler, admit, run_jobs
+from chatsmith.serve.translation import TranslationWorker, Translator
+from chatsmith.seq2seq_engine import Seq2SeqEngine, is_seq2seq
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.moderation import load_moderator
 from chatsmith.tools.inline import builtin_tools
@@ -64,8 +67,9 @@ class Server:
 
     def __init__(self, model, tok, model_name: str, api_key: str | None = None, max_queue: int = 64,
                  max_batch: int = 32, chat_template: str | None = None, embedder: Embedder | None = None,
-                 tools: dict | None = None, quantize: str | None = None):
+                 tools: dict | None = None, quantize: str | None = None, translator: Translator | None = None):
         self.tools = tools or {}  # the tools this server runs itself (serve --tools)
+        self.translator = translator  # a translation model, served by chatsmith.serve.translation
         self.engine = Engine(model, tok, max_batch=max_batch, quantize=quantize) if model is not None else None
         self.tok, self.model_name, self.api_key = tok, model_name, api_key
         self.embedder = embedder
@@ -74,7 +78,8 @@ class Server:
         self.max_queue, self.max_batch = max_queue, max_batch
         self.created = int(time.time())
         self.has_chat = tok is not None and tok.has_chat  # our chat tokens, or an imported model's template
-        self.ctx = model.cfg.max_seq_len if model is not None else embedder.engine.max_len
+        self.ctx = model.cfg.max_seq_len if model is not None else \
+            translator.ctx if translator is not None else embedder.engine.max_len
         self.chat_template = chat_template
         self.scheduler: Scheduler | None = None
         self._token_text: TokenText | None = None
@@ -102,6 +107,8 @@ class Server:
             self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="chatsmith-tokenize")
         if self.engine is not None and (self.scheduler is None or not self.scheduler.thread.is_alive()):
             self.scheduler = Scheduler(self.engine, loop)
+        elif self.translator is not None and (self.scheduler is None or not self.scheduler.thread.is_alive()):
+            self.scheduler = TranslationWorker(self.translator.engine, loop)  # the scheduler's interface
 
     async def off_loop(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -116,7 +123,7 @@ class Server:
 
     def generative(self):
         """This route needs the generative model: an embeddings-only server says so (400)."""
-        if self.engine is None:
+        if self.engine is None and self.translator is None:
             raise APIError(400, f"'{self.model_name}' is an embeddings model (an encoder): this server answers "
                            f"POST /v1/embeddings only", param="model", code="model_not_supported")
 
@@ -236,14 +243,16 @@ async def static(name: str):
 async def health(request: Request):
     srv = server_of(request)
     s = srv.scheduler
-    ok = srv.engine is None or (s is not None and s.alive)
+    ok = (srv.engine is None and srv.translator is None) or (s is not None and s.alive)
+    running = srv.engine.num_active if srv.engine else s.running if srv.translator and s else 0
     body = {"status": "ok" if ok else "unavailable", "model": srv.model_name,
-            "running": srv.engine.num_active if srv.engine else 0, "waiting": s.waiting() if s else 0}
+            "running": running, "waiting": s.waiting() if s else 0}
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
 def model_cards(srv: Server) -> list[dict]:
-    cards = [{"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "chatsmith"}]
+    cards = srv.translator.cards(srv.created) if srv.translator else \
+        [{"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "chatsmith"}]
     if srv.embedder is not None and srv.embedder.name != srv.model_name:
         cards.append(srv.embedder.card(srv.created))
     return cards
@@ -265,18 +274,22 @@ async def model_info(model_id: str, request: Request):
 
 async def complete(request: Request, chat: bool):
     srv = server_of(request)
-    body = await body_of(request)
+    body = await body_of(request, None if srv.translator else "")  # a translator takes NAME:LANG too
     srv.generative()
     # tokenising can take seconds for a long prompt: in a worker thread, so /health and the
     # other clients are answered meanwhile (the tokenizer releases the GIL)
-    call = await srv.off_loop(protocol.parse_call, body, chat, srv.tok, srv.ctx, srv.max_batch, srv.max_chars,
-                              srv.tools)
+    if srv.translator is not None:
+        call = await srv.off_loop(srv.translator.parse_call, body, chat, srv.max_batch, srv.max_chars)
+    else:
+        call = await srv.off_loop(protocol.parse_call, body, chat, srv.tok, srv.ctx, srv.max_batch, srv.max_chars,
+                                  srv.tools)
     rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
     created = int(time.time())
+    model = call.model or srv.model_name
     if srv.moderation is not None:  # a flagged request gets a refusal (or crisis) reply, not the model's
         refusal = await srv.moderation.request_reply(body, chat)
         if refusal is not None:
-            return srv.moderation.refusal(call, refusal, rid, created, srv.model_name)
+            return srv.moderation.refusal(call, refusal, rid, created, model)
     srv.admit(len(call.jobs))
     if not call.stream:
         done: dict[int, list] = {}
@@ -287,8 +300,8 @@ async def complete(request: Request, chat: bool):
             return JSONResponse(error_body("client disconnected", "invalid_request_error"), status_code=400)
         if srv.moderation is not None:
             await srv.moderation.cut_completions(done)
-        return protocol.response(call, done, rid, created, srv.model_name, srv.token_text)
-    chunks = protocol.Chunks(call, rid, created, srv.model_name, srv.token_text)
+        return protocol.response(call, done, rid, created, model, srv.token_text)
+    chunks = protocol.Chunks(call, rid, created, model, srv.token_text)
     return StreamingResponse(stream_events(srv, call, chunks), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -332,8 +345,11 @@ async def completions(request: Request):
 
 
 async def tokenize(request: Request):
-    srv, body = server_of(request), await body_of(request)
+    srv = server_of(request)
+    body = await body_of(request, None if srv.translator else "")
     srv.generative()
+    if srv.translator is not None:  # the ids the encoder reads
+        return await srv.off_loop(srv.translator.tokenize, body, srv.token_text)
     return await srv.off_loop(tokenize_body, srv, body)
 
 
@@ -355,8 +371,11 @@ def tokenize_body(srv: Server, body: dict) -> dict:
 
 
 async def detokenize(request: Request):
-    srv, body = server_of(request), await body_of(request)
+    srv = server_of(request)
+    body = await body_of(request, None if srv.translator else "")
     srv.generative()
+    if srv.translator is not None:
+        srv.translator.target_of_model(body.get("model"))  # NAME or NAME:LANG
     ids = body.get("tokens")
     V = srv.tok.vocab_size
     if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < V
@@ -419,33 +438,42 @@ def create_app(model_dir: str | Path, api_key: str | None = None, model_name: st
                allowed_hosts: list[str] | None = None, embeddings: str | None = None,
                embeddings_name: str | None = None, tools: list[str] | None = None,
                quantize: str | None = None, moderation: str | None = None,
-               watermark: WatermarkConfig | None = None) -> FastAPI:
+               watermark: WatermarkConfig | None = None, tgt: str | None = None,
+               num_beams: int | None = None) -> FastAPI:
     """allowed_hosts: the names a request's Host header may give (default: loopback); '*': any.
     An encoder model_dir is served for /v1/embeddings alone; `embeddings` adds an encoder beside a
     generative model (clients pick it by `embeddings_name`, default its directory's name). tools:
-    built-in tools the server runs inside generation (calculator)."""
+    built-in tools the server runs inside generation (calculator). A translation (seq2seq) model_dir
+    is served by chatsmith.serve.translation: `tgt` is the target of plain NAME requests, `num_beams`
+    the default beam width."""
     try:
         builtin = builtin_tools(tools)
     except ValueError as e:
         raise UserError(f"--tools: {e}") from None
     name = model_name or Path(model_dir).resolve().name
+    seq2seq = is_seq2seq(model_dir)
+    if not seq2seq and (tgt is not None or num_beams is not None):
+        raise UserError(f"--tgt and --num-beams are for translation models; {model_dir} is not one")
     if isinstance(read_config(model_dir), EncoderConfig):
         if embeddings:
             raise UserError(f"{model_dir} is itself an encoder: serve it alone, or give a generative model with --embeddings")
         srv = Server(None, None, name, api_key, max_queue, max_batch,
                      embedder=Embedder(EncoderEngine.load(str(model_dir), device=device), name))
+    elif seq2seq:
+        given = [f for f, on in (("--tools", builtin), ("--quantize int8", quantize not in (None, "none")),
+                                 ("--watermark-key", watermark is not None)) if on]
+        if given:
+            raise UserError(f"{', '.join(given)}: not available for a translation (encoder-decoder) model")
+        engine = Seq2SeqEngine.load(model_dir, device=device, max_batch=max_batch)
+        embedder = _embedder(embeddings, embeddings_name, name, device)
+        srv = Server(None, engine.tok, name, api_key, max_queue, max_batch, embedder=embedder,
+                     translator=Translator(engine, name, tgt, 1 if num_beams is None else num_beams))
     else:
         model = load_model(model_dir, device=device)
         tok = Tokenizer.load(model_dir)
         cfg_path = Path(model_dir) / "tokenizer_config.json"
         chat_template = json.loads(cfg_path.read_text()).get("chat_template") if cfg_path.exists() else None
-        embedder = None
-        if embeddings:
-            ename = embeddings_name or Path(embeddings).resolve().name
-            if ename == name:
-                raise UserError(f"the embeddings model needs a name other than the chat model's ({name!r}): "
-                                f"--embeddings-name")
-            embedder = Embedder(EncoderEngine.load(embeddings, device=device), ename)
+        embedder = _embedder(embeddings, embeddings_name, name, device)
         if builtin and tok.tool_markers is None:
             raise UserError(f"--tools: the chat template of {model_dir} has no tool support")
         srv = Server(model, tok, name, api_key, max_queue, max_batch, chat_template, embedder, builtin,
@@ -455,6 +483,16 @@ def create_app(model_dir: str | Path, api_key: str | None = None, model_name: st
     if watermark is not None and srv.tok is not None:
         srv.watermark = Watermark(watermark, srv.tok.vocab_size)
     return build_app(srv, allowed_hosts)
+
+
+def _embedder(embeddings: str | None, embeddings_name: str | None, name: str, device: str) -> Embedder | None:
+    if not embeddings:
+        return None
+    ename = embeddings_name or Path(embeddings).resolve().name
+    if ename == name:
+        raise UserError(f"the embeddings model needs a name other than the chat model's ({name!r}): "
+                        f"--embeddings-name")
+    return Embedder(EncoderEngine.load(embeddings, device=device), ename)
 
 
 def build_app(srv: Server, allowed_hosts: list[str] | None = None) -> FastAPI:
@@ -485,13 +523,14 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, api_key: st
           model_name: str | None = None, max_queue: int = 64, device: str = "cpu", max_batch: int = 32,
           threads: int | None = None, allowed_hosts: list[str] | None = None, embeddings: str | None = None,
           embeddings_name: str | None = None, tools: list[str] | None = None, quantize: str | None = None,
-          moderation: str | None = None, watermark: WatermarkConfig | None = None):
+          moderation: str | None = None, watermark: WatermarkConfig | None = None, tgt: str | None = None,
+          num_beams: int | None = None):
     sock = listen(host, port)  # before the model loads: a busy port is said at once, with nothing to undo
     torch.seed()  # requests without a seed should differ from one server start to the next
     set_threads(threads)
     app = create_app(model_dir, api_key, model_name, max_queue, device, max_batch,
                      allowed_hosts if allowed_hosts else default_hosts(host), embeddings, embeddings_name, tools,
-                     quantize, moderation, watermark)
+                     quantize, moderation, watermark, tgt, num_beams)
     print(f"serving {model_dir} as '{app.state.server.model_name}' on http://{host}:{port}/v1 "
           f"(chat page: http://{host}:{port}/)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])

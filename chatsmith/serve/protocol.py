@@ -302,6 +302,7 @@ class Call:
     # does not contain, so echo's logprobs leave them out (OpenAI's tokens join to the text)
     added: list[int] = dataclasses.field(default_factory=list)
     tools: servetools.Tools | None = None  # function calling (chat): see chatsmith.serve.tools
+    model: str | None = None  # the model id to answer with, when not the server's name (a translator's NAME:LANG)
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:  # (stream, include_usage)

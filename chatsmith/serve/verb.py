@@ -43,6 +43,12 @@ def add_arguments(p):
     p.add_argument("--watermark-key", default=None,
                    help="watermark every reply with this secret integer key (never sent to clients; default: off)")
     add_watermark_flags(p, switch=False)
+    p.add_argument("--tgt", default=None, metavar="LANG",
+                   help="translation models: the target language of requests for plain MODEL_NAME (default: the "
+                        "model's only language, or for a zh+en model the one the source is not)")
+    p.add_argument("--num-beams", type=int, default=None,
+                   help="translation models: the beam width of requests that set neither temperature nor "
+                        "num_beams (default 1: greedy)")
 
 
 def main(a):
@@ -51,7 +57,7 @@ def main(a):
     serve(a.model, a.host, a.port, a.api_key, a.model_name, a.max_queue, resolve_device(a.device),
           max_batch=a.max_batch, threads=a.threads, allowed_hosts=a.allowed_hosts, embeddings=a.embeddings,
           embeddings_name=a.embeddings_name, tools=a.tools, quantize=a.quantize, moderation=a.moderation,
-          watermark=watermark_config(a) if a.watermark_key is not None else None)
+          watermark=watermark_config(a) if a.watermark_key is not None else None, tgt=a.tgt, num_beams=a.num_beams)
 
 
 VERB = Verb("serve", "OpenAI-compatible API server and web chat page", add_arguments, main)

@@ -3,6 +3,8 @@
 // Markdown.render, which only ever creates DOM nodes from text (no HTML strings reach the DOM).
 // Tools the server runs itself (serve --tools calculator) arrive as `server_tool_calls` deltas and
 // are shown above the reply, one collapsible entry per call (its arguments and result as text).
+// A translation model (its /v1/models card says family "seq2seq") gets the last user turn alone and
+// no temperature, so the server's default decoding (greedy or serve --num-beams) translates it.
 "use strict";
 
 const STORE = "chatsmith.conversations";
@@ -14,6 +16,7 @@ const state = {
   current: null,
   controller: null,  // AbortController of the reply being streamed
   model: null,
+  translator: false,  // the server's model is a translator: each message is translated, not answered
 };
 
 function load(key, fallback) {
@@ -122,7 +125,9 @@ function renderMessages() {
   if (!c || !c.messages.length) {
     const empty = document.createElement("div");
     empty.className = "empty";
-    empty.textContent = "Start a conversation with " + (state.model || "chatsmith") + ".";
+    empty.textContent = state.translator
+      ? "Type a text: " + state.model + " replies with its translation."
+      : "Start a conversation with " + (state.model || "chatsmith") + ".";
     box.appendChild(empty);
   } else {
     for (const m of c.messages) box.appendChild(messageNode(m));
@@ -171,16 +176,18 @@ async function streamReply(c) {
     let r, skip = 0;
     for (;;) {  // when the conversation outgrows the model's context, leave out the oldest turns
       const messages = [];
-      if (s.system.trim()) messages.push({ role: "system", content: s.system });
-      for (const m of history.slice(skip)) messages.push({ role: m.role, content: m.content });
-      const req = { model: state.model || undefined, messages, stream: true, temperature: s.temperature };
+      if (s.system.trim() && !state.translator) messages.push({ role: "system", content: s.system });
+      const turns = state.translator ? history.filter((m) => m.role === "user").slice(-1) : history.slice(skip);
+      for (const m of turns) messages.push({ role: m.role, content: m.content });
+      const req = { model: state.model || undefined, messages, stream: true };
+      if (!state.translator) req.temperature = s.temperature;
       if (s.maxTokens) req.max_tokens = s.maxTokens;
       r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(req),
                                                 signal: state.controller.signal });
       if (r.ok) break;
       let err = { message: r.status + " " + r.statusText };
       try { err = (await r.json()).error; } catch { /* not JSON */ }
-      if (err.code === "context_length_exceeded" && history.length - skip > 1) {
+      if (err.code === "context_length_exceeded" && !state.translator && history.length - skip > 1) {
         skip += 2;
         setStatus("The oldest turns were left out to fit the model's context.");
         continue;
@@ -289,7 +296,12 @@ function init() {
   $("toggle-sidebar").addEventListener("click", () => document.body.classList.toggle("sidebar-open"));
 
   fetch("/v1/models", { headers: headers() }).then((r) => r.ok ? r.json() : null).then((j) => {
-    if (j && j.data && j.data[0]) { state.model = j.data[0].id; $("model-name").textContent = state.model; }
+    if (j && j.data && j.data[0]) {
+      state.model = j.data[0].id;
+      state.translator = j.data[0].chatsmith?.family === "seq2seq";
+      $("model-name").textContent = state.model + (state.translator ? " (translation)" : "");
+      renderMessages();
+    }
   }).catch(() => {});
   renderAll();
 }
