@@ -574,9 +574,13 @@ class Engine:
         marked = [i for i, p in enumerate(ps) if p.watermark is not None]
         if marked:  # each row's green list comes from its own context (prompt + reply so far)
             logits = logits.float().clone()
+            by_wm: dict[int, list[int]] = {}  # one scatter per watermark (the server's one key: one for the batch)
             for i in marked:
-                s, wm = seqs[i], ps[i].watermark
-                logits[i] = wm.apply(context_tail(s.req.prompt_ids, s.out, wm.cfg.context_width), logits[i])
+                by_wm.setdefault(id(ps[i].watermark), []).append(i)
+            for rows in by_wm.values():
+                wm = ps[rows[0]].watermark
+                wm.add_bias([context_tail(seqs[i].req.prompt_ids, seqs[i].out, wm.cfg.context_width) for i in rows],
+                            logits, rows)
         greedy = [i for i, p in enumerate(ps) if p.temperature == 0]
         if len(greedy) == len(seqs):
             return logits.argmax(-1).tolist()
@@ -627,7 +631,7 @@ class Engine:
         """Beam search's log-probabilities, each beam's logits watermarked from its own context."""
         if p.watermark is not None:
             w = p.watermark.cfg.context_width
-            logits = torch.stack([p.watermark.apply(context_tail(prompt_ids, q, w), row) for q, row in zip(seqs, logits)])
+            logits = p.watermark.add_bias([context_tail(prompt_ids, q, w) for q in seqs], logits.clone())
         return logits.log_softmax(-1)
 
     # --- the public API ---------------------------------------------------------------------------
