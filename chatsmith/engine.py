@@ -358,6 +358,23 @@ class Engine:
                 self._release(s)
         self._complete(req, "cancelled")
 
+    @torch.inference_mode()
+    def stop_seq(self, req: Request, index: int, reason: str = "cancelled"):
+        """End one sample of a request now, with `reason` as its finish reason, and free its row; the
+        request's other samples decode on (the server's content filter cuts one choice of n). The
+        request completes when it was the last one still decoding."""
+        s = req.seqs[index]
+        if req.finished or s.finish is not None:
+            return
+        s.finish = reason
+        if s.row >= 0:
+            self._release(s)
+        if all(x.finish for x in req.seqs):
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self._complete(req)
+        # otherwise, if it is still waiting, _admit leaves the stopped sample out of the batch
+
     @property
     def num_active(self) -> int:
         return len(self.rows)
@@ -480,7 +497,13 @@ class Engine:
             for s in req.seqs:
                 events.append(Event(req, s.index, "", [], "length"))
             return
-        self._advance(req.seqs, logits.expand(n, -1), events)
+        live = [s for s in req.seqs if s.finish is None]  # a sample stopped while waiting (stop_seq) never decodes
+        for s in sorted((s for s in req.seqs if s.finish is not None), key=lambda s: -s.row):
+            self._release(s)
+        if not live:
+            self._complete(req)
+            return
+        self._advance(live, logits.expand(len(live), -1), events)
 
     def _lp_entry(self, logp_row: torch.Tensor, t: int, top: int):
         """(token id, logprob, [(id, logprob) of the `top` most likely]) from a log-softmax row.
