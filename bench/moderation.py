@@ -75,10 +75,11 @@ def main():
     ap.add_argument("--dialogues", required=True)
     ap.add_argument("--model", default=None, help="the learned layer (classify train on --data)")
     ap.add_argument("--max-dialogue-messages", type=int, default=2000)
+    ap.add_argument("--limit", type=int, default=None, help="at most N texts per set (a smoke run, not a measurement)")
     ap.add_argument("--out", default="bench/results/moderation")
     a = ap.parse_args()
     rng = random.Random(0)
-    test = [json.loads(x) for x in open(Path(a.data) / "test.jsonl", encoding="utf-8")]
+    test = [json.loads(x) for x in open(Path(a.data) / "test.jsonl", encoding="utf-8")][:a.limit]
     texts, gold = [r["text"] for r in test], [r["label"] == "offensive" for r in test]
     ordinary = {"corpus_val": corpus_paragraphs(Path(a.corpus), "val"), "dialogues": []}
     for line in open(a.dialogues, encoding="utf-8"):
@@ -95,6 +96,9 @@ def main():
         "lexicon_entries_evaded": [f"you are a {evade(w, rng)}" for w in entries_en]
                                   + [f"你这个{evade(w, rng)}" for w in entries_zh],
     }
+    if a.limit:
+        ordinary = {k: v[:a.limit] for k, v in ordinary.items()}
+        evasion = {k: v[:a.limit] for k, v in evasion.items()}
     systems = {"lexicon": lambda xs: [v.categories["offensive"] for v in lex.check(xs)]}
     calibration = None
     if a.model:
