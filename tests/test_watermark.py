@@ -76,6 +76,8 @@ def test_batched_bias_is_transformers_row_by_row(scheme, width):
         else:
             assert torch.equal(got[r], logits[r])
         assert torch.equal(got[r, V:], logits[r, V:])
+    every = ours.add_bias([c.tolist() for c in ctx], logits.clone())  # all rows: the one-scatter path
+    assert all(torch.equal(every[r], ours.apply(ctx[r].tolist(), logits[r])) for r in range(B))
 
 
 @pytest.mark.parametrize("scheme,width,ignore", [("lefthash", 1, False), ("lefthash", 1, True),
