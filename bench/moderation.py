@@ -3,7 +3,11 @@
     nice -n 10 python bench/moderation.py --data data/moderation --corpus data/corpus \
         --dialogues data/chat/heldout.jsonl [--model runs/moderation-clf] [--out bench/results/moderation]
 
-  * precision / recall / F1 of "offensive" on the held-out split of `data build --what moderation`;
+The classifier runs at the threshold calibrated on the data's *dev* split (`chatsmith moderate
+--calibrate data/moderation/dev.jsonl --moderation MODEL`, stored in MODEL/moderation.json), the
+one `serve --moderation MODEL` uses; the test split is only measured here.
+  * precision / recall / F1 / false-positive rate of "offensive" on the test split of
+    `data build --what moderation`;
   * false-positive rate on ordinary text: corpus val paragraphs and the built-in held-out dialogues'
     messages (every message a unit);
   * recall on evasion sets: (a) the held-out offensive lines with each word of 4+ letters rewritten
@@ -27,10 +31,12 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import torch  # noqa: E402
 import zhconv  # noqa: E402
 
+from chatsmith.atomic import write_json, write_text  # noqa: E402
 from chatsmith.data.moderation import corpus_paragraphs  # noqa: E402
-from chatsmith.moderation import Moderator, load_moderator  # noqa: E402
+from chatsmith.moderation import Moderator, load_moderator, read_calibration  # noqa: E402
 
 LEET = {"a": "4", "e": "3", "i": "1", "o": "0", "s": "$", "t": "7"}
 
@@ -69,10 +75,11 @@ def main():
     ap.add_argument("--dialogues", required=True)
     ap.add_argument("--model", default=None, help="the learned layer (classify train on --data)")
     ap.add_argument("--max-dialogue-messages", type=int, default=2000)
+    ap.add_argument("--limit", type=int, default=None, help="at most N texts per set (a smoke run, not a measurement)")
     ap.add_argument("--out", default="bench/results/moderation")
     a = ap.parse_args()
     rng = random.Random(0)
-    test = [json.loads(x) for x in open(Path(a.data) / "test.jsonl", encoding="utf-8")]
+    test = [json.loads(x) for x in open(Path(a.data) / "test.jsonl", encoding="utf-8")][:a.limit]
     texts, gold = [r["text"] for r in test], [r["label"] == "offensive" for r in test]
     ordinary = {"corpus_val": corpus_paragraphs(Path(a.corpus), "val"), "dialogues": []}
     for line in open(a.dialogues, encoding="utf-8"):
@@ -89,34 +96,82 @@ def main():
         "lexicon_entries_evaded": [f"you are a {evade(w, rng)}" for w in entries_en]
                                   + [f"你这个{evade(w, rng)}" for w in entries_zh],
     }
+    if a.limit:
+        ordinary = {k: v[:a.limit] for k, v in ordinary.items()}
+        evasion = {k: v[:a.limit] for k, v in evasion.items()}
     systems = {"lexicon": lambda xs: [v.categories["offensive"] for v in lex.check(xs)]}
+    calibration = None
     if a.model:
         learned = load_moderator(a.model)
+        calibration = read_calibration(a.model)
+        if calibration is None:
+            print(f"{a.model} is not calibrated: the classifier runs at threshold {learned.threshold}", file=sys.stderr)
+        learned.classifier = CachedClassifier(learned.classifier)  # both rows below read one pass per text
         systems["lexicon+classifier"] = lambda xs: [v.categories["offensive"] for v in learned.check(xs)]
-        alone = Moderator(_empty_lexicon(lex.lexicon), learned.classifier)
+        alone = Moderator(_empty_lexicon(lex.lexicon), learned.classifier, learned.threshold)
         systems["classifier"] = lambda xs: [v.categories["offensive"] for v in alone.check(xs)]
     try:
         from profanity_check import predict
         systems["alt-profanity-check"] = lambda xs: [bool(p) for p in predict(xs)]
     except ImportError:
         print("alt-profanity-check is not installed: its row is left out", file=sys.stderr)
-    res = {"test": {}, "fpr": {}, "evasion_recall": {}, "seconds": {}, "sizes": {
+    res = {"calibration": calibration, "test": {}, "fpr": {}, "evasion_recall": {}, "seconds": {}, "sizes": {
         "test": len(texts), "test_offensive": sum(gold), **{k: len(v) for k, v in ordinary.items()},
         **{k: len(v) for k, v in evasion.items()}}, "load_average": os.getloadavg()[0]}
     for name, fn in systems.items():
         t0 = time.perf_counter()
-        res["test"][name] = prf(gold, fn(texts))
+        pred = fn(texts)
+        res["test"][name] = prf(gold, pred)
+        res["test"][name]["fpr_clean"] = sum(p and not g for g, p in zip(gold, pred)) / max(1, gold.count(False))
         res["fpr"][name] = {k: sum(fn(v)) / max(1, len(v)) for k, v in ordinary.items()}
         res["evasion_recall"][name] = {k: sum(fn(v)) / max(1, len(v)) for k, v in evasion.items()}
         res["seconds"][name] = time.perf_counter() - t0
         print(name, json.dumps({k: res[k][name] for k in ("test", "fpr", "evasion_recall")}), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    write_json(out / "results.json", res, indent=1)
+    write_text(out / "table.md", render_table(res))
+    print(render_table(res))
     examples = [{"original": o, "evaded": e} for o, e in zip(evasion["heldout_offensive"][:5],
                                                              evasion["heldout_offensive_evaded"][:5])]
-    (out / "evasion_examples.json").write_text(json.dumps(examples, indent=1, ensure_ascii=False))
-    print(json.dumps(res, indent=1))
+    write_text(out / "evasion_examples.json", json.dumps(examples, indent=1, ensure_ascii=False))
+
+
+def render_table(res) -> str:
+    pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
+    cal = res.get("calibration")
+    L = []
+    if cal:
+        d = cal["dev"]
+        L += [f"Classifier threshold {cal['threshold']:.4f} (max_len {cal['max_len']}), set on the dev split "
+              f"({d['records']} texts): best dev F1 ({d['f1']:.3f}) where ordinary dev text is flagged at most "
+              f"{pct(cal['target_fpr'])} (it is {pct(d['fpr_ordinary'])})", ""]
+    L += ["| | precision | recall | F1 | FPR test clean | FPR corpus val | FPR dialogues | recall: lexicon entries / "
+          "evaded | recall: test offensive / evaded |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, t in res["test"].items():
+        f, e = res["fpr"][name], res["evasion_recall"][name]
+        L.append(f"| {name} | {pct(t['precision'])} | {pct(t['recall'])} | {pct(t['f1'])} | {pct(t['fpr_clean'])} | "
+                 f"{pct(f['corpus_val'])} | {pct(f['dialogues'])} | {pct(e['lexicon_entries'])} / "
+                 f"{pct(e['lexicon_entries_evaded'])} | {pct(e['heldout_offensive'])} / "
+                 f"{pct(e['heldout_offensive_evaded'])} |")
+    z = res["sizes"]
+    L += ["", f"test {z['test']} texts ({z['test_offensive']} offensive); corpus val {z['corpus_val']} paragraphs; "
+              f"dialogues {z['dialogues']} messages; load average {res['load_average']:.1f}"]
+    return "\n".join(L) + "\n"
+
+
+class CachedClassifier:
+    """An EncoderEngine whose classify() remembers each text's probabilities (same model, same answers)."""
+
+    def __init__(self, engine):
+        self.engine, self.model, self.max_len, self.memo = engine, engine.model, engine.max_len, {}
+
+    def classify(self, texts):
+        new = list(dict.fromkeys(t for t in texts if t not in self.memo))
+        if new:
+            for t, p in zip(new, self.engine.classify(new)):
+                self.memo[t] = p
+        return torch.stack([self.memo[t] for t in texts])
 
 
 def _empty_lexicon(lexicon):

@@ -78,13 +78,19 @@ class EncoderEngine:
         self.model.head("classify")
         a = self.tok.pieces(texts)
         b = self.tok.pieces(pairs) if pairs is not None else [None] * len(a)
+        rows = [self.tok.join(x, y, self.max_len) for x, y in zip(a, b)]
+        # batches of similar lengths: a batch is padded to its longest row, so mixed lengths waste work
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
         out = []
-        for i in range(0, len(a), self.batch_size):
-            batch = self._inputs([self.tok.join(x, y, self.max_len) for x, y in zip(a[i:i + self.batch_size],
-                                                                                  b[i:i + self.batch_size])])
+        for i in range(0, len(rows), self.batch_size):
+            batch = self._inputs([rows[j] for j in order[i:i + self.batch_size]])
             logits = self.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], head="classify")
             out.append(logits.float().softmax(-1).cpu())
-        return torch.cat(out)
+        if not out:
+            return torch.zeros(0, len(getattr(self.model.cfg, "labels", None) or ()))
+        probs = torch.empty(len(rows), out[0].shape[-1])
+        probs[torch.tensor(order)] = torch.cat(out)
+        return probs
 
     @torch.no_grad()
     def span_logits(self, rows) -> list[tuple[torch.Tensor, torch.Tensor]]:

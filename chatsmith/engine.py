@@ -359,6 +359,23 @@ class Engine:
                 self._release(s)
         self._complete(req, "cancelled")
 
+    @torch.inference_mode()
+    def stop_seq(self, req: Request, index: int, reason: str = "cancelled"):
+        """End one sample of a request now, with `reason` as its finish reason, and free its row; the
+        request's other samples decode on (the server's content filter cuts one choice of n). The
+        request completes when it was the last one still decoding."""
+        s = req.seqs[index]
+        if req.finished or s.finish is not None:
+            return
+        s.finish = reason
+        if s.row >= 0:
+            self._release(s)
+        if all(x.finish for x in req.seqs):
+            if req in self.waiting:
+                self.waiting.remove(req)
+            self._complete(req)
+        # otherwise, if it is still waiting, _admit leaves the stopped sample out of the batch
+
     @property
     def num_active(self) -> int:
         return len(self.rows)
@@ -481,7 +498,13 @@ class Engine:
             for s in req.seqs:
                 events.append(Event(req, s.index, "", [], "length"))
             return
-        self._advance(req.seqs, logits.expand(n, -1), events)
+        live = [s for s in req.seqs if s.finish is None]  # a sample stopped while waiting (stop_seq) never decodes
+        for s in sorted((s for s in req.seqs if s.finish is not None), key=lambda s: -s.row):
+            self._release(s)
+        if not live:
+            self._complete(req)
+            return
+        self._advance(live, logits.expand(len(live), -1), events)
 
     def _lp_entry(self, logp_row: torch.Tensor, t: int, top: int):
         """(token id, logprob, [(id, logprob) of the `top` most likely]) from a log-softmax row.
@@ -575,9 +598,13 @@ class Engine:
         marked = [i for i, p in enumerate(ps) if p.watermark is not None]
         if marked:  # each row's green list comes from its own context (prompt + reply so far)
             logits = logits.float().clone()
+            by_wm: dict[int, list[int]] = {}  # one scatter per watermark (the server's one key: one for the batch)
             for i in marked:
-                s, wm = seqs[i], ps[i].watermark
-                logits[i] = wm.apply(context_tail(s.req.prompt_ids, s.out, wm.cfg.context_width), logits[i])
+                by_wm.setdefault(id(ps[i].watermark), []).append(i)
+            for rows in by_wm.values():
+                wm = ps[rows[0]].watermark
+                wm.add_bias([context_tail(seqs[i].req.prompt_ids, seqs[i].out, wm.cfg.context_width) for i in rows],
+                            logits, rows)
         greedy = [i for i, p in enumerate(ps) if p.temperature == 0]
         if len(greedy) == len(seqs):
             return logits.argmax(-1).tolist()
@@ -628,7 +655,7 @@ class Engine:
         """Beam search's log-probabilities, each beam's logits watermarked from its own context."""
         if p.watermark is not None:
             w = p.watermark.cfg.context_width
-            logits = torch.stack([p.watermark.apply(context_tail(prompt_ids, q, w), row) for q, row in zip(seqs, logits)])
+            logits = p.watermark.add_bias([context_tail(prompt_ids, q, w) for q in seqs], logits.clone())
         return logits.log_softmax(-1)
 
     # --- the public API ---------------------------------------------------------------------------

@@ -413,6 +413,44 @@ def test_cancelling_a_request_frees_its_rows_and_the_others_continue():
     assert a.completions[0].token_ids == continuation(letters_rule, TOK.encode("a"), 30)
 
 
+def test_stopping_one_sample_frees_its_row_and_the_other_samples_continue():
+    engine = make_engine(max_batch=4)
+    p = SamplingParams(max_new_tokens=30, temperature=1.0, seed=4, num_return_sequences=3)
+    want = engine.generate(TOK.encode("abc"), p)
+    req = engine.add_request(TOK.encode("abc"), p)
+    other = engine.add_request(TOK.encode("xyz"), SamplingParams(max_new_tokens=30, temperature=0))
+    engine.step()
+    engine.step()
+    assert engine.num_active == 4
+    engine.stop_seq(req, 1, "content_filter")
+    assert engine.num_active == 3 and not req.finished  # only that sample's row was freed
+    engine.stop_seq(req, 1, "content_filter")  # twice is harmless
+    engine.run_until_done([req, other])
+    got = req.completions
+    assert got[1].finish_reason == "content_filter" and 0 < len(got[1].token_ids) < 30
+    assert got[1].token_ids == want[1].token_ids[:len(got[1].token_ids)]
+    # the other samples and the other request decode exactly as they would have, to the end
+    assert [c.token_ids for c in (got[0], got[2])] == [want[0].token_ids, want[2].token_ids]
+    assert other.completions[0].token_ids == continuation(letters_rule, TOK.encode("xyz"), 30)
+    assert engine.num_active == 0
+    # stopping every sample completes the request; a sample stopped while waiting never decodes
+    req = engine.add_request(TOK.encode("abc"), dataclasses.replace(p, num_return_sequences=2))
+    engine.step()
+    engine.stop_seq(req, 0)
+    engine.stop_seq(req, 1)
+    assert req.finished and engine.num_active == 0 and not engine.has_work()
+    engine = make_engine(max_batch=2)
+    busy = engine.add_request(TOK.encode("q"), SamplingParams(max_new_tokens=5, temperature=0, num_return_sequences=2))
+    waiting = engine.add_request(TOK.encode("abc"), p)
+    engine.step()
+    engine.stop_seq(waiting, 0, "content_filter")
+    engine.run_until_done([busy, waiting])
+    assert waiting.completions[0].token_ids == [] and waiting.completions[0].finish_reason == "content_filter"
+    assert [c.token_ids for c in waiting.completions[1:]] == [c.token_ids for c in want[1:]]
+    engine.stop_seq(waiting, 2)  # after the end: nothing happens
+    assert waiting.completions[2].finish_reason == "length"
+
+
 # --------------------------------------------------------------------------- streaming and UTF-8
 
 UTF8 = "héllo, 你好 😀 ok\n".encode()  # 1-, 2-, 3- and 4-byte characters

@@ -9,7 +9,8 @@ import pytest
 from chatsmith.checkpoint import load_model
 from chatsmith.data.moderation import build_moderation, read_fortunes
 from chatsmith.engine import Engine, SamplingParams
-from chatsmith.moderation import CATEGORIES, CRISIS_REPLY, OPENAI_CATEGORIES, REFUSAL, Moderator, load_moderator
+from chatsmith.errors import UserError
+from chatsmith.moderation import CATEGORIES, CRISIS_REPLY, OPENAI_CATEGORIES, REFUSAL, Moderator, calibrate, load_moderator
 from chatsmith.moderation.lexicon import Lexicon, words_of
 from chatsmith.chat import ChatSession
 from chatsmith.tokenizer import Tokenizer
@@ -74,25 +75,56 @@ def test_the_data_builder_splits_by_text_and_the_learned_layer_loads(tmp_path, c
         (fort / sub).mkdir(parents=True, exist_ok=True)
         (fort / sub / name).write_bytes("\n%\n".join(lines).encode("latin-1" if sub.startswith("off/es") else "utf-8"))
     assert read_fortunes(fort / "off/es/off/varios.fortunes")[3] == "chiste grosero número 3 con palabrotas"
-    meta = build_moderation(tmp_path / "out", corpus_dir, fortunes=fort)
+    dialogues = tmp_path / "dialogues.jsonl"
+    dialogues.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"How many apples are {i} and 3?"},
+                                                          {"role": "assistant", "content": f"{i} and 3 make {i + 3}."}]})
+                                 + "\n" for i in range(30)))
+    meta = build_moderation(tmp_path / "out", corpus_dir, fortunes=fort, dialogues=dialogues)
     rows = {s: [json.loads(x) for x in (tmp_path / "out/moderation" / f"{s}.jsonl").read_text().splitlines()]
-            for s in ("train", "test")}
-    assert {r["label"] for r in rows["train"]} == {"clean", "offensive"}
-    assert not {r["text"] for r in rows["train"]} & {r["text"] for r in rows["test"]}
+            for s in ("train", "dev", "test")}
+    assert {r["label"] for r in rows["train"]} == {r["label"] for r in rows["dev"]} == {"clean", "offensive"}
+    texts = {s: {r["text"] for r in rs} for s, rs in rows.items()}
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["dev"] and not texts["dev"] & texts["test"]
     off_test = sum(r["label"] == "offensive" for r in rows["test"])
     assert off_test == round(0.2 * 70) and meta["counts"]["test"]["fortunes-es-off"] + meta["counts"]["test"][
         "fortunes-it-off"] == off_test
-    again = build_moderation(tmp_path / "again", corpus_dir, fortunes=fort)
+    assert sum(r["label"] == "offensive" for r in rows["dev"]) == round(0.1 * 70)
+    # ordinary text reaches every split (picked apart from the split's rank, so not all into test)
+    for split in ("train", "dev", "test"):
+        assert meta["counts"][split].get("corpus", 0) > 0 and meta["counts"][split].get("dialogues", 0) > 0, split
+    again = build_moderation(tmp_path / "again", corpus_dir, fortunes=fort, dialogues=dialogues)
     assert again == meta and (tmp_path / "again/moderation/test.jsonl").read_text() == \
         (tmp_path / "out/moderation/test.jsonl").read_text()
     clf = tmp_path / "clf"
     assert cli("classify", "train", "--data", tmp_path / "out/moderation/train.jsonl", "--init", encoder_dir,
                "--out", clf, "--max-steps", 3, "--batch-size", 8, "--max-len", 24) == 0
     learned = load_moderator(str(clf))
+    ctx = learned.classifier.model.cfg.max_seq_len
+    assert learned.threshold == 0.5 and learned.classifier.max_len == min(128, ctx)  # not calibrated yet
     v = learned.check(["chiste grosero número 7", "shit"])
     assert 0.0 <= v[0].scores["offensive"] <= 1.0 and v[1].flagged  # the lexicon still answers beside it
     with pytest.raises(Exception, match="lexicon"):
         load_moderator(str(tmp_path / "nope"))
+    # the operating threshold: set on dev, stored beside the classifier, used by every loader
+    dev = tmp_path / "out/moderation/dev.jsonl"
+    assert cli("moderate", "--calibrate", dev, "--moderation", clf, "--target-fpr", 0.3, "--max-len", 16) == 0
+    cal = json.loads((clf / "moderation.json").read_text())
+    assert cal["max_len"] == 16 and cal["dev"]["fpr_ordinary"] <= 0.3 and cal["target_fpr"] == 0.3
+    learned = load_moderator(str(clf))
+    assert learned.threshold == cal["threshold"] and learned.classifier.max_len == 16
+    assert load_moderator(str(clf), threshold=0.9).threshold == 0.9  # an explicit threshold wins
+    dev_rows = rows["dev"]
+    p = learned.classifier.classify([r["text"] for r in dev_rows])[:, learned.offensive_index]
+    ordinary = [i for i, r in enumerate(dev_rows) if r["source"] in ("corpus", "dialogues")]
+    flagged = sum(bool(learned.lexicon.hits(dev_rows[i]["text"])) or float(p[i]) >= cal["threshold"] for i in ordinary)
+    assert flagged / len(ordinary) == pytest.approx(cal["dev"]["fpr_ordinary"])
+    # a tighter target never gives a lower threshold
+    tight = calibrate(learned, dev_rows, target_fpr=0.01)
+    assert tight["threshold"] >= cal["threshold"] and tight["dev"]["fpr_ordinary"] <= 0.01
+    assert cli("moderate", "--calibrate", dev, "--moderation", "lexicon") == 2
+    (clf / "moderation.json").write_text("{broken")
+    with pytest.raises(UserError, match="moderation.json"):
+        load_moderator(str(clf))
 
 
 def test_the_moderate_verb(capsys, tmp_path):

@@ -122,6 +122,57 @@ def test_flagged_replies_stop_with_content_filter(live, word_filter):
     assert reasons in (["content_filter"], ["length"], ["stop"]) and "world" not in body.split()
 
 
+@pytest.fixture()
+def slow_steps(live, monkeypatch):
+    """Each engine step of the live server takes 10 ms more, so a stop the event loop sends arrives
+    within a step or two rather than after the micro model has raced to the end of the reply."""
+    import time
+
+    engine = live[1].scheduler.engine
+    step = engine.step
+
+    def slow():
+        time.sleep(0.01)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow)
+
+
+def test_a_streamed_choice_cut_by_the_filter_stops_decoding_and_the_others_go_on(live, word_filter, slow_steps):
+    url, srv = live
+    c = client(url)
+    kw = dict(model="model", prompt="Once", max_tokens=60, temperature=1.0, n=2, stream=True,
+              stream_options={"include_usage": True})
+
+    def run(seed):
+        chunks = list(c.completions.create(seed=seed, **kw))
+        text, finish = ["", ""], [None, None]
+        for ch in chunks:
+            for x in ch.choices:
+                text[x.index] += x.text
+                finish[x.index] = x.finish_reason or finish[x.index]
+        return text, finish, chunks[-1].usage.completion_tokens
+
+    # a seed under which one choice says "world" early on and the other never does
+    saved, srv.moderation = srv.moderation, None
+    for seed in range(40):
+        full, _, full_tokens = run(seed)
+        hit = [" world" in t[:len(t) // 2] for t in full]
+        if hit.count(True) == 1 and not any(" world" in t for t, h in zip(full, hit) if not h):
+            break
+    else:
+        pytest.fail("no seed found whose two choices differ on 'world'")
+    srv.moderation = saved
+    cut, other = hit.index(True), hit.index(False)
+    stopped = srv.scheduler.samples_stopped
+    text, finish, tokens = run(seed)
+    assert finish[cut] == "content_filter" and "world" not in text[cut].split() and full[cut].startswith(text[cut])
+    assert text[other] == full[other] and finish[other] in ("length", "stop")  # undisturbed
+    # the cut choice's engine row was stopped there (not decoded to the end behind the client's back)
+    assert srv.scheduler.samples_stopped == stopped + 1
+    assert tokens < full_tokens
+
+
 def test_replies_are_watermarked_and_the_key_stays_on_the_server(live, base_model):
     url, srv = live
     r = httpx.post(url + "/v1/completions", headers=H, json={"model": "model", "prompt": "Once upon", "max_tokens": 50,

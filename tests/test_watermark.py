@@ -50,8 +50,34 @@ def test_biased_logits_equal_transformers(scheme, width):
         logits = torch.randn(V, generator=g)
         want = hf(ctx[None], logits[None].clone())[0]
         got = ours.apply(ctx.tolist(), logits)
-        assert torch.allclose(got, want)
+        assert torch.equal(got, want)  # bit for bit
         assert float((got - logits).max()) == pytest.approx(2.0, abs=1e-5)  # something was boosted, by delta
+
+
+@pytest.mark.parametrize("scheme,width", [("lefthash", 1), ("lefthash", 3), ("selfhash", 1), ("selfhash", 2)])
+def test_batched_bias_is_transformers_row_by_row(scheme, width):
+    """add_bias (one scatter for the batch, what the engine calls each step) gives every row exactly
+    what transformers' processor gives it alone; rows not named are left untouched."""
+    cfg = WatermarkConfig(key=4242, gamma=0.25, delta=2.0, context_width=width, scheme=scheme)
+    ours, hf = Watermark(cfg, V), hf_processor(cfg)
+    g = torch.Generator().manual_seed(2)
+    B = 7
+    ctx = torch.randint(0, V, (B, 5), generator=g)
+    logits = torch.randn(B, V + 24, generator=g)  # a padded model vocabulary: the padding is never boosted
+    rows = [0, 2, 3, 6]
+    got = ours.add_bias([ctx[r].tolist() for r in rows], logits.clone(), rows)
+    for r in range(B):
+        if r in rows and (scheme == "selfhash" or width == 1):  # transformers seeds left-hash from the last id
+            want = hf(ctx[r][None], logits[r, :V][None].clone())[0]
+            assert torch.equal(got[r, :V], want), r
+        if r in rows:
+            assert torch.equal(got[r], ours.apply(ctx[r].tolist(), logits[r]))
+            assert int((got[r] != logits[r]).sum()) > 0
+        else:
+            assert torch.equal(got[r], logits[r])
+        assert torch.equal(got[r, V:], logits[r, V:])
+    every = ours.add_bias([c.tolist() for c in ctx], logits.clone())  # all rows: the one-scatter path
+    assert all(torch.equal(every[r], ours.apply(ctx[r].tolist(), logits[r])) for r in range(B))
 
 
 @pytest.mark.parametrize("scheme,width,ignore", [("lefthash", 1, False), ("lefthash", 1, True),

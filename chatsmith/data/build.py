@@ -7,7 +7,7 @@
     chatsmith data build --what qa                  data/qa/{train,test}.json (SQuAD v2.0)
     chatsmith data build --what images              data/images/{fashion,emoji}/ (image-text pairs, CLIP)
     chatsmith data build --what translation         data/translation/{train,test}.jsonl (zh–en pairs)
-    chatsmith data build --what moderation          data/moderation/{train,test}.jsonl (offensive / clean)
+    chatsmith data build --what moderation          data/moderation/{train,dev,test}.jsonl (offensive / clean)
 
 `--what all` builds the corpus and the chat data; the encoder sets (sentiment, qa) are built
 only when asked for, since the corpus and chat stages never read them.
@@ -45,6 +45,8 @@ def add_arguments(p):
     p.add_argument("--sources-dir", default=default_sources_dir(),
                    help="where scripts/setup.sh put the raw source packages "
                         "($CHATSMITH_SOURCES; else ./.sources, else the checkout's)")
+    p.add_argument("--dialogues", default=None, help="--what moderation: dialogues whose messages are clean text too "
+                   "(default: OUT/chat/train.jsonl when it exists; 'none': no dialogues)")
     p.add_argument("--corpus", default=None, help="--what moderation: the built corpus whose train split gives "
                    "clean text (default: OUT/corpus)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of corpus documents held out for validation")
@@ -74,7 +76,10 @@ def main(a):
         print(f"sentiment sets (train/test: {sets}) written to {out / 'sentiment'}")
         return
     if a.what == "moderation":
-        meta = build_moderation(out, Path(a.corpus) if a.corpus else out / "corpus")
+        dialogues = out / "chat" / "train.jsonl" if a.dialogues is None else Path(a.dialogues)
+        if a.dialogues == "none" or (a.dialogues is None and not dialogues.is_file()):
+            dialogues = None
+        meta = build_moderation(out, Path(a.corpus) if a.corpus else out / "corpus", dialogues=dialogues)
         print(f"moderation set (train {sum(meta['counts']['train'].values())}, test "
               f"{sum(meta['counts']['test'].values())}: {meta['counts']['test']}) written to {out / 'moderation'}")
         return

@@ -1,19 +1,24 @@
 """`chatsmith data build --what moderation`: labelled text for the learned moderation classifier.
 
-    OUT/moderation/{train,test}.jsonl   {"text", "label": "offensive" | "clean", "source"}
-    OUT/moderation/meta.json            counts per source and split
+    OUT/moderation/{train,dev,test}.jsonl   {"text", "label": "offensive" | "clean", "source"}
+    OUT/moderation/meta.json                counts per source and split
 
 Offensive: Debian's fortunes-es-off and fortunes-it-off (the fortunes their maintainers judged
 offensive: crude, sexist, racist, obscene jokes), one fortune per record. Clean: fortunes-es and
 fortunes-it (the same authors' and genre's inoffensive fortunes, so the classifier learns
-offensiveness, not "is a Spanish joke"), plus English and Chinese paragraphs from the built-in
-corpus's *train* split (its val split stays unseen for the false-positive measurement). The one
-label the data supports is "offensive"; nothing here says hate, sexual or violence apart.
+offensiveness, not "is a Spanish joke"), plus ordinary text: English and Chinese paragraphs from
+the built-in corpus's *train* split and, when given, the messages of the built-in dialogues' train
+split (the corpus val split and the held-out dialogues stay unseen for the false-positive
+measurement). The one label the data supports is "offensive"; nothing here says hate, sexual or
+violence apart.
 
 Split: texts are cleaned (NFC, whitespace runs to one space), deduplicated on their case-folded
 form (a text under both labels is dropped), and within each label ranked by a keyed BLAKE2b hash
-of that form: the first 20% go to test. The split depends on the text alone, not on order or seed.
-Corpus paragraphs are capped at as many as the offensive fortunes, taken by the same hash rank.
+of that form: the first 20% go to test, the next 10% to dev (where `moderate --calibrate` sets the
+classifier's operating threshold; never on test). The split depends on the text alone, not on
+order or seed. Corpus paragraphs and dialogue messages are each capped at twice as many as the
+offensive fortunes, picked by a hash under another key: picked by the split's own rank they would
+be the lowest-ranked clean texts and all land in test, leaving none of them to train on.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ FORTUNES = Path("/usr/share/games/fortunes")
 OFFENSIVE_DIRS = ("off/es/off", "off/it")
 CLEAN_DIRS = ("es", "it")
 SPLIT_KEY = b"chatsmith-moderation-v1"  # changing it changes every split: don't
-TEST_FRACTION = 0.2
+TEST_FRACTION, DEV_FRACTION = 0.2, 0.1
+PICK_KEY = b"chatsmith-moderation-pick"  # which paragraphs / messages are used: independent of the split
+ORDINARY_PER_OFFENSIVE = 2
 LABELS = ("clean", "offensive")
 MIN_CHARS, MAX_CHARS = 12, 600
 
@@ -40,8 +47,24 @@ def clean(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
-def _rank(key: str) -> bytes:
-    return hashlib.blake2b(key.encode("utf-8"), digest_size=16, key=SPLIT_KEY).digest()
+def _rank(key: str, salt: bytes = SPLIT_KEY) -> bytes:
+    return hashlib.blake2b(key.encode("utf-8"), digest_size=16, key=salt).digest()
+
+
+def dialogue_messages(path: Path) -> list[str]:
+    """Every non-empty message of a dialogues JSONL ({"messages": [...]}) as one unit."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: build the dialogues first (chatsmith data build --what chat)")
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for i, line in enumerate(fh, 1):
+            try:
+                msgs = json.loads(line)["messages"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{i}: not a dialogue record ({{\"messages\": [...]}})") from None
+            out += [t for t in (clean(str(m.get("content") or "")) for m in msgs if isinstance(m, dict))
+                    if MIN_CHARS <= len(t) <= MAX_CHARS]
+    return out
 
 
 def read_fortunes(path: Path) -> list[str]:
@@ -78,7 +101,7 @@ def corpus_paragraphs(corpus_dir: Path, split: str = "train") -> list[str]:
     return out
 
 
-def build_moderation(out: Path, corpus_dir: Path, fortunes: Path = FORTUNES) -> dict:
+def build_moderation(out: Path, corpus_dir: Path, fortunes: Path = FORTUNES, dialogues: Path | None = None) -> dict:
     offensive = [(t, "offensive", f"fortunes-{sub.split('/')[1]}-off") for sub in OFFENSIVE_DIRS
                  for f in fortune_files(fortunes, sub) for t in read_fortunes(f)]
     if not offensive:
@@ -86,31 +109,36 @@ def build_moderation(out: Path, corpus_dir: Path, fortunes: Path = FORTUNES) -> 
                         f"(scripts/setup.sh)")
     clean_f = [(t, "clean", f"fortunes-{sub}") for sub in CLEAN_DIRS for f in fortune_files(fortunes, sub)
                for t in read_fortunes(f)]
-    paras = corpus_paragraphs(corpus_dir)
-    picked = sorted(paras, key=lambda p: _rank(p.casefold()))[:len(offensive)]
-    records = offensive + clean_f + [(p, "clean", "corpus") for p in picked]
+    cap = ORDINARY_PER_OFFENSIVE * len(offensive)
+    ordinary = [(p, "clean", "corpus") for p in sorted(set(corpus_paragraphs(corpus_dir)),
+                                                       key=lambda p: _rank(p.casefold(), PICK_KEY))[:cap]]
+    if dialogues is not None:
+        ordinary += [(m, "clean", "dialogues") for m in sorted(set(dialogue_messages(dialogues)),
+                                                                key=lambda m: _rank(m.casefold(), PICK_KEY))[:cap]]
+    records = offensive + clean_f + ordinary
     by_key: dict[str, list] = {}
     for text, label, source in records:
         if MIN_CHARS <= len(text) <= MAX_CHARS * 4:
             by_key.setdefault(text.casefold(), [text, set(), source])[1].add(label)
-    train, test = [], []
+    train, dev, test = [], [], []
     for label in LABELS:
         keys = sorted((k for k, v in by_key.items() if v[1] == {label}), key=_rank)
-        n_test = round(TEST_FRACTION * len(keys))
+        n_test, n_dev = round(TEST_FRACTION * len(keys)), round(DEV_FRACTION * len(keys))
         test += [(k, label) for k in keys[:n_test]]
-        train += [(k, label) for k in keys[n_test:]]
+        dev += [(k, label) for k in keys[n_test:n_test + n_dev]]
+        train += [(k, label) for k in keys[n_test + n_dev:]]
 
     def rows(items):
         return [{"text": by_key[k][0], "label": lab, "source": by_key[k][2]}
                 for k, lab in sorted(items, key=lambda kl: _rank(kl[0]))]
 
-    tr, te = rows(train), rows(test)
-    meta = {"labels": list(LABELS), "test_fraction": TEST_FRACTION, "split_key": SPLIT_KEY.decode(),
-            "conflicting_dropped": sum(len(v[1]) > 1 for v in by_key.values()),
+    splits = {"train": rows(train), "dev": rows(dev), "test": rows(test)}
+    meta = {"labels": list(LABELS), "test_fraction": TEST_FRACTION, "dev_fraction": DEV_FRACTION,
+            "split_key": SPLIT_KEY.decode(), "conflicting_dropped": sum(len(v[1]) > 1 for v in by_key.values()),
             "counts": {name: {s: sum(r["source"] == s for r in rs) for s in sorted({r["source"] for r in rs})}
-                       for name, rs in (("train", tr), ("test", te))}}
+                       for name, rs in splits.items()}}
     with atomic_dir(out / "moderation") as d:
-        write_jsonl(d / "train.jsonl", tr)
-        write_jsonl(d / "test.jsonl", te)
+        for name, rs in splits.items():
+            write_jsonl(d / f"{name}.jsonl", rs)
         write_json(d / "meta.json", meta)
     return meta

@@ -13,15 +13,24 @@ and the README says so. `flagged` is true when any category is.
 
 The learned layer is a sentence classifier trained with `chatsmith classify train` on
 `data build --what moderation` (labels clean / offensive); `load_moderator(MODEL_DIR)` uses it
-beside the lexicon, "lexicon" the lexicon alone.
+beside the lexicon, "lexicon" the lexicon alone. Its operating point is set on the data's *dev*
+split by `calibrate` (`chatsmith moderate --calibrate`): the threshold on P(offensive) that
+maximises dev F1 among those where lexicon-or-classifier flags at most the target share of the
+dev split's ordinary text (corpus paragraphs, dialogue messages). It is stored beside the
+classifier (MODEL_DIR/moderation.json, with the input length it was calibrated at), and every
+loader — `moderate`, `chat --moderation`, `serve --moderation DIR` — uses it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import torch
+
+from chatsmith.atomic import write_json
 from chatsmith.encoder_engine import EncoderEngine
 from chatsmith.errors import UserError
 from chatsmith.moderation.lexicon import CRISIS_REPLY, Lexicon, load_lexicon
@@ -30,6 +39,9 @@ OPENAI_CATEGORIES = ("harassment", "harassment/threatening", "hate", "hate/threa
                      "self-harm", "self-harm/instructions", "self-harm/intent", "sexual", "sexual/minors", "violence",
                      "violence/graphic")
 CATEGORIES = OPENAI_CATEGORIES + ("offensive",)
+CALIBRATION = "moderation.json"  # beside the classifier: its calibrated threshold and input length
+ORDINARY_SOURCES = ("corpus", "dialogues")  # the data builder's sources of ordinary (non-fortune) clean text
+DEFAULT_THRESHOLD, DEFAULT_MAX_LEN = 0.5, 128  # an uncalibrated classifier
 REFUSAL = ("I'm sorry, but I can't help with that: the message was flagged by this server's content filter. "
            "Could you rephrase it?")
 
@@ -89,15 +101,76 @@ class Moderator:
         return out
 
 
-def load_moderator(spec: str, device: str = "cpu", threshold: float = 0.5) -> Moderator:
-    """'lexicon', or a classifier directory (the lexicon and the classifier together)."""
+def read_calibration(model_dir: str | Path) -> dict | None:
+    """MODEL_DIR/moderation.json (None when the classifier was never calibrated)."""
+    f = Path(model_dir) / CALIBRATION
+    if not f.is_file():
+        return None
+    try:
+        cal = json.loads(f.read_text(encoding="utf-8"))
+        t, n = float(cal["threshold"]), int(cal["max_len"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{f}: not a moderation calibration ({e}); run chatsmith moderate --calibrate again") from None
+    if not 0 < t <= 1 or n < 2:
+        raise UserError(f"{f}: threshold {t} must be in (0, 1] and max_len {n} at least 2")
+    return cal
+
+
+def load_moderator(spec: str, device: str = "cpu", threshold: float | None = None,
+                   max_len: int | None = None) -> Moderator:
+    """'lexicon', or a classifier directory (the lexicon and the classifier together), at its
+    calibrated threshold and input length unless `threshold` / `max_len` say otherwise."""
     lex = load_lexicon(packaged_ambiguous())
+    if threshold is not None and not 0 < threshold <= 1:
+        raise UserError(f"the moderation threshold must be in (0, 1], got {threshold}")
     if spec == "lexicon":
-        return Moderator(lex, threshold=threshold)
+        return Moderator(lex, threshold=threshold or DEFAULT_THRESHOLD)
     if not Path(spec).is_dir():
         raise UserError(f"--moderation takes 'lexicon' or a classifier directory (chatsmith classify train on "
                         f"data build --what moderation); {spec!r} is neither")
-    return Moderator(lex, EncoderEngine.load(spec, device=device), threshold, name=Path(spec).resolve().name)
+    cal = read_calibration(spec) or {}
+    threshold = threshold if threshold is not None else cal.get("threshold", DEFAULT_THRESHOLD)
+    engine = EncoderEngine.load(spec, device=device, max_len=max_len or cal.get("max_len", DEFAULT_MAX_LEN))
+    return Moderator(lex, engine, float(threshold), name=Path(spec).resolve().name)
 
 
-__all__ = ["Moderator", "Verdict", "load_moderator", "CATEGORIES", "OPENAI_CATEGORIES", "REFUSAL", "CRISIS_REPLY"]
+def calibrate(mod: Moderator, records: list[dict], target_fpr: float = 0.01) -> dict:
+    """The operating threshold of mod's classifier on labelled dev records ({text, label, source}):
+    among thresholds t where the lexicon-or-(P(offensive) >= t) verdict flags at most target_fpr of
+    the ordinary clean texts (sources corpus / dialogues), the one with the best F1 on all records.
+    Returns the threshold and the dev metrics at it (nothing is written)."""
+    if mod.classifier is None:
+        raise UserError("calibration needs a classifier directory (--moderation MODEL_DIR), not the lexicon alone")
+    if not 0 < target_fpr < 1:
+        raise UserError(f"the target false-positive rate must be in (0, 1), got {target_fpr}")
+    texts = [r["text"] for r in records]
+    gold = torch.tensor([r["label"] == "offensive" for r in records])
+    ordinary = torch.tensor([r["label"] != "offensive" and r.get("source") in ORDINARY_SOURCES for r in records])
+    if not gold.any() or not ordinary.any():
+        raise UserError("the dev records need offensive texts and ordinary clean ones (sources corpus/dialogues): "
+                        "build them with chatsmith data build --what moderation")
+    probs = mod.classifier.classify(texts)[:, mod.offensive_index].float()
+    hit = torch.tensor([bool(mod.lexicon.hits(t)) for t in texts])
+    cands = torch.cat([probs.unique(), torch.ones(1)])  # t = 1.0: the classifier (almost) never decides alone
+    pred = hit[None] | (probs[None] >= cands[:, None])  # (thresholds, records)
+    fpr = (pred & ordinary).sum(1) / ordinary.sum()
+    tp, fp = (pred & gold).sum(1).float(), (pred & ~gold).sum(1).float()
+    prec, rec = tp / (tp + fp).clamp(min=1), tp / gold.sum()
+    f1 = 2 * prec * rec / (prec + rec).clamp(min=1e-9)
+    ok = fpr <= target_fpr
+    if not ok.any():
+        lex_fpr = float((hit & ordinary).sum() / ordinary.sum())
+        raise UserError(f"the lexicon alone flags {lex_fpr:.2%} of the dev split's ordinary text, and with the "
+                        f"classifier at any threshold more than the target {target_fpr:.2%}")
+    i = int(torch.where(ok, f1, torch.full_like(f1, -1.0)).argmax())
+    return {"threshold": float(cands[i]), "target_fpr": target_fpr, "max_len": mod.classifier.max_len,
+            "dev": {"records": len(records), "offensive": int(gold.sum()), "ordinary": int(ordinary.sum()),
+                    "fpr_ordinary": float(fpr[i]), "precision": float(prec[i]), "recall": float(rec[i]),
+                    "f1": float(f1[i]), "fpr_clean": float((pred[i] & ~gold).sum() / (~gold).sum())}}
+
+
+def save_calibration(model_dir: str | Path, cal: dict):
+    write_json(Path(model_dir) / CALIBRATION, cal)
+
+
+__all__ = ["Moderator", "Verdict", "load_moderator", "calibrate", "save_calibration", "read_calibration", "CATEGORIES", "OPENAI_CATEGORIES", "REFUSAL", "CRISIS_REPLY"]

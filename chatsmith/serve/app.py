@@ -44,7 +44,7 @@ from chatsmith.serve import protocol
 from chatsmith.serve.embeddings import Embedder
 from chatsmith.serve.moderations import Moderations
 from chatsmith.serve.protocol import APIError, Call, TokenText, error_body, get_field
-from chatsmith.serve.scheduler import Scheduler, admit, run_jobs
+from chatsmith.serve.scheduler import Samples, Scheduler, admit, run_jobs
 from chatsmith.serve.translation import TranslationWorker, Translator
 from chatsmith.seq2seq_engine import Seq2SeqEngine, is_seq2seq
 from chatsmith.tokenizer import Tokenizer
@@ -130,10 +130,11 @@ class Server:
     def admit(self, jobs: int):
         admit(self.scheduler, jobs, self.max_queue)
 
-    def run(self, jobs: list[tuple[list[int], SamplingParams]], request: Request | None = None):
+    def run(self, jobs: list[tuple[list[int], SamplingParams]], request: Request | None = None,
+            samples: Samples | None = None):
         for _, p in jobs:
             p.watermark = self.watermark
-        return run_jobs(self.scheduler, jobs, request.is_disconnected if request is not None else None)
+        return run_jobs(self.scheduler, jobs, request.is_disconnected if request is not None else None, samples)
 
 
 def server_of(request: Request) -> Server:
@@ -313,7 +314,8 @@ async def stream_events(srv: Server, call: Call, chunks: protocol.Chunks):
             yield c
         done: dict[int, list] = {}
         guard = srv.moderation.guard(call) if srv.moderation is not None else None
-        run = srv.run(call.jobs)
+        samples = Samples()
+        run = srv.run(call.jobs, samples=samples)
         try:
             async for j, kind, item in run:
                 if kind == "done":
@@ -322,6 +324,8 @@ async def stream_events(srv: Server, call: Call, chunks: protocol.Chunks):
                 for ev in item:
                     if guard is not None and (ev := await guard.check(j, ev)) is None:
                         continue
+                    if ev.finish_reason == "content_filter":  # a cut choice stops decoding; the others go on
+                        samples.stop(j, ev.index)
                     yield chunks.event(j, ev)
                 if guard is not None and guard.all_stopped:
                     break  # every choice ended or was filtered: closing `run` cancels what still decodes

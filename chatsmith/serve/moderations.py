@@ -15,8 +15,9 @@ message of a chat, every prompt of a completion). A flagged request is answered,
 finish_reason "content_filter", not by a 400: a chat client (the web page, the SDK) then shows
 the reply in the conversation like any other, and a person in crisis gets the help text instead
 of an error. The replies are checked as they stream: the event that would complete flagged text
-is withheld, and that choice ends with finish_reason "content_filter" (its generation is
-cancelled); a non-streamed reply is cut before the first flagged word the same way. The learned
+is withheld, and that choice ends with finish_reason "content_filter": its sample stops decoding
+and frees its batch row (`Samples.stop`), while the call's other choices go on; a non-streamed
+reply is cut before the first flagged word the same way. The learned
 layer, when there is one, runs on the request and, in a reply, on each further 200 characters and
 on the finished text; the lexicon runs on every streamed event.
 """

@@ -36,7 +36,7 @@ class Ticket:
 
 class Scheduler:
     """The thread that steps the engine. `steps` counts forward passes, `cancelled` the requests
-    cancelled before they finished (both read by tests)."""
+    cancelled before they finished, `samples_stopped` the single samples ended early (read by tests)."""
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop):
         self.engine, self.loop = engine, loop
@@ -45,6 +45,7 @@ class Scheduler:
         self.stopping = False
         self.steps = 0
         self.cancelled = 0
+        self.samples_stopped = 0
         self.tickets: dict[int, Ticket] = {}  # id(engine request) -> ticket; the thread's own
         self.thread = threading.Thread(target=self._run, name="chatsmith-scheduler", daemon=True)
         self.thread.start()
@@ -62,6 +63,10 @@ class Scheduler:
 
     def cancel(self, t: Ticket):
         self.inbox.put(("cancel", t))
+
+    def stop_sample(self, t: Ticket, index: int, reason: str):
+        """End one sample (choice) of a ticket's request; its other samples go on."""
+        self.inbox.put(("stop_sample", (t, index, reason)))
 
     def stop(self):
         self.stopping = True
@@ -110,6 +115,14 @@ class Scheduler:
                 self.engine.cancel(t.req)
                 self.tickets.pop(id(t.req), None)
                 self.cancelled += 1
+            elif kind == "stop_sample":
+                t, index, reason = t
+                if t.req is not None and not t.req.finished:
+                    self.engine.stop_seq(t.req, index, reason)
+                    self.samples_stopped += 1
+                    if t.req.finished:  # that was its last sample still decoding: no step will say so
+                        out.append((t, "done", t.req.completions))
+                        self.tickets.pop(id(t.req), None)
         return True
 
     def _step(self, out: list):
@@ -168,13 +181,28 @@ def admit(sched: Scheduler | None, jobs: int, max_queue: int):
                        type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
 
+class Samples:
+    """Handed to run_jobs: lets its caller end one sample of one job early (`stop`), e.g. a choice
+    the content filter cut, so that sample's batch row is freed while the others decode on."""
+
+    def __init__(self):
+        self.sched: Scheduler | None = None
+        self.tickets: list[Ticket] = []
+
+    def stop(self, job: int, index: int, reason: str = "content_filter"):
+        if self.sched is not None:
+            self.sched.stop_sample(self.tickets[job], index, reason)
+
+
 async def run_jobs(sched: Scheduler, jobs: list[tuple[list[int], SamplingParams]],
-                   disconnected: Callable[[], Awaitable[bool]] | None = None):
+                   disconnected: Callable[[], Awaitable[bool]] | None = None, samples: Samples | None = None):
     """Run several engine requests (the prompts of one API call) together. Async iterator of
     (job index, kind, item): kind 'events' (a list of engine Events) or 'done' (Completions).
     Leaving early (client gone, error) cancels whatever is still running. `disconnected` is asked
     about once a second: a non-streaming client that hung up is only noticed by asking."""
     tickets = [Ticket(ids, p, i) for i, (ids, p) in enumerate(jobs)]
+    if samples is not None:
+        samples.sched, samples.tickets = sched, tickets
     merged: asyncio.Queue = asyncio.Queue()
     for i, t in enumerate(tickets):
         t.queue = _Tagged(merged, i)
