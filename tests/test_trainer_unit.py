@@ -376,17 +376,42 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
 # --------------------------------------------------------------------------- Muon
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(tmp_path):
-    from chatsmith.train.optim import MuonAdamW
+    from chatsmith.train.optim import Fp32Muon, MuonAdamW
 
     tr = Trainer(micro_model(), ToyStage(4), config(tmp_path / "m", optimizer="muon"))
     opt = tr.optimizer
-    assert isinstance(opt, MuonAdamW) and isinstance(opt.parts[1], torch.optim.Muon)
+    assert isinstance(opt, MuonAdamW) and isinstance(opt.parts[1], Fp32Muon)  # on a CPU
     names = {id(p): n for n, p in tr.model.named_parameters()}
     muon = {names[id(p)] for g in opt.parts[1].param_groups for p in g["params"]}
     adamw = {names[id(p)] for g in opt.parts[0].param_groups for p in g["params"]}
     assert muon and all(".layers." in n and n.endswith("weight") and "norm" not in n for n in muon)
     assert "model.embed_tokens.weight" in adamw and any("norm" in n for n in adamw)
     assert not muon & adamw and len(muon | adamw) == len(list(tr.model.parameters()))
+
+
+def test_cpu_muon_is_torchs_muon_in_fp32():
+    """Fp32Muon (the CPU's Muon) takes the same steps as torch.optim.Muon, whose Newton-Schulz runs
+    in bf16: equal to bf16 rounding, on a tall and a wide matrix, over steps that use the momentum."""
+    from chatsmith.train.optim import Fp32Muon
+
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 40)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    start = [p.detach().clone() for p in ours]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    a, b = Fp32Muon(ours, **kw), torch.optim.Muon(ref, **kw)
+    for _ in range(3):
+        for p, q in zip(ours, ref):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step(), b.step()
+    for p, q, p0 in zip(ours, ref, start):
+        moved = (q - p0).norm()
+        assert moved > 0.1 and (p - q).norm() < 0.02 * moved, (moved, (p - q).norm())
+        assert torch.allclose(a.state[p]["momentum_buffer"], b.state[q]["momentum_buffer"])
+    # the checkpoint layout is torch's: a state dict of one loads into the other
+    b.load_state_dict(a.state_dict())
 
 
 class RepeatStage(ToyStage):
