@@ -109,18 +109,23 @@ def test_the_data_builder_splits_by_text_and_the_learned_layer_loads(tmp_path, c
     dev = tmp_path / "out/moderation/dev.jsonl"
     assert cli("moderate", "--calibrate", dev, "--moderation", clf, "--target-fpr", 0.3, "--max-len", 16) == 0
     cal = json.loads((clf / "moderation.json").read_text())
-    assert cal["max_len"] == 16 and cal["dev"]["fpr_ordinary"] <= 0.3 and cal["target_fpr"] == 0.3
+    assert cal["max_len"] == 16 and cal["dev"]["fpr_ordinary_added"] <= 0.3 and cal["target_fpr"] == 0.3
     learned = load_moderator(str(clf))
     assert learned.threshold == cal["threshold"] and learned.classifier.max_len == 16
     assert load_moderator(str(clf), threshold=0.9).threshold == 0.9  # an explicit threshold wins
     dev_rows = rows["dev"]
     p = learned.classifier.classify([r["text"] for r in dev_rows])[:, learned.offensive_index]
     ordinary = [i for i, r in enumerate(dev_rows) if r["source"] in ("corpus", "dialogues")]
-    flagged = sum(bool(learned.lexicon.hits(dev_rows[i]["text"])) or float(p[i]) >= cal["threshold"] for i in ordinary)
-    assert flagged / len(ordinary) == pytest.approx(cal["dev"]["fpr_ordinary"])
-    # a tighter target never gives a lower threshold
+    lex = [bool(learned.lexicon.hits(dev_rows[i]["text"])) for i in ordinary]
+    above = [float(p[i]) >= cal["threshold"] for i in ordinary]
+    assert sum(a or b for a, b in zip(lex, above)) / len(ordinary) == pytest.approx(cal["dev"]["fpr_ordinary"])
+    assert sum(b and not a for a, b in zip(lex, above)) / len(ordinary) == pytest.approx(cal["dev"]["fpr_ordinary_added"])
+    assert sum(lex) / len(ordinary) == pytest.approx(cal["dev"]["fpr_ordinary_lexicon"])
+    # a tighter target never gives a lower threshold; the lexicon's own false positives never make it fail
     tight = calibrate(learned, dev_rows, target_fpr=0.01)
-    assert tight["threshold"] >= cal["threshold"] and tight["dev"]["fpr_ordinary"] <= 0.01
+    assert tight["threshold"] >= cal["threshold"] and tight["dev"]["fpr_ordinary_added"] <= 0.01
+    noisy = dev_rows + [{"text": "shit happens", "label": "clean", "source": "corpus"}] * len(dev_rows)
+    assert calibrate(learned, noisy, target_fpr=0.01)["dev"]["fpr_ordinary_lexicon"] > 0.3
     assert cli("moderate", "--calibrate", dev, "--moderation", "lexicon") == 2
     (clf / "moderation.json").write_text("{broken")
     with pytest.raises(UserError, match="moderation.json"):

@@ -15,8 +15,11 @@ The learned layer is a sentence classifier trained with `chatsmith classify trai
 `data build --what moderation` (labels clean / offensive); `load_moderator(MODEL_DIR)` uses it
 beside the lexicon, "lexicon" the lexicon alone. Its operating point is set on the data's *dev*
 split by `calibrate` (`chatsmith moderate --calibrate`): the threshold on P(offensive) that
-maximises dev F1 among those where lexicon-or-classifier flags at most the target share of the
-dev split's ordinary text (corpus paragraphs, dialogue messages). It is stored beside the
+maximises dev F1 among those where the classifier adds at most the target share of the dev
+split's ordinary text (corpus paragraphs, dialogue messages) to what the lexicon already flags.
+The lexicon's own false positives are not the threshold's to trade: no threshold changes them
+(on the built-in dev split the lexicon alone flags 1.6% of ordinary text, so a budget on the sum
+had no solution at 1%), and calibration reports them beside the total. It is stored beside the
 classifier (MODEL_DIR/moderation.json, with the input length it was calibrated at), and every
 loader — `moderate`, `chat --moderation`, `serve --moderation DIR` — uses it.
 """
@@ -136,9 +139,11 @@ def load_moderator(spec: str, device: str = "cpu", threshold: float | None = Non
 
 def calibrate(mod: Moderator, records: list[dict], target_fpr: float = 0.01) -> dict:
     """The operating threshold of mod's classifier on labelled dev records ({text, label, source}):
-    among thresholds t where the lexicon-or-(P(offensive) >= t) verdict flags at most target_fpr of
-    the ordinary clean texts (sources corpus / dialogues), the one with the best F1 on all records.
-    Returns the threshold and the dev metrics at it (nothing is written)."""
+    among thresholds t where the classifier (P(offensive) >= t) flags at most target_fpr of the
+    ordinary clean texts (sources corpus / dialogues) that the lexicon lets through, the one with
+    the best F1 of the lexicon-or-classifier verdict on all records. t = 1.0 (the classifier adds
+    nothing) always qualifies, so there is always an answer. Returns the threshold and the dev
+    metrics at it, the lexicon's own false-positive rate among them (nothing is written)."""
     if mod.classifier is None:
         raise UserError("calibration needs a classifier directory (--moderation MODEL_DIR), not the lexicon alone")
     if not 0 < target_fpr < 1:
@@ -151,21 +156,22 @@ def calibrate(mod: Moderator, records: list[dict], target_fpr: float = 0.01) -> 
                         "build them with chatsmith data build --what moderation")
     probs = mod.classifier.classify(texts)[:, mod.offensive_index].float()
     hit = torch.tensor([bool(mod.lexicon.hits(t)) for t in texts])
-    cands = torch.cat([probs.unique(), torch.ones(1)])  # t = 1.0: the classifier (almost) never decides alone
-    pred = hit[None] | (probs[None] >= cands[:, None])  # (thresholds, records)
-    fpr = (pred & ordinary).sum(1) / ordinary.sum()
+    cands = torch.cat([probs.unique(), torch.ones(1) + 1e-6])  # the last: the classifier never decides alone
+    learned = probs[None] >= cands[:, None]  # (thresholds, records)
+    pred = hit[None] | learned
+    n_ord = ordinary.sum()
+    added = (learned & ~hit & ordinary).sum(1) / n_ord  # what the threshold is responsible for
+    fpr = (pred & ordinary).sum(1) / n_ord
     tp, fp = (pred & gold).sum(1).float(), (pred & ~gold).sum(1).float()
     prec, rec = tp / (tp + fp).clamp(min=1), tp / gold.sum()
     f1 = 2 * prec * rec / (prec + rec).clamp(min=1e-9)
-    ok = fpr <= target_fpr
-    if not ok.any():
-        lex_fpr = float((hit & ordinary).sum() / ordinary.sum())
-        raise UserError(f"the lexicon alone flags {lex_fpr:.2%} of the dev split's ordinary text, and with the "
-                        f"classifier at any threshold more than the target {target_fpr:.2%}")
+    ok = added <= target_fpr
     i = int(torch.where(ok, f1, torch.full_like(f1, -1.0)).argmax())
-    return {"threshold": float(cands[i]), "target_fpr": target_fpr, "max_len": mod.classifier.max_len,
-            "dev": {"records": len(records), "offensive": int(gold.sum()), "ordinary": int(ordinary.sum()),
-                    "fpr_ordinary": float(fpr[i]), "precision": float(prec[i]), "recall": float(rec[i]),
+    return {"threshold": min(float(cands[i]), 1.0), "target_fpr": target_fpr, "max_len": mod.classifier.max_len,
+            "dev": {"records": len(records), "offensive": int(gold.sum()), "ordinary": int(n_ord),
+                    "fpr_ordinary": float(fpr[i]), "fpr_ordinary_added": float(added[i]),
+                    "fpr_ordinary_lexicon": float((hit & ordinary).sum() / n_ord),
+                    "precision": float(prec[i]), "recall": float(rec[i]),
                     "f1": float(f1[i]), "fpr_clean": float((pred[i] & ~gold).sum() / (~gold).sum())}}
 
 

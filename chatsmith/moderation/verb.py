@@ -40,7 +40,8 @@ def add_arguments(p):
                    help="set the classifier's threshold on this dev split (data build --what moderation's dev.jsonl), "
                         "store it in MODEL_DIR/moderation.json, and stop")
     p.add_argument("--target-fpr", type=float, default=0.01,
-                   help="--calibrate: the most of the dev split's ordinary text the moderator may flag")
+                   help="--calibrate: the most of the dev split's ordinary text the classifier may flag "
+                        "beyond what the lexicon already flags")
     p.add_argument("--max-len", type=int, default=None, help="classifier input tokens (default: the calibrated "
                    "length; --calibrate: 128, classify train's default: give the --max-len it was trained at)")
     p.add_argument("--json", action="store_true", help="print OpenAI-shaped result objects, one per line")
@@ -104,8 +105,9 @@ def run_calibration(a):
     d = cal["dev"]
     print(f"threshold {cal['threshold']:.4f} (max_len {cal['max_len']}) written to {Path(a.moderation) / 'moderation.json'}")
     print(f"dev: {d['records']} records, {d['offensive']} offensive; at it: precision {d['precision']:.3f} recall "
-          f"{d['recall']:.3f} F1 {d['f1']:.3f}; flags {d['fpr_ordinary']:.2%} of {d['ordinary']} ordinary texts "
-          f"(target {a.target_fpr:.2%}), {d['fpr_clean']:.2%} of all clean ones")
+          f"{d['recall']:.3f} F1 {d['f1']:.3f}; flags {d['fpr_ordinary']:.2%} of {d['ordinary']} ordinary texts: "
+          f"the lexicon {d['fpr_ordinary_lexicon']:.2%}, the classifier {d['fpr_ordinary_added']:.2%} more "
+          f"(target {a.target_fpr:.2%}); {d['fpr_clean']:.2%} of all clean ones")
 
 
 VERB = Verb("moderate", "check texts for offensive content and crisis language", add_arguments, main)
