@@ -21,13 +21,13 @@ async function once() {
   const out = [], stamps = [];
   let cpu1 = null;
   const t0 = performance.now();
-  // temperature 0: argmax; no repetition penalty (the option is off unless given). Should the
-  // generator end early (an end-of-generation token), go on from the last token, as the Python
-  // rows do: exactly n tokens everywhere
+  // temperature 0: argmax; no repetition penalty (the option is off unless given). An
+  // end-of-generation token is yielded like any other (yieldEogToken) and decoding goes on after
+  // it, as the Python rows do: exactly n tokens everywhere
   let input = prompt;
   while (out.length < n) {
     const before = out.length;
-    for await (const tok of seq.evaluate(input, {temperature: 0})) {
+    for await (const tok of seq.evaluate(input, {temperature: 0, yieldEogToken: true})) {
       out.push(Number(tok));
       stamps.push(performance.now());
       if (out.length === 1) cpu1 = process.cpuUsage();
