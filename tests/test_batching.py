@@ -48,6 +48,27 @@ def test_decode_step_matches_full_forward(arch, kw, fast):
         assert cache.lens[:3].tolist() == [9, 21, 6]
 
 
+@pytest.mark.parametrize("n_kv_head", [2, 4])
+def test_single_row_fast_decode_matches_full_forward(n_kv_head):
+    """One row takes the fast path's unmasked branch (slice writes, no attention mask): same
+    logits as a full forward, with a longer previous occupant's keys left in the slot beyond it."""
+    torch.manual_seed(1)
+    m = GPT(preset("micro", vocab_size=97, n_kv_head=n_kv_head)).eval()
+    fused = m.fuse_decode_weights()
+    prompt, cont = torch.randint(0, 97, (6,)).tolist(), torch.randint(0, 97, (5,)).tolist()
+    cache = m.new_slot_cache(2, 64)
+    with torch.no_grad():
+        for t in (*cache.k, *cache.v):
+            t.fill_(1e4)  # stale keys and values everywhere past what the row writes
+        m(torch.tensor([prompt]), cache=cache.row_view(0))
+        cache.lens[0] = len(prompt)
+        for t in range(5):
+            logits = m.decode_step(torch.tensor([cont[t]]), cache, fused=fused)
+            ref = m(torch.tensor([prompt + cont[:t + 1]]))[0, -1]
+            torch.testing.assert_close(logits[0], ref, atol=1e-5, rtol=1e-5)
+    assert int(cache.lens[0]) == 11
+
+
 def test_batched_greedy_equals_one_at_a_time(engine):
     ps = prompts(engine)
     p = SamplingParams(max_new_tokens=24, temperature=0)
