@@ -84,6 +84,7 @@ TRAIN = {
     "rl": dict(lr=2e-4, warmup_steps=2, eval_every=10**6, save_every=5, log_every=1),
     "dpo": dict(batch_size=4, lr=5e-4, warmup_steps=3, seq_len=384, eval_every=10**6, save_every=25, log_every=5),
 }
+SFT_RECORDS, PAIR_RECORDS, RL_RECORDS = 2500, 1500, 1000  # samples of the built-in data per stage
 DPO_PROMPTS = 64  # on-policy pairs: 2 samples of the RL model to each, the better by the reward model chosen
 
 
@@ -247,13 +248,21 @@ def prepare(a, run_dir: Path) -> dict:
     train = [json.loads(x) for x in open(chat / "train.jsonl", encoding="utf-8")]
     held = [json.loads(x) for x in open(chat / "heldout.jsonl", encoding="utf-8")]
     check_template(tok, a.from_model, train + identity_dialogues(a.name))
-    # the built-in identity family says "chatsmith, trained from scratch": replaced by --name's
-    if not (data / "sft_train.jsonl").exists():
-        atomic.write_jsonl(data / "sft_train.jsonl", [r for r in train if r.get("family") != "identity"])
+    # Each stage gets a seeded sample of what it can use in minutes: the stages encode all of their
+    # data up front, and an imported model's Jinja template renders about 100 conversations a second
+    # here, so the full 16k dialogues and 16k pairs would cost minutes per stage before the first step.
+    # The built-in identity family says "chatsmith, trained from scratch": replaced by --name's.
+    if not (data / "rl_prompts.jsonl").exists():
+        rng = random.Random(0)
+        pool = [r for r in train if r.get("family") != "identity"]
+        atomic.write_jsonl(data / "sft_train.jsonl", rng.sample(pool, min(SFT_RECORDS, len(pool))))
         atomic.write_jsonl(data / "identity.jsonl", identity_dialogues(a.name))
+        pairs = [json.loads(x) for x in open(chat / "pairs_train.jsonl", encoding="utf-8")]
+        atomic.write_jsonl(data / "pairs_train.jsonl", rng.sample(pairs, min(PAIR_RECORDS, len(pairs))))
         pairs = [json.loads(x) for x in open(chat / "pairs_heldout.jsonl", encoding="utf-8")]
-        random.Random(0).shuffle(pairs)
-        atomic.write_jsonl(data / "pairs_heldout_200.jsonl", pairs[:200])
+        atomic.write_jsonl(data / "pairs_heldout_200.jsonl", rng.sample(pairs, min(200, len(pairs))))
+        tasks = [r for r in train if r.get("family") in TASK_FAMILIES]
+        atomic.write_jsonl(data / "rl_prompts.jsonl", rng.sample(tasks, min(RL_RECORDS, len(tasks))))
     suite_f = data / "eval_suite.json"
     if not suite_f.exists():
         atomic.write_json(suite_f, eval_suite(held, a.eval_items, a.name))
@@ -442,9 +451,9 @@ def run(a) -> dict:
     t = time.time()
     ran = not done(sft_dir)
     if ran:
-        # the identity dialogues repeated so they are about 3% of what SFT samples
+        # the identity dialogues repeated so they are about 5% of what SFT samples
         n_train = sum(1 for _ in open(data / "sft_train.jsonl", encoding="utf-8"))
-        n_id = max(1, round(0.03 * n_train / len(IDENTITY_TRAIN)))
+        n_id = max(1, round(0.05 * n_train / len(IDENTITY_TRAIN)))
         files = [str(data / "sft_train.jsonl"), f"{data / 'identity.jsonl'}:{n_id}", *(a.data or [])]
         cfg = train_config(sft.DEFAULTS, out=str(sft_dir), resume=resume(sft_dir), **train["sft"],
                            **budget("sft"), **common)
@@ -460,11 +469,11 @@ def run(a) -> dict:
     if ran:
         cfg = train_config(reward.DEFAULTS, out=str(rm_dir), resume=resume(rm_dir), **train["reward"],
                            **budget("reward"), **common)
-        reward.run(cfg, [str(chat / "pairs_train.jsonl")], str(sft_dir),
+        reward.run(cfg, [str(data / "pairs_train.jsonl")], str(sft_dir),
                    heldout=[str(data / "pairs_heldout_200.jsonl")], skip_bad=True)
     rev = json.loads((rm_dir / "reward_eval.json").read_text()) if (rm_dir / "reward_eval.json").exists() else {}
     record("reward", rm_dir, t, ran, {"heldout_accuracy": (rev.get("reward") or {}).get("heldout_accuracy"),
-                                 "heldout_accuracy_untrained": (rev.get("base") or {}).get("heldout_accuracy")})
+                                 "heldout_accuracy_untrained": (rev.get("untrained_head") or {}).get("heldout_accuracy")})
     spent += time.time() - t - REWARD_EVAL_S
 
     banner(f"6/{n} reinforcement learning (GRPO, exact-match reward, LoRA)")
@@ -474,7 +483,7 @@ def run(a) -> dict:
     if ran:
         cfg = train_config(rlhf.DEFAULTS, out=str(rl_dir), resume=resume(rl_dir), **train["rl"], **budget("rl"),
                            **common)
-        rlhf.run(cfg, rlhf.RLConfig(**RL_CONFIG), [str(chat / "train.jsonl")], str(sft_dir), ["exact"])
+        rlhf.run(cfg, rlhf.RLConfig(**RL_CONFIG), [str(data / "rl_prompts.jsonl")], str(sft_dir), ["exact"])
     record("rl", rl_dir, t, ran)
     spent += time.time() - t
     evaluate("rl", rl_dir)
