@@ -835,7 +835,7 @@ def chain_md(speedrun: dict | None) -> list[str]:
     acc = (rev.get("reward") or {}).get("heldout_accuracy") if isinstance(rev, dict) else None
     if _is_num(acc):
         out += [f"Reward model: held-out pairwise accuracy {acc:.1%} (untrained head "
-                f"{fmt((rev.get('base') or {}).get('heldout_accuracy'))}).", ""]
+                f"{fmt((rev.get('untrained_head') or {}).get('heldout_accuracy'))}).", ""]
     return out
 
 

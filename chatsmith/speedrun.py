@@ -409,7 +409,7 @@ def add_arguments(p):
                    "`sft --data` reads them (FILE:WEIGHT too)")
     g.add_argument("--steps", metavar="SPEC", help="with --from: fixed work instead of --minutes, e.g. "
                    "sft=40,reward=30,rl=10,dpo=20 (optimizer steps per stage)")
-    g.add_argument("--eval-items", type=int, default=100, help="with --from: held-out items per task family (and "
+    g.add_argument("--eval-items", type=int, default=50, help="with --from: held-out items per task family (and "
                    "facts per fact family) in every stage's evaluation")
     g.add_argument("--eval-quantize", default="none", choices=["none", "int8"],
                    help="with --from: decode weights of the evaluations' greedy generations")

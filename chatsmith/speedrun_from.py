@@ -64,10 +64,11 @@ IMPORT_S = 30  # the GGUF import (~20 s)
 DATA_S = 30  # the built-in dialogues and pairs (~20 s)
 EVAL_ITEM_S = 0.25  # one held-out generation (48 tokens, batched) or four option scorings
 EVAL_BASE_S = 25  # per evaluation: loading, identity, judge and sample prompts, KL
-REWARD_EVAL_S = 40  # the reward model on 200 held-out pairs, before and after
+REWARD_EVAL_S = 120  # the reward model on 100 held-out pairs, before and after (~400 scored sequences)
 RESERVE_S = 20  # the judge's scoring and the report
 MIN_STAGE_S = 60  # a training stage shorter than this does not get a single useful update
 JUDGE_PROMPTS = 48
+TASK_TOKENS = {"arithmetic": 48, "word_problem": 48, "number_sense": 24}
 KL_PROMPTS = 16
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?",
                 "Give me a tip for learning a new language.", "请写一首唐诗《静夜思》"]
@@ -248,9 +249,9 @@ def prepare(a, run_dir: Path) -> dict:
     train = [json.loads(x) for x in open(chat / "train.jsonl", encoding="utf-8")]
     held = [json.loads(x) for x in open(chat / "heldout.jsonl", encoding="utf-8")]
     check_template(tok, a.from_model, train + identity_dialogues(a.name))
-    # Each stage gets a seeded sample of what it can use in minutes: the stages encode all of their
-    # data up front, and an imported model's Jinja template renders about 100 conversations a second
-    # here, so the full 16k dialogues and 16k pairs would cost minutes per stage before the first step.
+    # Each stage gets a seeded sample of about what it can use in its minutes (a 135M model on 2
+    # cores takes a few hundred SFT steps of 8 at most): the stages encode all of their data up
+    # front, and the whole 16k dialogues and 16k pairs would be encoded for nothing.
     # The built-in identity family says "chatsmith, trained from scratch": replaced by --name's.
     if not (data / "rl_prompts.jsonl").exists():
         rng = random.Random(0)
@@ -260,7 +261,7 @@ def prepare(a, run_dir: Path) -> dict:
         pairs = [json.loads(x) for x in open(chat / "pairs_train.jsonl", encoding="utf-8")]
         atomic.write_jsonl(data / "pairs_train.jsonl", rng.sample(pairs, min(PAIR_RECORDS, len(pairs))))
         pairs = [json.loads(x) for x in open(chat / "pairs_heldout.jsonl", encoding="utf-8")]
-        atomic.write_jsonl(data / "pairs_heldout_200.jsonl", rng.sample(pairs, min(200, len(pairs))))
+        atomic.write_jsonl(data / "pairs_heldout_100.jsonl", rng.sample(pairs, min(100, len(pairs))))
         tasks = [r for r in train if r.get("family") in TASK_FAMILIES]
         atomic.write_jsonl(data / "rl_prompts.jsonl", rng.sample(tasks, min(RL_RECORDS, len(tasks))))
     suite_f = data / "eval_suite.json"
@@ -316,8 +317,13 @@ def evaluate_stage(model_dir: Path, suite: dict, base_dir: Path, known: list[boo
     model, tok = load_model(model_dir), Tokenizer.load(model_dir)
     engine = Engine(model, tok, quantize=quantize)
     res: dict = {"model": str(model_dir), "quantize": quantize or "none"}
-    tasks = suite["tasks"]
-    _, outs = _replies(engine, tok, [t["messages"] for t in tasks], 64)
+    # per family a reply budget just above the longest built-in worked answer (41-44 tokens for
+    # arithmetic and word problems, 20 for number sense, SmolLM2's tokenizer): a reply still going
+    # past it would be wrong anyway, and a verbose imported model otherwise decodes to the limit
+    tasks = sorted(suite["tasks"], key=lambda t: TASK_FAMILIES.index(t["family"]))
+    outs = []
+    for fam in TASK_FAMILIES:
+        outs += _replies(engine, tok, [t["messages"] for t in tasks if t["family"] == fam], TASK_TOKENS[fam])[1]
     per: dict[str, list[bool]] = {}
     for t, o in zip(tasks, outs):
         per.setdefault(t["family"], []).append(check_answer(t["family"], o.text, t["answers"]))
@@ -331,15 +337,21 @@ def evaluate_stage(model_dir: Path, suite: dict, base_dir: Path, known: list[boo
 
     t = time.time()
     facts = [fact_from_dict(d) for d in suite["facts"]]
-    correct = facts_correct(model, tok, facts)
-    res["facts_correct"] = correct
-    res["facts"] = {fam: [sum(c for f, c in zip(facts, correct) if f.family == fam),
-                          sum(f.family == fam for f in facts)] for fam in sorted({f.family for f in facts})}
-    if known is not None:
+    if known is None:  # the imported model: every fact, to find the ones it knows
+        correct = facts_correct(model, tok, facts)
+        res["facts_correct"] = correct
+        res["facts"] = {fam: [sum(c for f, c in zip(facts, correct) if f.family == fam),
+                              sum(f.family == fam for f in facts)] for fam in sorted({f.family for f in facts})}
+    else:  # a later stage: only the known facts are re-asked (what retention needs; 2-3x fewer)
+        idx = [i for i, k in enumerate(known) if k]
+        kept = facts_correct(model, tok, [facts[i] for i in idx])
+        correct = [False] * len(facts)
+        for i, c in zip(idx, kept):
+            correct[i] = c
         res["retention"] = retention(known, correct)
         res["retention_by_family"] = {fam: retention([k for f, k in zip(facts, known) if f.family == fam],
                                                      [c for f, c in zip(facts, correct) if f.family == fam])
-                                      for fam in res["facts"]}
+                                      for fam in sorted({f.family for f in facts})}
     t_facts = time.time() - t
 
     t = time.time()
@@ -352,7 +364,7 @@ def evaluate_stage(model_dir: Path, suite: dict, base_dir: Path, known: list[boo
     res["identity_samples"] = [{"prompt": q, "reply": o.text} for q, o in zip(suite["identity"][:3], outs)]
     _, outs = _replies(engine, tok, suite["judge"], 48)
     res["judge_replies"] = [o.text for o in outs]
-    _, outs = _replies(engine, tok, [[{"role": "user", "content": q}] for q in suite["chat"]], 80)
+    _, outs = _replies(engine, tok, [[{"role": "user", "content": q}] for q in suite["chat"]], 64)
     res["conversation"] = [{"user": q, "assistant": o.text} for q, o in zip(suite["chat"], outs)]
     gen_tokens += sum(len(o.token_ids) for o in outs)
     if Path(model_dir).resolve() == Path(base_dir).resolve():
@@ -366,8 +378,9 @@ def evaluate_stage(model_dir: Path, suite: dict, base_dir: Path, known: list[boo
     res["generated_tokens_tasks_chat"] = gen_tokens
     em = ", ".join(f"{f} {v:.0%}" for f, v in res["exact_match"].items())
     ret = res.get("retention") or {}
-    print(f"eval {Path(model_dir).name}: exact match {em}; facts known {sum(correct)}/{len(correct)}"
-          + (f", retention {ret['retention']:.0%} of {ret['known_before']}" if ret.get("retention") is not None else "")
+    print(f"eval {Path(model_dir).name}: exact match {em}; "
+          + (f"facts known {sum(correct)}/{len(correct)}" if known is None else "")
+          + (f"retention {ret['retention']:.0%} of {ret['known_before']}" if ret.get("retention") is not None else "")
           + f"; identity {res['identity']:.0%}; KL to imported {res['kl_to_imported']:.2f}; {res['seconds']} s",
           file=sys.stderr)
     return res
@@ -470,7 +483,7 @@ def run(a) -> dict:
         cfg = train_config(reward.DEFAULTS, out=str(rm_dir), resume=resume(rm_dir), **train["reward"],
                            **budget("reward"), **common)
         reward.run(cfg, [str(data / "pairs_train.jsonl")], str(sft_dir),
-                   heldout=[str(data / "pairs_heldout_200.jsonl")], skip_bad=True)
+                   heldout=[str(data / "pairs_heldout_100.jsonl")], skip_bad=True)
     rev = json.loads((rm_dir / "reward_eval.json").read_text()) if (rm_dir / "reward_eval.json").exists() else {}
     record("reward", rm_dir, t, ran, {"heldout_accuracy": (rev.get("reward") or {}).get("heldout_accuracy"),
                                  "heldout_accuracy_untrained": (rev.get("untrained_head") or {}).get("heldout_accuracy")})
@@ -548,7 +561,8 @@ def chain_table(evals: dict, stages: dict, judge: dict) -> list[dict]:
         ret = e.get("retention") or {}
         rows.append({"stage": s, "exact_match": e["exact_match"], "exact_match_ci95": e["exact_match_ci95"],
                      "exact_match_counts": e["exact_match_counts"],
-                     "facts_known": [sum(e["facts_correct"]), len(e["facts_correct"])],
+                     "facts_known": ([sum(e["facts_correct"]), len(e["facts_correct"])] if "facts_correct" in e
+                                     else None),
                      "retention": ret.get("retention"), "retention_counts": [ret.get("kept"), ret.get("known_before")],
                      "identity": e["identity"], "identity_counts": e["identity_counts"],
                      "judge_vs_previous": (judge.get(prev[s]) or {}).get("win_rate") if s in prev else None,
