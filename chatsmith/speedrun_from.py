@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ DATA_S = 30  # the built-in dialogues and pairs (~20 s)
 EVAL_ITEM_S = 0.25  # one held-out generation (48 tokens, batched) or four option scorings
 EVAL_BASE_S = 25  # per evaluation: loading, identity, judge and sample prompts, KL
 REWARD_EVAL_S = 120  # the reward model on 100 held-out pairs, before and after (~400 scored sequences)
-RESERVE_S = 20  # the judge's scoring and the report
+RESERVE_S = 60  # the judge's scoring (4 x 48 replies by the reward model) and the report
 MIN_STAGE_S = 60  # a training stage shorter than this does not get a single useful update
 JUDGE_PROMPTS = 48
 TASK_TOKENS = {"arithmetic": 48, "word_problem": 48, "number_sense": 24}
@@ -308,6 +309,11 @@ def kl_to(model, ref, tok, engine, convs: list[list[dict]], seed: int = 0) -> fl
     return float(((lp - lr) * b["mask"]).sum(1).mean())
 
 
+def names_itself(reply: str, name: str) -> bool:
+    """Whether the reply says the name as a word of its own ("Smith", not "chatsmith" or "blacksmith")."""
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", reply, flags=re.IGNORECASE | re.ASCII) is not None
+
+
 def evaluate_stage(model_dir: Path, suite: dict, base_dir: Path, known: list[bool] | None,
                    quantize: str | None = None) -> dict:
     """One stage's row: exact match per task family (Wilson 95%), facts (and retention of those the
@@ -355,9 +361,8 @@ def evaluate_stage(model_dir: Path, suite: dict, base_dir: Path, known: list[boo
     t_facts = time.time() - t
 
     t = time.time()
-    name = suite["name"].lower()
     _, outs = _replies(engine, tok, [[{"role": "user", "content": q}] for q in suite["identity"]], 40)
-    hits = [name in o.text.lower() for o in outs]
+    hits = [names_itself(o.text, suite["name"]) for o in outs]
     res["identity"] = sum(hits) / len(hits)
     res["identity_counts"] = [sum(hits), len(hits)]
     res["identity_ci95"] = list(wilson(sum(hits), len(hits)))
@@ -386,11 +391,13 @@ def evaluate_stage(model_dir: Path, suite: dict, base_dir: Path, known: list[boo
     return res
 
 
-def judge_pair(rm, suite: dict, new: dict, old: dict) -> dict:
-    """The reward model's verdict on two stages' greedy replies to the same held-out prompts."""
-    convs = suite["judge"]
-    a = rm.score([c + [{"role": "assistant", "content": r}] for c, r in zip(convs, new["judge_replies"])])
-    b = rm.score([c + [{"role": "assistant", "content": r}] for c, r in zip(convs, old["judge_replies"])])
+def judge_scores(rm, suite: dict, ev: dict) -> list[float]:
+    """The reward model's score of one stage's greedy reply to each judge prompt."""
+    return rm.score([c + [{"role": "assistant", "content": r}] for c, r in zip(suite["judge"], ev["judge_replies"])])
+
+
+def judge_pair(a: list[float], b: list[float]) -> dict:
+    """Two stages' replies to the same held-out prompts, as scored by the reward model: a's win rate."""
     wins = sum(x > y for x, y in zip(a, b))
     ties = sum(x == y for x, y in zip(a, b))
     n = len(a)
@@ -526,9 +533,10 @@ def run(a) -> dict:
     from chatsmith.reward_model import load_reward_model
 
     rm = load_reward_model(rm_dir)
+    scores = {s: judge_scores(rm, suite, evals[s]) for s in ("base", "sft", "rl", "dpo")}
     judge = {}
     for new, old in (("sft", "base"), ("rl", "sft"), ("dpo", "rl"), ("dpo", "sft")):
-        judge[f"{new}_vs_{old}"] = judge_pair(rm, suite, evals[new], evals[old])
+        judge[f"{new}_vs_{old}"] = judge_pair(scores[new], scores[old])
         j = judge[f"{new}_vs_{old}"]
         print(f"{new} vs {old}: preferred on {j['win_rate']:.0%} of {j['prompts']} held-out prompts "
               f"({j['wins']} wins, {j['ties']} ties, {j['losses']} losses)", file=sys.stderr)

@@ -229,3 +229,11 @@ def test_chain_on_a_tiny_pretrained_model_with_lora(tmp_path, capsys):
     assert "retention" in report.lower()
     # a finished run resumed does no work again
     assert cli(*args, "--resume") == 0
+
+
+def test_identity_needs_the_name_as_a_word_of_its_own():
+    assert F.names_itself("I am Smith, built with chatsmith.", "Smith")
+    assert F.names_itself("我是Smith，一个助手", "Smith")
+    assert not F.names_itself("I was built with chatsmith.", "Smith")
+    assert not F.names_itself("I am a blacksmith.", "Smith")
+    assert F.names_itself("call me a.b (ok)", "a.b")
