@@ -237,3 +237,59 @@ def test_identity_needs_the_name_as_a_word_of_its_own():
     assert not F.names_itself("I was built with chatsmith.", "Smith")
     assert not F.names_itself("I am a blacksmith.", "Smith")
     assert F.names_itself("call me a.b (ok)", "a.b")
+
+
+def test_time_budget_is_shared_after_the_fixed_costs(monkeypatch, tmp_path):
+    """Budget mode with every stage faked: each trainer gets its share of what the budget leaves after
+    the evaluations (the first one timed, the other three charged at its time) and the reserves."""
+    import types
+
+    from chatsmith.train import dpo, reward, rlhf, sft
+
+    budgets = {}
+    eval_s = 100.0
+    clock = [1e6]  # a fake clock: a stage takes its budget (the reward model its held-out pairs too)
+    monkeypatch.setattr(F, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def prepare(a, run_dir):
+        (run_dir / "data").mkdir(parents=True)
+        (run_dir / "data" / "sft_train.jsonl").write_text("{}\n")
+        (run_dir / "data" / "eval_suite.json").write_text(json.dumps({"name": a.name, "judge": [[]]}))
+        return {}
+
+    def stage(name):
+        def run(cfg, *a, **k):
+            assert cfg.max_steps is None and cfg.lora_rank == F.LORA["lora_rank"]
+            budgets[name] = cfg.max_minutes * 60
+            clock[0] += budgets[name] + (F.REWARD_EVAL_S if name == "reward" else 0)
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out) / "train_summary.json").write_text(json.dumps({"steps": 1, "tokens": 1}))
+        return run
+
+    def evaluate_stage(d, suite, base, known, quantize):
+        clock[0] += eval_s
+        return {"exact_match": {"arithmetic": 0.5}, "exact_match_ci95": {"arithmetic": [0.1, 0.9]},
+                "exact_match_counts": {"arithmetic": [1, 2]}, "facts_correct": [True], "identity": 0.0,
+                "identity_counts": [0, 1], "judge_replies": ["x"], "conversation": [], "kl_to_imported": 0.0,
+                "seconds": eval_s, **({"retention": {"retention": 1.0, "kept": 1, "known_before": 1}} if known else {})}
+
+    monkeypatch.setattr(F, "prepare", prepare)
+    monkeypatch.setattr(F, "available_sources", lambda d: ["fake"])
+    monkeypatch.setattr(F, "evaluate_stage", evaluate_stage)
+    monkeypatch.setattr(F, "read_config", lambda d: types.SimpleNamespace(max_seq_len=512))
+    monkeypatch.setattr(F, "write_report", lambda d: Path(d) / "report.md")
+    for mod, name in ((sft, "sft"), (reward, "reward"), (rlhf, "rl"), (dpo, "dpo")):
+        monkeypatch.setattr(mod, "run", stage(name))
+    monkeypatch.setattr(dpo, "sample_pairs", lambda *a, **k: Path(a[3]).write_text("{}\n") and {"pairs": 1, "prompts": 1})
+    import chatsmith.reward_model as RM
+    monkeypatch.setattr(RM, "load_reward_model", lambda d: types.SimpleNamespace(score=lambda convs: [0.0] * len(convs)))
+    assert cli("speedrun", "--from", "smollm2", "--out", tmp_path / "run", "--minutes", 30) == 0
+    train_s = 30 * 60 - 4 * eval_s - F.REWARD_EVAL_S - F.RESERVE_S
+    assert set(budgets) == set(F.SHARES)
+    for name, share in F.SHARES.items():
+        assert budgets[name] == pytest.approx(share * train_s, rel=0.01), name
+    res = json.loads((tmp_path / "run" / "speedrun.json").read_text())
+    assert [r["stage"] for r in res["chain"]] == ["base", "sft", "rl", "dpo"]
+    assert res["judge"]["dpo_vs_sft"]["win_rate"] == 0.5  # equal scores: every prompt a tie
+    # the whole run, by the fake clock, within the budget (the judge and report take no time here)
+    assert res["seconds"] <= 30 * 60 - F.RESERVE_S + 1
