@@ -787,6 +787,58 @@ def samples_md(stages: list[Stage], speedrun: dict | None) -> list[str]:
     return out
 
 
+def _pct_ci(v, ci=None, counts=None) -> str:
+    if not _is_num(v):
+        return "-"
+    cell = f"{v:.0%}"
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_is_num(x) for x in ci):
+        cell += f" [{ci[0]:.0%}, {ci[1]:.0%}]"
+    if isinstance(counts, (list, tuple)) and len(counts) == 2 and _is_num(counts[1]):
+        cell += f" (n={counts[1]})"
+    return cell
+
+
+def chain_md(speedrun: dict | None) -> list[str]:
+    """`speedrun --from MODEL`: one row per stage (the imported model, then each trained one), all
+    measured on the same held-out items by chatsmith/speedrun_from.py's evaluation."""
+    rows = (speedrun or {}).get("chain")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        return []
+    fams = list(rows[0].get("exact_match") or {})
+    head = ["stage", *(f"{f} exact match" for f in fams), "facts known", "retention", "identity",
+            "judge vs previous", "KL to imported", "train s", "tokens", "eval s"]
+    body = []
+    for r in rows:
+        em, ci, cnt = r.get("exact_match") or {}, r.get("exact_match_ci95") or {}, r.get("exact_match_counts") or {}
+        fk, rc, ic = r.get("facts_known") or [None, None], r.get("retention_counts") or [None, None], \
+            r.get("identity_counts") or [None, None]
+        body.append([r.get("stage"), *(_pct_ci(em.get(f), ci.get(f), cnt.get(f)) for f in fams),
+                     f"{fk[0]}/{fk[1]}" if fk[1] else "-",
+                     f"{_pct_ci(r.get('retention'))} ({rc[0]}/{rc[1]})" if _is_num(r.get("retention")) else "-",
+                     f"{_pct_ci(r.get('identity'))} ({ic[0]}/{ic[1]})" if _is_num(r.get("identity")) else "-",
+                     _pct_ci(r.get("judge_vs_previous")), fmt(r.get("kl_to_imported")), fmt(r.get("train_seconds")),
+                     fmt(r.get("tokens")), fmt(r.get("eval_seconds"))])
+    out = [f"From `{speedrun.get('from')}` as {speedrun.get('name')!r}: every stage evaluated on the same "
+           f"held-out items ({speedrun.get('eval_items_per_family')} per task family; greedy; 95% Wilson "
+           f"intervals). Retention: the share of the facts the imported model answered correctly (held-out "
+           f"bsdgames quiz items and WordNet definitions, 4-way choice by likelihood) that the stage still "
+           f"answers correctly. Identity: held-out phrasings answered with the name. Judge: the reward model "
+           f"prefers this stage's greedy reply over the previous stage's (ties count half). KL: nats per "
+           f"sampled reply to the imported model.", "",
+           md_table(head, body, numeric=False), ""]
+    j = (speedrun.get("judge") or {}).get("dpo_vs_sft")
+    if isinstance(j, dict) and _is_num(j.get("win_rate")):
+        out += [f"DPO vs SFT by the reward model: preferred on {_pct_ci(j['win_rate'], j.get('win_rate_ci95'))} of "
+                f"{j.get('prompts')} held-out prompts ({j.get('wins')} wins, {j.get('ties')} ties, "
+                f"{j.get('losses')} losses).", ""]
+    rev = speedrun.get("reward_eval") or {}
+    acc = (rev.get("reward") or {}).get("heldout_accuracy") if isinstance(rev, dict) else None
+    if _is_num(acc):
+        out += [f"Reward model: held-out pairwise accuracy {acc:.1%} (untrained head "
+                f"{fmt((rev.get('untrained_head') or {}).get('heldout_accuracy'))}).", ""]
+    return out
+
+
 def evals_md(stages: list[Stage]) -> list[str]:
     """What each prompt set is: its file, how many replies, to which families, how long they may be;
     and what a DPO stage's train loss is when it is not the DPO loss."""
@@ -907,6 +959,9 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
         head += (f" Speedrun: {fmt(speedrun.get('seconds', 0) / 60)} min of a "
                  f"{fmt(speedrun.get('minutes_budget'))}-minute budget.")
     md += [head, ""]
+    chain = chain_md(speedrun)
+    if chain:
+        md += ["## The chain on a pretrained model", "", *chain]
     md += ["## Metrics by stage", ""]
     cols = [c for c in table.columns if any(c in cells for cells in table.cells.values())]
     if table.cells:

@@ -74,6 +74,7 @@ SPEEDRUN = {
     "dpo": dict(eval_every=10**6, save_every=1000),
 }
 N_STAGES = 9
+FROM_MINUTES = 30.0  # the default budget of `speedrun --from` (speedrun_from.py)
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
 
 
@@ -150,6 +151,15 @@ def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 20
     return out
 
 
+def stage_minutes(shares: dict, stage: str, spent_before: float, train_s: float) -> float:
+    """The stage's share of train_s, plus whatever earlier stages left unused (or minus their
+    overrun); at least 20 s. Shared by the from-scratch chain and `--from` (speedrun_from.py)."""
+    order = list(shares)
+    planned_until = sum(shares[k] for k in order if order.index(k) < order.index(stage)) * train_s
+    slack = planned_until - spent_before
+    return max(shares[stage] * train_s + slack, 20) / 60
+
+
 def check_flags(a):
     """What the flags alone decide, before any data is built or a directory made."""
     run_dir = Path(a.out)
@@ -168,6 +178,15 @@ def check_flags(a):
 
 
 def run(a) -> dict:
+    if getattr(a, "from_model", None):  # the chain on a pretrained model: chatsmith/speedrun_from.py
+        from chatsmith import speedrun_from
+
+        a.minutes = FROM_MINUTES if a.minutes is None else a.minutes
+        return speedrun_from.run(a)
+    for flag in ("steps", "data"):
+        if getattr(a, flag, None):
+            raise UserError(f"--{flag} is for `speedrun --from MODEL` (the chain on a pretrained model)")
+    a.minutes = 15.0 if a.minutes is None else a.minutes
     t0 = time.time()
     check_flags(a)
     run_dir = Path(a.out)
@@ -217,11 +236,7 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
     n_stages = N_STAGES
 
     def minutes_for(stage: str, spent_before: float) -> float:
-        """The stage's share, plus whatever earlier stages left unused (or minus their overrun)."""
-        planned_until = sum(SHARES[k] for k in SHARES if k != stage and list(SHARES).index(k) <
-                            list(SHARES).index(stage)) * train_s
-        slack = planned_until - spent_before
-        return max(SHARES[stage] * train_s + slack, 20) / 60
+        return stage_minutes(SHARES, stage, spent_before, train_s)
 
     spent = 0.0  # training seconds so far
     common = dict(device=a.device, dtype=a.dtype, log_every=10)
@@ -373,7 +388,8 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
 
 
 def add_arguments(p):
-    p.add_argument("--minutes", type=float, default=15.0, help="total time budget in minutes")
+    p.add_argument("--minutes", type=float, default=None, help="total time budget in minutes (default 15; "
+                   f"with --from {FROM_MINUTES:g})")
     p.add_argument("--out", default="runs/speedrun", help="run directory (every stage in a folder of its own)")
     p.add_argument("--preset", default="tiny", choices=registry.presets(), help="size of the base model")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the trained tokenizer")
@@ -383,6 +399,20 @@ def add_arguments(p):
     p.add_argument("--dtype", default="auto", choices=TRAIN_CHOICES["dtype"],
                    help="auto: bf16 autocast on a GPU that supports it, else fp32")
     p.add_argument("--resume", action="store_true", help="continue an interrupted speedrun")
+    g = p.add_argument_group("the chain on a pretrained model (--from)")
+    g.add_argument("--from", dest="from_model", metavar="MODEL", default=None,
+                   help="start from a pretrained causal LM instead of training one: a name (smollm2), a Hugging "
+                        "Face directory or a GGUF file, as `chatsmith import` takes; LoRA SFT -> reward model -> "
+                        "GRPO -> DPO, each stage evaluated")
+    g.add_argument("--name", default="Smith", help="with --from: the assistant's name in the identity dialogues")
+    g.add_argument("--data", nargs="+", metavar="FILE", help="with --from: your own dialogues for SFT, read as "
+                   "`sft --data` reads them (FILE:WEIGHT too)")
+    g.add_argument("--steps", metavar="SPEC", help="with --from: fixed work instead of --minutes, e.g. "
+                   "sft=40,reward=30,rl=10,dpo=20 (optimizer steps per stage)")
+    g.add_argument("--eval-items", type=int, default=50, help="with --from: held-out items per task family (and "
+                   "facts per fact family) in every stage's evaluation")
+    g.add_argument("--eval-quantize", default="none", choices=["none", "int8"],
+                   help="with --from: decode weights of the evaluations' greedy generations")
 
 
-VERB = Verb("speedrun", "the whole chain on the built-in corpus under a time budget", add_arguments, run)
+VERB = Verb("speedrun", "the whole chain on the built-in corpus (or --from a pretrained model) under a time budget", add_arguments, run)

@@ -8,6 +8,7 @@ so numbers tokenise consistently (helps arithmetic). Saved as `tokenizer.json` +
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -332,24 +333,34 @@ class Tokenizer:
         return cls(tok, p, config)
 
 
-def _render_jinja(template: str, messages: list[dict], add_generation_prompt: bool, config: dict) -> str:
-    """Render a Hugging Face chat template the way transformers does: a sandboxed Jinja environment
-    with trim_blocks/lstrip_blocks, the special tokens as variables, raise_exception and tojson."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _raise_exception(msg):
+    raise UserError(f"the chat template refused the conversation: {msg}")
 
-    def raise_exception(msg):
-        raise UserError(f"the chat template refused the conversation: {msg}")
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
+    """The template compiled once per process: rendering one conversation takes several renders
+    (chatsmith/tokenizer.py's masks), and compiling each time made encoding a few thousand
+    dialogues for SFT take minutes on a CPU. The environment is immutable, so sharing it is safe."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
                                                                                   ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
+    env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    return env.from_string(template)
+
+
+def _render_jinja(template: str, messages: list[dict], add_generation_prompt: bool, config: dict) -> str:
+    """Render a Hugging Face chat template the way transformers does: a sandboxed Jinja environment
+    with trim_blocks/lstrip_blocks, the special tokens as variables, raise_exception and tojson."""
+    import jinja2
+
     specials = {k: _token_str(v) for k, v in config.items() if k.endswith("_token") and _token_str(v)}
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                **specials)
+        return _compiled_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                   **specials)
     except jinja2.TemplateError as e:
         raise UserError(f"the model's chat template failed to render: {e}") from None
 
