@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from chatsmith import atomic
+from chatsmith.budget import banner, invocation, stage_minutes
 from chatsmith.checkpoint import load_model
 from chatsmith.config import DEVICES, TRAIN_CHOICES
 from chatsmith.data.corpus import build_corpus
@@ -76,19 +76,6 @@ SPEEDRUN = {
 N_STAGES = 9
 FROM_MINUTES = 30.0  # the default budget of `speedrun --from` (speedrun_from.py)
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
-
-
-def invocation() -> str:
-    """How this process was started (`.venv/bin/chatsmith`, `chatsmith` on PATH, `python -m chatsmith`),
-    so the commands it suggests run as printed."""
-    me = sys.argv[0] if sys.argv and sys.argv[0] else ""
-    if Path(me).name == "chatsmith":
-        return me if os.sep in me else "chatsmith"
-    return f"{sys.executable} -m chatsmith"
-
-
-def banner(text: str):
-    print(f"\n=== {text} ===", file=sys.stderr, flush=True)
 
 
 def shard_documents(path: Path, bos_id: int, dtype: str):
@@ -149,15 +136,6 @@ def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 20
     print(f"reward-model judge on {r['n']} held-out prompts: dpo preferred over sft on {r['win_rate']:.0%} "
           f"(± {r['win_rate_ci95']:.0%}; {r['wins']} wins, {r['ties']} ties, {r['losses']} losses)", file=sys.stderr)
     return out
-
-
-def stage_minutes(shares: dict, stage: str, spent_before: float, train_s: float) -> float:
-    """The stage's share of train_s, plus whatever earlier stages left unused (or minus their
-    overrun); at least 20 s. Shared by the from-scratch chain and `--from` (speedrun_from.py)."""
-    order = list(shares)
-    planned_until = sum(shares[k] for k in order if order.index(k) < order.index(stage)) * train_s
-    slack = planned_until - spent_before
-    return max(shares[stage] * train_s + slack, 20) / 60
 
 
 def check_flags(a):
@@ -409,7 +387,7 @@ def add_arguments(p):
                    "`sft --data` reads them (FILE:WEIGHT too)")
     g.add_argument("--steps", metavar="SPEC", help="with --from: fixed work instead of --minutes, e.g. "
                    "sft=40,reward=30,rl=10,dpo=20 (optimizer steps per stage)")
-    g.add_argument("--eval-items", type=int, default=50, help="with --from: held-out items per task family (and "
+    g.add_argument("--eval-items", type=int, default=20, help="with --from: held-out items per task family (and "
                    "facts per fact family) in every stage's evaluation")
     g.add_argument("--eval-quantize", default="none", choices=["none", "int8"],
                    help="with --from: decode weights of the evaluations' greedy generations")

@@ -18,7 +18,7 @@
 Every training stage writes LoRA adapters (the README's LoRA section): each loads as its --init
 with the adapters merged in, so `chat RUN/dpo` works. The stages run one after another on the
 previous stage's model, so the last one (DPO) holds everything. What the from-scratch speedrun and
-this chain share is the budgeting (speedrun.stage_minutes), the banner and the resume rule: a
+this chain share is the budgeting (budget.stage_minutes), the banner and the resume rule: a
 stage whose directory holds its train_summary.json is not run again.
 """
 
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from chatsmith import atomic
+from chatsmith.budget import banner, invocation, stage_minutes
 from chatsmith.batching import completion_batch, token_logprobs
 from chatsmith.checkpoint import load_model, read_config
 from chatsmith.data.chat_formats import read_conversations
@@ -63,14 +64,19 @@ TASK_FAMILIES = ("arithmetic", "word_problem", "number_sense")
 # runs; the evaluations are measured per item in the run itself and the stages get what is left.
 IMPORT_S = 30  # the GGUF import (~20 s)
 DATA_S = 30  # the built-in dialogues and pairs (~20 s)
-EVAL_ITEM_S = 0.25  # one held-out generation (48 tokens, batched) or four option scorings
-EVAL_BASE_S = 25  # per evaluation: loading, identity, judge and sample prompts, KL
+# measured for SmolLM2-135M on this 2-core CPU (another process running): at --eval-items 50 the
+# imported model's evaluation took 459 s, 260 s of it for 150 greedy task replies (the imported model
+# runs to the token limit), 122 s for 100 facts x 4 options, 77 s for the rest (then 48 judge and 16 KL
+# prompts; now 24 and 8). Later stages answer shorter and re-ask only the known facts.
+EVAL_ITEM_S = 1.7  # one held-out task reply (48 tokens at most, batched)
+FACT_S = 1.2  # one fact: four options scored
+EVAL_BASE_S = 40  # per evaluation: loading, identity, judge and sample prompts, KL
 REWARD_EVAL_S = 120  # the reward model on 100 held-out pairs, before and after (~400 scored sequences)
-RESERVE_S = 60  # the judge's scoring (4 x 48 replies by the reward model) and the report
+RESERVE_S = 60  # the judge's scoring (4 x 24 replies by the reward model) and the report
 MIN_STAGE_S = 60  # a training stage shorter than this does not get a single useful update
-JUDGE_PROMPTS = 48
+JUDGE_PROMPTS = 24
 TASK_TOKENS = {"arithmetic": 48, "word_problem": 48, "number_sense": 24}
-KL_PROMPTS = 16
+KL_PROMPTS = 8
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?",
                 "Give me a tip for learning a new language.", "请写一首唐诗《静夜思》"]
 # RL: GRPO with small groups and short replies. On a 135M model on 2 cores a reply token costs about
@@ -154,7 +160,7 @@ def parse_steps(spec: str | None) -> dict[str, int] | None:
 def fixed_seconds(eval_items: int, imported: bool, data_built: bool) -> float:
     """The budget's fixed part: import, data, four evaluations, the reward model's held-out pairs, the
     judge and the report."""
-    per_eval = EVAL_BASE_S + EVAL_ITEM_S * eval_items * (len(TASK_FAMILIES) + 1)  # + the facts
+    per_eval = EVAL_BASE_S + eval_items * (EVAL_ITEM_S * len(TASK_FAMILIES) + FACT_S * 2)  # 2 fact families
     return (0 if imported else IMPORT_S) + (0 if data_built else DATA_S) + 4 * per_eval + REWARD_EVAL_S + RESERVE_S
 
 
@@ -410,8 +416,6 @@ def judge_pair(a: list[float], b: list[float]) -> dict:
 # --- the chain ---------------------------------------------------------------------------------------
 
 def run(a) -> dict:
-    from chatsmith.speedrun import banner, invocation, stage_minutes
-
     t0 = time.time()
     steps = check_flags(a)
     run_dir = Path(a.out)
