@@ -266,6 +266,17 @@ def test_heldout_disjoint_from_train(built):
     hh = {dlg.prompt_hash(r["messages"]) for r in held}
     assert hh and not th & hh
     assert meta["heldout_prompt_hashes"] == sorted(hh)
+    # the held-out generated problems are listed by key, for pretrain --mix-exclude: each + key's
+    # operands and sum are in a held-out arithmetic record, and none is a training record's problem
+    keys = meta["heldout_problem_keys"]
+    assert keys == sorted(set(keys)) and {k.split(":")[0] for k in keys} >= {"arithmetic", "number_sense"}
+    held_text = [" ".join(m["content"] for m in r["messages"]) for r in held if r["family"] == "arithmetic"]
+    train_text = [" ".join(m["content"] for m in r["messages"]) for r in train if r["family"] == "arithmetic"]
+    plus = [k.split(":")[1].split("+") for k in keys if k.startswith("arithmetic:") and "+" in k]
+    assert plus
+    for a, b in plus:
+        said = f"{a} + {b} = {int(a) + int(b)}"
+        assert any(said in t for t in held_text) and not any(said in t for t in train_text), said
 
 
 def test_build_is_reproducible(built, tmp_path):

@@ -35,6 +35,30 @@ def test_task_documents_are_deterministic_and_hold_every_kind():
         assert marker in text, marker
 
 
+def test_excluded_problems_never_appear_in_the_task_text():
+    """--mix-exclude: the dialogues' held-out problems are left out (and without it they are there,
+    so the check can fail)."""
+    import re
+    said = re.compile(r"So (\d+) \+ (\d+) = ")  # a column addition's conclusion names its problem
+    seen = {f"arithmetic:{a}+{b}" for d in task_documents(200, seed=7) for a, b in said.findall(d)}
+    assert len(seen) > 50
+    exclude = set(sorted(seen)[::2])
+    again = {f"arithmetic:{a}+{b}" for d in task_documents(200, seed=7, exclude=exclude) for a, b in said.findall(d)}
+    assert again and not again & exclude
+
+
+def test_mix_exclude_errors(tmp_path, corpus_dir, tokenizer_dir, capsys):
+    base = ["pretrain", "--input", corpus_dir, "--tokenizer", tokenizer_dir, "--out", tmp_path / "o", *PRETRAIN_FLAGS]
+    assert cli(*base, "--mix-exclude", tmp_path) == 2
+    assert "--mix-exclude needs --mix" in capsys.readouterr().err
+    assert cli(*base, "--mix", "corpus=0.8,tasks=0.2", "--mix-exclude", tmp_path) == 2
+    assert f"--mix-exclude {tmp_path}: no dialogues_meta.json" in capsys.readouterr().err
+    (tmp_path / "dialogues_meta.json").write_text("{}")
+    assert cli(*base, "--mix", "corpus=0.8,tasks=0.2", "--mix-exclude", tmp_path) == 2
+    assert "heldout_problem_keys" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("spec, words", [("corpus=0.8,task=0.2", "unknown source"), ("corpus", "NAME=WEIGHT"),
                                          ("corpus=1,corpus=2", "twice"), ("corpus=-1", ">= 0"),
                                          ("corpus=0,tasks=0", "positive"), ("tasks=x", "number")])

@@ -76,14 +76,16 @@ def _arithmetic(task: dict) -> str:
     return f"{task['question']} {worked or task['worked']}"
 
 
-def task_documents(n: int, seed: int, per_doc: int = 8) -> list[str]:
-    """n documents, each `per_doc` exercises (one a line) drawn from the three kinds."""
+def task_documents(n: int, seed: int, per_doc: int = 8, exclude: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """n documents, each `per_doc` exercises (one a line) drawn from the three kinds. `exclude`: problem
+    keys (tasks.py's `key`) never used, e.g. the dialogues' held-out problems (their
+    dialogues_meta.json `heldout_problem_keys`), so an evaluation on them measures a skill, not recall."""
     rng = random.Random(f"chatsmith-task-text:{seed}")
     # operands of 1-3 digits; generate_tasks is a pure function of its arguments, so pools are fixed
     pools = {"arithmetic": [t for d in (1, 2, 3) for t in generate_tasks("arithmetic", n * per_doc // 6 + 10,
-                                                                         seed, difficulty=d)],
+                                                                         seed, difficulty=d) if t["key"] not in exclude],
              "number_sense": [t for d in (1, 2) for t in generate_tasks("number_sense", n * per_doc // 8 + 10,
-                                                                        seed, difficulty=d)]}
+                                                                        seed, difficulty=d) if t["key"] not in exclude]}
     docs = []
     for _ in range(n):
         lines = []

@@ -15,6 +15,7 @@ validation loss and bits-per-byte stay on the corpus, and tasks_val_loss is the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -150,17 +151,34 @@ class PretrainStage:
         return nats, n_tok, n_bytes
 
 
-def prepare_task_shards(out: Path, tok: Tokenizer, n_docs: int) -> Path:
+def heldout_keys(dialogues_dir: str | None) -> list[str]:
+    """The problem keys a `data dialogues` directory held out (its dialogues_meta.json), for --mix-exclude."""
+    if not dialogues_dir:
+        return []
+    meta = Path(dialogues_dir) / "dialogues_meta.json"
+    if not meta.exists():
+        raise UserError(f"--mix-exclude {dialogues_dir}: no dialogues_meta.json (a `data dialogues` output directory)")
+    m = json.loads(meta.read_text())
+    if "heldout_problem_keys" not in m:
+        raise UserError(f"--mix-exclude {meta}: it lists no heldout_problem_keys (built by an older chatsmith: "
+                        f"rebuild it with `chatsmith data dialogues`)")
+    return m["heldout_problem_keys"]
+
+
+def prepare_task_shards(out: Path, tok: Tokenizer, n_docs: int, exclude: list[str] | None = None) -> Path:
     """OUT/tasks/{train,val}.jsonl (task text, 1 document in 20 held out for tasks_val_loss) and
-    their token shards in OUT/data_tasks, reused when they exist for the same documents."""
+    their token shards in OUT/data_tasks, reused when they exist for the same documents. `exclude`:
+    problem keys left out of the text (the dialogues' held-out problems)."""
     shard_dir = out / "data_tasks"
     meta = shard_dir / "meta.json"
-    key = {"task_documents": n_docs, "seed": MIX_SEED}
+    exclude = sorted(exclude or [])
+    key = {"task_documents": n_docs, "seed": MIX_SEED,
+           "excluded": hashlib.sha256("\n".join(exclude).encode()).hexdigest()[:16] if exclude else None}
     if meta.exists():
         m = json.loads(meta.read_text())
         if m.get("inputs") == key and m.get("vocab_size") == tok.vocab_size:
             return shard_dir
-    docs = task_documents(n_docs, MIX_SEED)
+    docs = task_documents(n_docs, MIX_SEED, exclude=frozenset(exclude))
     n_val = max(1, n_docs // 20)
     tdir = out / "tasks"
     tdir.mkdir(parents=True, exist_ok=True)
@@ -233,9 +251,12 @@ def build_model(preset_name: str, tok: Tokenizer, seed: int, **overrides):
 
 
 def check_flags(cfg: TrainConfig, inputs, data, tokenizer, vocab_size: int, overrides: dict, mix: str | None = None,
-                mix_docs: int = 20000):
+                mix_docs: int = 20000, mix_exclude: str | None = None):
     """Everything the flags alone decide, before any tokenizer is trained or shard written."""
     parse_mix(mix)
+    if mix_exclude and not mix:
+        raise UserError("--mix-exclude needs --mix (it removes problems from the mixed-in task text)")
+    heldout_keys(mix_exclude)
     if mix_docs < 20:
         raise UserError(f"--mix-docs must be at least 20 (1 in 20 is held out), got {mix_docs}")
     if not inputs and not data:
@@ -256,13 +277,15 @@ def check_flags(cfg: TrainConfig, inputs, data, tokenizer, vocab_size: int, over
 
 
 def run(cfg: TrainConfig, inputs=None, data=None, tokenizer=None, vocab_size: int = 8192,
-        model_overrides: dict | None = None, mix: str | None = None, mix_docs: int = 20000) -> dict:
+        model_overrides: dict | None = None, mix: str | None = None, mix_docs: int = 20000,
+        mix_exclude: str | None = None) -> dict:
     """A run that fails before its first checkpoint leaves no --out behind (nor what it added to an
-    existing one): no empty corpus/, no token shards without their meta.json."""
+    existing one): no empty corpus/, no token shards without their meta.json. mix_exclude: a
+    dialogues directory whose held-out problems the task text must not contain."""
     out = Path(cfg.out)
-    check_flags(cfg, inputs, data, tokenizer, vocab_size, model_overrides or {}, mix, mix_docs)
+    check_flags(cfg, inputs, data, tokenizer, vocab_size, model_overrides or {}, mix, mix_docs, mix_exclude)
     return _provisional(cfg, lambda: _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides,
-                                          parse_mix(mix), mix_docs))
+                                          parse_mix(mix), mix_docs, heldout_keys(mix_exclude)))
 
 
 def _provisional(cfg: TrainConfig, body):
@@ -277,11 +300,12 @@ def _provisional(cfg: TrainConfig, body):
         return body()
 
 
-def _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides, mix=None, mix_docs=20000) -> dict:
+def _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides, mix=None, mix_docs=20000,
+         exclude=None) -> dict:
     with runtime.rank0_first(cfg.device):  # under torchrun rank 0 builds tokenizer and shards, the others reuse them
         shard_dir, tok_dir = prepare_data(inputs, data, tokenizer, out, vocab_size)
         tok = Tokenizer.load(tok_dir)
-        task_dir = prepare_task_shards(out, tok, mix_docs) if mix and "tasks" in mix else None
+        task_dir = prepare_task_shards(out, tok, mix_docs, exclude) if mix and "tasks" in mix else None
     model = build_model(cfg.preset, tok, cfg.seed, **(model_overrides or {}))
     seq_len = cfg.seq_len or model.cfg.max_seq_len
     n = model.num_params()
@@ -296,7 +320,8 @@ def _run(cfg, out, inputs, data, tokenizer, vocab_size, model_overrides, mix=Non
     summary["params"] = n
     if mix:
         shares = stage.token_shares(trainer.step * cfg.grad_accum * runtime.world_size())
-        summary["mix"] = {"weights": mix, "token_share": shares, "task_documents": mix_docs if task_dir else 0}
+        summary["mix"] = {"weights": mix, "token_share": shares, "task_documents": mix_docs if task_dir else 0,
+                          "excluded_problems": len(exclude or [])}
         print("token share per source: " + ", ".join(f"{k} {v:.1%} (weight {mix[k]:.0%})" for k, v in shares.items()),
               file=sys.stderr)
         if runtime.rank() == 0:
@@ -324,6 +349,9 @@ def add_arguments(p):
                    help="decoder: mix task text (copy exercises, column arithmetic, number sense) into the "
                         "corpus with these weights, e.g. corpus=0.8,tasks=0.2 (token shares); none when left out")
     p.add_argument("--mix-docs", type=int, default=20000, help="--mix: task-text documents generated (8 exercises each)")
+    p.add_argument("--mix-exclude", default=None, metavar="DIALOGUES_DIR",
+                   help="--mix: leave the problems this `data dialogues` directory holds out (its dialogues_meta.json) "
+                        "out of the task text, so its held-out evaluation stays unseen")
     # choices: a wrong preset is refused by argparse, before any tokenizer is trained or shard written
     presets = list(dict.fromkeys(registry.presets() + registry.presets("encoder")))
     add_train_flags(p, DEFAULTS, skip=(), choices={"preset": presets})
@@ -350,7 +378,7 @@ def main(a):
         return
     overrides = {k: v for k, v in (("max_seq_len", a.max_seq_len), ("arch", a.arch)) if v is not None}
     summary = run(cfg, inputs=a.input, data=a.data, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
-                  model_overrides=overrides, mix=a.mix, mix_docs=a.mix_docs)
+                  model_overrides=overrides, mix=a.mix, mix_docs=a.mix_docs, mix_exclude=a.mix_exclude)
     print(json.dumps(summary, indent=2))
 
 

@@ -73,6 +73,9 @@ def build_dialogues(out_dir: str | os.PathLike, sources_dir: str | os.PathLike =
         "prompt_hash": "sha256 of the normalised user turns joined by newlines, first 16 hex "
                        "digits (chatsmith.data.dialogues.prompt_hash)",
         "heldout_prompt_hashes": held_hashes,
+        # the generated problems held out (tasks.py keys, e.g. "arithmetic:37+48"): text made for
+        # training elsewhere (pretrain --mix task text) leaves these out, so held-out stays unseen
+        "heldout_problem_keys": sorted({r["_key"] for r in heldout if r.get("_key")}),
     }
     write_jsonl(out_dir / "train.jsonl", _written(train))
     write_jsonl(out_dir / "heldout.jsonl", _written(heldout))
