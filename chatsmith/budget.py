@@ -22,9 +22,13 @@ def banner(text: str):
 
 
 def stage_minutes(shares: dict, stage: str, spent_before: float, train_s: float) -> float:
-    """The stage's share of train_s, plus whatever earlier stages left unused (or minus their
-    overrun); at least 20 s."""
+    """The stage's share of train_s, plus its part of what earlier stages left unused (or minus its
+    part of their overrun): the slack is spread over this stage and every later one in proportion
+    to their shares, so one stage's overrun never falls on the next one alone (the last stage
+    takes all that is left); at least 20 s."""
     order = list(shares)
-    planned_until = sum(shares[k] for k in order if order.index(k) < order.index(stage)) * train_s
+    i = order.index(stage)
+    planned_until = sum(shares[k] for k in order[:i]) * train_s
     slack = planned_until - spent_before
-    return max(shares[stage] * train_s + slack, 20) / 60
+    rest = sum(shares[k] for k in order[i:])
+    return max(shares[stage] * train_s + slack * shares[stage] / rest, 20) / 60

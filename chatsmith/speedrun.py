@@ -18,6 +18,7 @@ interrupted run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -50,13 +51,29 @@ SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach"
                   "床前明月光"]
 RESERVE_S = 30  # left at the end for the samples, the report and the summary
 # Shares of the training time (what is left after the fixed costs below). Pretraining gets the most:
-# every later stage starts from it. RL gets enough rollouts to move exact match.
-SHARES = {"pretrain": 0.40, "sft": 0.28, "reward": 0.06, "rl": 0.10, "dpo": 0.16}
-BASELINE_S = 40  # two 3-gram models counted from the shards + scoring the whole val split three times
+# every later stage starts from it. RL had 0.10 and got 3 GRPO steps (43 s) in a 15-minute run on
+# a 2-core AMD EPYC: too few to move anything, so it now gets about a fifth, taken from SFT and DPO
+# (whose on-policy pairs are sampled from 300 prompts instead of 600: 110 s -> about 55 s).
+SHARES = {"pretrain": 0.38, "sft": 0.24, "reward": 0.06, "rl": 0.20, "dpo": 0.12}
+# --minutes 45 and more: pretraining is what limits every later stage (0.19M tokens in 15 minutes
+# on this CPU), so it gets half; RL keeps a similar absolute time and more rollouts than at 15
+SHARES_LONG = {"pretrain": 0.50, "sft": 0.20, "reward": 0.05, "rl": 0.17, "dpo": 0.08}
+LONG_MINUTES = 45
+BASELINE_S = 45  # two 3-gram models counted from the shards + scoring the whole val split three times (47 s)
 SFT_EVAL_S = 45  # held-out generation before and after SFT (measured ~20-40 s for tiny on 2 cores)
-RL_EVAL_S = 30  # held-out greedy answers before and after RL, and the KL estimate
+REWARD_EVAL_S = 50  # the reward model on the held-out pairs before and after training (~50 s of a 91 s stage)
+# greedy answers of the start, RL and control policies to 3 x 400 held-out task prompts, the KL
+# estimates and the control's SFT steps (600 greedy replies took ~11 s for tiny; a 2-step rft run with 3 x 300 ~25 s)
+RL_EVAL_S = 90
 JUDGE_S = 25  # SFT and DPO replies to 200 held-out prompts, scored by the reward model (~10 s)
-FIXED_S = RESERVE_S + BASELINE_S + SFT_EVAL_S + RL_EVAL_S + JUDGE_S
+FIXED_S = RESERVE_S + BASELINE_S + SFT_EVAL_S + REWARD_EVAL_S + RL_EVAL_S + JUDGE_S
+TASK_FAMILIES = ("arithmetic", "word_problem", "number_sense")  # RL's verifiable families
+# held-out prompts per task family: 400 puts a 95% interval at about ±3-5 points near 0-20%
+HELDOUT_TASKS = 400
+JUDGE_PER_FAMILY = 100  # the judge's and SFT's held-out file keeps every family at most this many
+DPO_PAIR_PROMPTS = 300
+MIX = "corpus=0.8,tasks=0.2"  # pretraining's default mixture (pretrain --mix), "none" for prose only
+RL_ALGOS = ("rft", "grpo", "grpo-simple")
 PREP_S = 45  # data build (~20 s on 2 cores) and the tokenizer: checked against --minutes before either runs
 MIN_TRAIN_S = 120
 # What the speedrun sets differently from each stage's own DEFAULTS (chatsmith/train/*.py), and why:
@@ -74,6 +91,27 @@ SPEEDRUN = {
     "dpo": dict(eval_every=10**6, save_every=1000),
 }
 N_STAGES = 9
+
+
+def shares_for(minutes: float) -> dict:
+    return SHARES_LONG if minutes >= LONG_MINUTES else SHARES
+
+
+def judge_file(chat: Path) -> Path:
+    """data/chat/heldout_judge.jsonl: the held-out records with each family capped at
+    JUDGE_PER_FAMILY (file order; the split is shuffled), so the judge and SFT's held-out loss see
+    the families in the proportions they had before the task families grew to HELDOUT_TASKS."""
+    out = chat / "heldout_judge.jsonl"
+    if not out.exists():
+        seen: dict[str, int] = {}
+        keep = []
+        for line in (chat / "heldout.jsonl").read_text(encoding="utf-8").splitlines():
+            fam = json.loads(line).get("family", "")
+            seen[fam] = seen.get(fam, 0) + 1
+            if seen[fam] <= JUDGE_PER_FAMILY:
+                keep.append(line + "\n")
+        atomic.write_text(out, "".join(keep))
+    return out
 FROM_MINUTES = 30.0  # the default budget of `speedrun --from` (speedrun_from.py)
 CHAT_PROMPTS = ["Who are you?", "What is 7 + 5?", "What is the capital of France?", "请写一首唐诗《静夜思》"]
 
@@ -138,11 +176,26 @@ def judge(rm_dir: Path, sft_dir: Path, dpo_dir: Path, heldout: Path, n: int = 20
     return out
 
 
+def rl_config(algo: str, curriculum: bool) -> "rlhf.RLConfig":
+    """The speedrun's RL stage: 8 prompts x 8 replies of up to 48 tokens per rollout on the task
+    families, the prompts drawn at the edge of competence (--curriculum: groups that are neither all
+    wrong nor all right). rft (expert iteration) is the default: it trains only on verified replies,
+    so unlike GRPO on a model that is almost always wrong it cannot learn an answer prior ("0")."""
+    common = dict(rollout_prompts=8, group_size=8, max_new_tokens=48, families=",".join(TASK_FAMILIES),
+                  eval_prompts=HELDOUT_TASKS, curriculum=curriculum)
+    if algo == "rft":
+        return rlhf.RLConfig(algo="rft", ppo_epochs=1, minibatches=1, kl_coef=0.0, max_resample=2, **common)
+    if algo == "grpo":
+        return rlhf.RLConfig(algo="grpo", ppo_epochs=1, minibatches=2, kl_coef=0.02, **common)
+    return rlhf.RLConfig(algo=algo, **common)  # a preset (grpo-simple) sets the rest
+
+
 def check_flags(a):
     """What the flags alone decide, before any data is built or a directory made."""
     run_dir = Path(a.out)
     if run_dir.exists() and any(run_dir.iterdir()) and not a.resume:
         raise UserError(f"{run_dir} already exists: pass --resume to continue it, or choose another --out")
+    pretrain.parse_mix(None if a.mix == "none" else a.mix)  # a bad --mix fails before any data is built
     least = (FIXED_S + PREP_S + MIN_TRAIN_S) / 60
     if a.minutes < least:
         raise UserError(f"--minutes {a.minutes:g} is too short: the fixed costs (data, tokenizer, evaluations, "
@@ -185,7 +238,7 @@ def _prepare(a, run_dir: Path, t0: float):
     if not (corpus / "corpus_meta.json").exists():
         build_corpus(corpus, sources_dir=a.sources_dir)
     if not (chat / "dialogues_meta.json").exists():
-        build_dialogues(chat, sources_dir=a.sources_dir)
+        build_dialogues(chat, sources_dir=a.sources_dir, heldout_sizes={f: HELDOUT_TASKS for f in TASK_FAMILIES})
     if not (chat / "pairs_heldout.jsonl").exists():
         build_preferences(chat)
     meta = json.loads((corpus / "corpus_meta.json").read_text())
@@ -213,11 +266,15 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
                       train_s: float) -> dict:
     n_stages = N_STAGES
 
+    shares = shares_for(a.minutes)
+
     def minutes_for(stage: str, spent_before: float) -> float:
-        return stage_minutes(SHARES, stage, spent_before, train_s)
+        return stage_minutes(shares, stage, spent_before, train_s)
 
     spent = 0.0  # training seconds so far
-    common = dict(device=a.device, dtype=a.dtype, log_every=10)
+    common = dict(device=a.device, dtype=a.dtype, log_every=10, seed=a.seed)
+    mix = None if a.mix == "none" else a.mix
+    judge_heldout = judge_file(chat)
 
     def resume(d: Path) -> bool:
         return a.resume and (d / "checkpoints").exists()
@@ -229,7 +286,9 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
                        max_minutes=minutes_for("pretrain", spent) - 0.25, resume=resume(base),
                        **SPEEDRUN["pretrain"], **common)
     t = time.time()
-    summary = pretrain.run(cfg, inputs=[str(corpus)], tokenizer=str(tok_dir))
+    # mid-training: task text mixed into the corpus, the dialogues' held-out problems left out of it
+    summary = pretrain.run(cfg, inputs=[str(corpus)], tokenizer=str(tok_dir), mix=mix,
+                           mix_exclude=str(chat) if mix else None)
     # the stage's wall time (tokenising the corpus into shards included), not the trainer's own "seconds"
     stages["pretrain"] = {**summary, "seconds": round(time.time() - t, 1)}
     spent += time.time() - t
@@ -244,7 +303,7 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
     cfg = train_config(sft.DEFAULTS, out=str(sft_dir), max_minutes=minutes_for("sft", spent),
                        resume=resume(sft_dir), **SPEEDRUN["sft"], **common)
     t = time.time()
-    sft_summary = sft.run(cfg, [str(chat / "train.jsonl")], str(base), heldout=[str(chat / "heldout.jsonl")],
+    sft_summary = sft.run(cfg, [str(chat / "train.jsonl")], str(base), heldout=[str(judge_heldout)],
                           eval_samples=16, eval_max_new_tokens=40)
     # the stage's wall time (held-out evaluations included), not the trainer's own "seconds"
     stages["sft"] = {**sft_summary, "seconds": round(time.time() - t, 1)}
@@ -258,17 +317,18 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
     stages["reward"] = reward.run(cfg, [str(chat / "pairs_train.jsonl")], str(sft_dir),
                                   heldout=[str(chat / "pairs_heldout.jsonl")], skip_bad=True)
     stages["reward"]["seconds"] = round(time.time() - t, 1)
-    spent += stages["reward"]["seconds"]
+    spent += stages["reward"]["seconds"] - REWARD_EVAL_S
 
-    banner(f"6/{n_stages} reinforcement learning (GRPO, verifiable reward)")
+    banner(f"6/{n_stages} reinforcement learning ({a.rl_algo}, verifiable reward) and its same-compute SFT control")
     rl_dir = run_dir / "rl"
-    rl_cfg = rlhf.RLConfig(algo="grpo", rollout_prompts=8, group_size=8, max_new_tokens=48, ppo_epochs=1,
-                           minibatches=2, kl_coef=0.02, families="arithmetic,word_problem,number_sense", eval_prompts=100)
+    rl_cfg = rl_config(a.rl_algo, a.curriculum)
     cfg = train_config(rlhf.DEFAULTS, out=str(rl_dir), max_minutes=minutes_for("rl", spent),
                        resume=resume(rl_dir), **SPEEDRUN["rl"], **{**common, "log_every": 2})
     t = time.time()
+    # the control: SFT from the same checkpoint for RL's optimizer work (rl_control.py), evaluated
+    # on the same held-out prompts, so the report shows start vs RL vs more SFT
     stages["rl"] = rlhf.run(cfg, rl_cfg, [str(chat / "train.jsonl")], str(sft_dir), ["exact"],
-                            heldout=[str(chat / "heldout.jsonl")])
+                            heldout=[str(chat / "heldout.jsonl")], control="tokens")
     stages["rl"]["seconds"] = round(time.time() - t, 1)
     spent += stages["rl"]["seconds"] - RL_EVAL_S
 
@@ -281,7 +341,8 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
     # pushed both replies down and drifted off what the model can say), with RPO 58%
     pairs = chat / "pairs_onpolicy.jsonl"
     if not pairs.exists():
-        info = dpo.sample_pairs(str(sft_dir), str(rm_dir), [str(chat / "train.jsonl")], pairs, limit=600, samples=4)
+        info = dpo.sample_pairs(str(sft_dir), str(rm_dir), [str(chat / "train.jsonl")], pairs,
+                                limit=DPO_PAIR_PROMPTS, samples=4)
         print(f"on-policy pairs: {info['pairs']} from {info['prompts']} prompts", file=sys.stderr)
     pair_s = time.time() - t
     stages["dpo pairs"] = {"seconds": round(pair_s, 1)}  # its own row of the time table: it is not DPO training
@@ -294,7 +355,7 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
 
     banner(f"8/{n_stages} judge: DPO vs SFT by the reward model")
     t = time.time()
-    stages["judge"] = judge(rm_dir, sft_dir, dpo_dir, chat / "heldout.jsonl")
+    stages["judge"] = judge(rm_dir, sft_dir, dpo_dir, judge_heldout)
     stages["judge"]["seconds"] = round(time.time() - t, 1)
 
     banner(f"9/{n_stages} samples and report")
@@ -325,7 +386,8 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
     stages["samples"] = {"seconds": round(time.time() - t, 1),
                          # how often the byte-level base model emitted bytes that are not UTF-8
                          "invalid_utf8_sequences": invalid_utf8(base_text), "sample_characters": len(base_text)}
-    result = {"minutes_budget": a.minutes, "seconds": round(time.time() - t0, 1), "stages": stages,
+    result = {"minutes_budget": a.minutes, "seconds": round(time.time() - t0, 1), "shares": shares,
+              "seed": a.seed, "mix": mix, "rl_algo": a.rl_algo, "curriculum": a.curriculum, "stages": stages,
               "val_bpb": stages["baseline"]["neural_val_bpb"], "baseline": stages["baseline"],
               "sft_eval": sft_summary.get("eval"), "rl_eval": stages["rl"].get("eval"),
               "reward_eval": stages["reward"].get("eval"), "judge": stages["judge"], "samples": samples,
@@ -377,6 +439,13 @@ def add_arguments(p):
     p.add_argument("--dtype", default="auto", choices=TRAIN_CHOICES["dtype"],
                    help="auto: bf16 autocast on a GPU that supports it, else fp32")
     p.add_argument("--resume", action="store_true", help="continue an interrupted speedrun")
+    p.add_argument("--seed", type=int, default=0, help="seed of every training stage (the data builds keep their own)")
+    p.add_argument("--mix", default=MIX, metavar="corpus=W,tasks=W",
+                   help="pretraining's mixture of corpus and task text (pretrain --mix; the dialogues' held-out "
+                        "problems are left out of the task text), or none for the corpus alone")
+    p.add_argument("--rl-algo", default="rft", choices=RL_ALGOS, help="the RL stage's recipe (rlhf --algo)")
+    p.add_argument("--curriculum", action=argparse.BooleanOptionalAction, default=True,
+                   help="RL draws prompts at the edge of competence (rlhf --curriculum)")
     g = p.add_argument_group("the chain on a pretrained model (--from)")
     g.add_argument("--from", dest="from_model", metavar="MODEL", default=None,
                    help="start from a pretrained causal LM instead of training one: a name (smollm2), a Hugging "

@@ -75,7 +75,7 @@ def check_stage_budgets(run: Path, res: dict, minutes: float):
 # the speedrun rounds the stage seconds it records, and plans with them, to 0.1 s).
 
 class FakeRun:
-    def __init__(self, monkeypatch, tmp_path, minutes=10.0, drift=None):
+    def __init__(self, monkeypatch, tmp_path, minutes=15.0, drift=None):
         import types
 
         from chatsmith.train import dpo, pretrain, reward, rlhf, sft
@@ -86,8 +86,8 @@ class FakeRun:
         mp.setattr(S, "time", types.SimpleNamespace(time=lambda: self.now))
         mp.setattr(S, "available_sources", lambda d: ["fake"])
         mp.setattr(S, "build_corpus", self.fixed(10, lambda out, **k: self.write(out / "corpus_meta.json", {})))
-        mp.setattr(S, "build_dialogues", self.fixed(
-            2, lambda out, **k: self.write(out / "dialogues_meta.json", {"families": {}})))
+        mp.setattr(S, "build_dialogues", self.fixed(2, lambda out, **k: (
+            self.write(out / "dialogues_meta.json", {"families": {}}), self.write(out / "heldout.jsonl", ""))))
         mp.setattr(S, "build_preferences", self.fixed(1, lambda out: self.write(out / "pairs_heldout.jsonl", "")))
         mp.setattr(S, "train_command", self.fixed(
             5, lambda inp, vs, out, val=None: self.write(Path(out) / "tokenizer_stats.json", {"vocab_size": vs})))
@@ -95,7 +95,7 @@ class FakeRun:
             "neural_val_bpb": 2.0, "ngram3_val_bpb": 2.5}))
         mp.setattr(pretrain, "run", self.stage("pretrain", before=15))  # tokenising the corpus into shards
         mp.setattr(sft, "run", self.stage("sft", before=S.SFT_EVAL_S / 2, after=S.SFT_EVAL_S / 2))
-        mp.setattr(reward, "run", self.stage("reward"))
+        mp.setattr(reward, "run", self.stage("reward", after=S.REWARD_EVAL_S))
         mp.setattr(rlhf, "run", self.stage("rl", after=S.RL_EVAL_S))
         mp.setattr(dpo, "sample_pairs", self.fixed(20, lambda *a, **k: {"pairs": 1, "prompts": 1}))
         mp.setattr(dpo, "run", self.stage("dpo"))
@@ -134,7 +134,8 @@ class FakeRun:
         import types
 
         a = types.SimpleNamespace(minutes=self.minutes, out=str(self.out), resume=False, sources_dir="x",
-                                  vocab_size=512, preset="micro", device="cpu", dtype="fp32")
+                                  vocab_size=512, preset="micro", device="cpu", dtype="fp32", seed=0,
+                                  mix=S.MIX, rl_algo="rft", curriculum=True)
         return S.run(a)
 
     @property
@@ -150,18 +151,26 @@ def test_speedrun_gives_pretraining_and_sft_their_shares(monkeypatch, tmp_path):
     assert run.budgets["pretrain"] == pytest.approx(S.SHARES["pretrain"] * t - 15, abs=0.2)
     assert run.budgets["sft"] == pytest.approx(S.SHARES["sft"] * t, abs=0.2)
     assert set(run.budgets) == set(S.SHARES)
-    assert res["minutes_budget"] == 10.0 and (run.out / "speedrun.json").exists()
+    assert res["minutes_budget"] == 15.0 and (run.out / "speedrun.json").exists()
     assert json.loads((run.out / "speedrun.json").read_text())["stages"]["pretrain"]["steps"] == 10
 
 
 def test_speedrun_passes_unused_time_on_and_takes_overruns_back(monkeypatch, tmp_path):
     t = FakeRun(monkeypatch, tmp_path).train_s
+    later = 1 - S.SHARES["pretrain"]  # the stages after pretraining share its slack by their shares
     run = FakeRun(monkeypatch, tmp_path / "under", drift={"pretrain": -30.0})
     run()
-    assert run.budgets["sft"] == pytest.approx(S.SHARES["sft"] * t + 30, abs=0.2)  # pretraining left 30 s
+    assert run.budgets["sft"] == pytest.approx(S.SHARES["sft"] * (t + 30 / later), abs=0.2)  # pretraining left 30 s
+    assert run.budgets["rl"] == pytest.approx(S.SHARES["rl"] * (t + 30 / later), abs=0.2)
     run = FakeRun(monkeypatch, tmp_path / "over", drift={"pretrain": 40.0})
     run()
-    assert run.budgets["sft"] == pytest.approx(S.SHARES["sft"] * t - 40, abs=0.2)
+    # a 40 s overrun: every later stage gives up its part, RL (late) is not the one that starves
+    for stage in ("sft", "reward", "rl"):
+        assert run.budgets[stage] == pytest.approx(S.SHARES[stage] * (t - 40 / later), abs=0.2), stage
+    run = FakeRun(monkeypatch, tmp_path / "reward-over", drift={"reward": 60.0})
+    run()
+    after_reward = S.SHARES["rl"] + S.SHARES["dpo"]
+    assert run.budgets["rl"] == pytest.approx(S.SHARES["rl"] * t - 60 * S.SHARES["rl"] / after_reward, abs=0.2)
     run = FakeRun(monkeypatch, tmp_path / "way-over", drift={"pretrain": 10_000.0})
     run()
     assert run.budgets["sft"] == pytest.approx(20, abs=0.2)  # never less than 20 s
@@ -174,6 +183,8 @@ def test_speedrun_stages_add_up_to_the_budget(monkeypatch, tmp_path):
     for stage in ("reward", "rl"):
         assert run.budgets[stage] == pytest.approx(S.SHARES[stage] * t, abs=0.2), stage
     assert run.budgets["dpo"] == pytest.approx(S.SHARES["dpo"] * t - 20, abs=0.2)  # less the 20 s of pair sampling
+    assert S.shares_for(60) is S.SHARES_LONG and S.shares_for(15) is S.SHARES
+    assert sum(S.SHARES.values()) == pytest.approx(1) and sum(S.SHARES_LONG.values()) == pytest.approx(1)
     # every stage used exactly what it was given, every fixed cost its reserve: the run ends with
     # RESERVE_S left for the samples and the report (which take no time here)
     assert res["seconds"] == pytest.approx(run.minutes * 60 - S.RESERVE_S, abs=0.2)

@@ -25,9 +25,10 @@ def build_dialogues(out_dir: str | os.PathLike, sources_dir: str | os.PathLike =
                     families: Iterable[str] | None = None, quiz_dir: str | os.PathLike = QUIZ_DIR,
                     wordnet_dir: str | os.PathLike = WORDNET_DIR,
                     fortunes_dir: str | os.PathLike = FORTUNES_DIR, poems_per_item: int = 2,
-                    verbose: bool = True) -> dict:
+                    verbose: bool = True, heldout_sizes: dict[str, int] | None = None) -> dict:
     """Build the chat dataset into ``out_dir`` (see :mod:`chatsmith.data.dialogues`) and return
-    the meta.
+    the meta. ``heldout_sizes``: families that hold out that many records instead of
+    ``heldout_per_family`` (at most half the family; see split_records).
 
     ``caps`` overrides :data:`DEFAULT_CAPS` per family (None = no cap); ``families`` limits the
     build to some families. A family whose source is missing is skipped with a warning that
@@ -49,7 +50,10 @@ def build_dialogues(out_dir: str | os.PathLike, sources_dir: str | os.PathLike =
         raise UserError("no dialogue source is available: run `bash scripts/setup.sh` "
                         f"(skipped: {'; '.join(f'{k}: {v}' for k, v in skipped.items())})")
 
-    train, heldout = split_records(records, seed, heldout_per_family, heldout_max_fraction)
+    for fam, n in (heldout_sizes or {}).items():
+        if fam not in FAMILIES or not isinstance(n, int) or n < 0:
+            raise UserError(f"heldout_sizes: {fam!r}: {n!r} (a family and a number of records >= 0)")
+    train, heldout = split_records(records, seed, heldout_per_family, heldout_max_fraction, heldout_sizes)
     seeded_rng("shuffle", seed, "train").shuffle(train)
     seeded_rng("shuffle", seed, "heldout").shuffle(heldout)
     counts = {fam: {"train": 0, "heldout": 0} for fam in by_family}
@@ -69,6 +73,7 @@ def build_dialogues(out_dir: str | os.PathLike, sources_dir: str | os.PathLike =
         "caps": {f: caps_all[f] for f in FAMILIES},
         "heldout_per_family": heldout_per_family,
         "heldout_max_fraction": heldout_max_fraction,
+        "heldout_sizes": heldout_sizes or {},
         "sources": details,
         "prompt_hash": "sha256 of the normalised user turns joined by newlines, first 16 hex "
                        "digits (chatsmith.data.dialogues.prompt_hash)",

@@ -42,9 +42,11 @@ class _Links:
 
 
 def split_records(records: list[dict], seed: int, heldout_per_family: int,
-                  heldout_max_fraction: float) -> tuple[list[dict], list[dict]]:
+                  heldout_max_fraction: float, heldout_sizes: dict[str, int] | None = None) -> tuple[list[dict], list[dict]]:
     """(train, heldout). Per family a seeded sample of components goes to held-out until it
-    holds ``min(heldout_per_family, floor(heldout_max_fraction * family size))`` records."""
+    holds ``min(heldout_per_family, floor(heldout_max_fraction * family size))`` records;
+    ``heldout_sizes`` names families that hold out that many instead (at most half the family),
+    e.g. the checkable ones, whose evaluation needs hundreds of items for a tight interval."""
     links = _Links()
     hashes = [prompt_hash(r["messages"]) for r in records]
     for r, h in zip(records, hashes):
@@ -57,7 +59,10 @@ def split_records(records: list[dict], seed: int, heldout_per_family: int,
         idx = [i for i, r in enumerate(records) if r["family"] == fam]
         if not idx:
             continue
-        target = min(heldout_per_family, int(heldout_max_fraction * len(idx)))
+        if heldout_sizes and fam in heldout_sizes:
+            target = min(heldout_sizes[fam], len(idx) // 2)
+        else:
+            target = min(heldout_per_family, int(heldout_max_fraction * len(idx)))
         size: dict[str, int] = {}
         for i in idx:
             size[comp[i]] = size.get(comp[i], 0) + 1
