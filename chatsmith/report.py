@@ -839,6 +839,28 @@ def chain_md(speedrun: dict | None) -> list[str]:
     return out
 
 
+def rl_control_md(rl_eval: dict | None) -> list[str]:
+    """RL against its same-compute SFT control and the checkpoint both started from (an rl_eval.json
+    with a "control" side: `rlhf --control-sft`, the speedrun): per family exact match with its 95%
+    Wilson interval and item count, the most common answer's share, KL to the start, replies ended."""
+    if not isinstance(rl_eval, dict) or not isinstance(rl_eval.get("control"), dict):
+        return []
+    sides = [k for k in ("init", "rl", "control") if isinstance(rl_eval.get(k), dict)]
+    fams = list(rl_eval[sides[0]].get("exact_match") or {})
+    head = ["policy", *(f"{f} exact match" for f in fams), "most common answer's share", "KL to start", "ended"]
+    body = []
+    for k in sides:
+        r = rl_eval[k]
+        em, ci, cnt = r.get("exact_match") or {}, r.get("exact_match_ci95") or {}, r.get("exact_match_counts") or {}
+        body.append([{"init": "start (SFT)", "rl": "RL", "control": "control (more SFT)"}[k],
+                     *(_pct_ci(em.get(f), ci.get(f), cnt.get(f)) for f in fams),
+                     _pct_ci(r.get("top_answer_share")), fmt(r.get("kl_to_ref")), _pct_ci(r.get("ended_share"))])
+    return ["Held-out prompts of the verifiable families, greedy; 95% Wilson intervals. The control continues "
+            "SFT from the same checkpoint for RL's optimizer work (tokens per step and steps); a jump in the "
+            "most common answer's share says a policy learned an answer prior rather than the task.", "",
+            md_table(head, body, numeric=False), ""]
+
+
 def evals_md(stages: list[Stage]) -> list[str]:
     """What each prompt set is: its file, how many replies, to which families, how long they may be;
     and what a DPO stage's train loss is when it is not the DPO loss."""
@@ -962,6 +984,10 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     chain = chain_md(speedrun)
     if chain:
         md += ["## The chain on a pretrained model", "", *chain]
+    # the speedrun's rl/ stage, or an `rlhf --control-sft` output directory itself
+    control = next((c for c in (rl_control_md(_read_json(d / "rl_eval.json")) for d in (run_dir / "rl", run_dir)) if c), [])
+    if control:
+        md += ["## RL against more SFT", "", *control]
     md += ["## Metrics by stage", ""]
     cols = [c for c in table.columns if any(c in cells for cells in table.cells.values())]
     if table.cells:

@@ -310,3 +310,18 @@ def test_report_on_a_realistic_run_writes_valid_plots(speedrun):
         assert_png(p)
         assert f"]({p.name})" in md
     assert "Not plotted: clipped share 0 (constant)." in md  # GRPO clips nothing: named, not drawn
+
+
+def test_rl_against_its_control_table():
+    """An rl_eval.json with a control side (rlhf --control-sft, the speedrun): one row per policy,
+    exact match with its interval and n, the answer prior's share; none without a control."""
+    from chatsmith.report import rl_control_md
+    side = lambda em, top: {"exact_match": {"arithmetic": em}, "exact_match_ci95": {"arithmetic": [em / 2, em * 2]},
+                            "exact_match_counts": {"arithmetic": [round(em * 400), 400]}, "top_answer_share": top,
+                            "kl_to_ref": 0.5, "ended_share": 0.9}
+    md = "\n".join(rl_control_md({"init": side(0.05, 0.1), "rl": side(0.2, 0.3), "control": side(0.1, 0.1)}))
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| start (SFT) | 5% [2%, 10%] (n=400) | 10%")
+    assert rows[2].startswith("| RL | 20% [10%, 40%] (n=400) | 30%")
+    assert rows[3].startswith("| control (more SFT) | 10% [5%, 20%] (n=400)")
+    assert rl_control_md({"init": side(0.05, 0.1), "rl": side(0.2, 0.3)}) == [] and rl_control_md(None) == []

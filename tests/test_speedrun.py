@@ -17,7 +17,7 @@ SOURCES = REPO / ".sources"
 @pytest.mark.skipif(not available_sources(str(SOURCES)), reason="built-in sources missing: run scripts/setup.sh")
 def test_speedrun_runs_every_stage_and_writes_the_report(tmp_path):
     run = tmp_path / "run"
-    assert cli("speedrun", "--minutes", 7, "--preset", "micro", "--vocab-size", 2048, "--out", run,
+    assert cli("speedrun", "--minutes", 8, "--preset", "micro", "--vocab-size", 2048, "--out", run,
                "--sources-dir", SOURCES) == 0
     for stage, kind in (("base", None), ("sft", "sft"), ("reward", "reward"), ("rl", "rlhf"), ("dpo", "dpo")):
         d = run / stage
@@ -27,15 +27,20 @@ def test_speedrun_runs_every_stage_and_writes_the_report(tmp_path):
     assert read_config(run / "reward").score_head
     res = json.loads((run / "speedrun.json").read_text())
     assert set(res["stages"]) >= {"data", "tokenizer", "pretrain", "baseline", "sft", "reward", "rl", "dpo", "judge"}
-    check_stage_budgets(run, res, minutes=7)
+    check_stage_budgets(run, res, minutes=8)
     rl = res["rl_eval"]
     assert set(rl["init"]["exact_match"]) == set(rl["rl"]["exact_match"]) >= {"arithmetic", "number_sense"}
+    # the same-compute SFT control, on the same held-out prompts; mid-training drew task text
+    assert set(rl["control"]["exact_match"]) == set(rl["rl"]["exact_match"]) and (run / "rl" / "control").is_dir()
+    assert res["stages"]["pretrain"]["mix"]["token_share"]["tasks"] > 0
+    assert res["stages"]["pretrain"]["mix"]["excluded_problems"] > 0
+    assert json.loads((run / "rl" / "config.json").read_text())["chatsmith"]["algo"] == "rft"
     assert 0 <= res["judge"]["dpo_win_rate_vs_sft"] <= 1
     report = (run / "report.md").read_text()
     assert "dpo" in report and "rl" in report
     assert list(Path(run).rglob("*.png"))
     # an interrupted or finished run continues with --resume instead of starting over
-    assert cli("speedrun", "--minutes", 7, "--preset", "micro", "--out", run, "--sources-dir", SOURCES) == 2
+    assert cli("speedrun", "--minutes", 8, "--preset", "micro", "--out", run, "--sources-dir", SOURCES) == 2
 
 
 def check_stage_budgets(run: Path, res: dict, minutes: float):
