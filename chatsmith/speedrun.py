@@ -240,7 +240,9 @@ def _prepare(a, run_dir: Path, t0: float):
     if not (chat / "dialogues_meta.json").exists():
         build_dialogues(chat, sources_dir=a.sources_dir, heldout_sizes={f: HELDOUT_TASKS for f in TASK_FAMILIES})
     if not (chat / "pairs_heldout.jsonl").exists():
-        build_preferences(chat)
+        # held-out pairs from the family-capped file: the task families' 400 held-out prompts are
+        # for RL's table, and 2.5x the pairs would only make the reward model's evaluation longer
+        build_preferences(chat, heldout=judge_file(chat).name)
     meta = json.loads((corpus / "corpus_meta.json").read_text())
     stages["data"] = {"seconds": round(time.time() - t, 1), "corpus": meta,
                       "dialogues": json.loads((chat / "dialogues_meta.json").read_text())["families"]}
@@ -274,7 +276,7 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
     spent = 0.0  # training seconds so far
     common = dict(device=a.device, dtype=a.dtype, log_every=10, seed=a.seed)
     mix = None if a.mix == "none" else a.mix
-    judge_heldout = judge_file(chat)
+    judge_heldout = judge_file(chat)  # written by _prepare
 
     def resume(d: Path) -> bool:
         return a.resume and (d / "checkpoints").exists()

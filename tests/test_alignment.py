@@ -133,6 +133,10 @@ def test_builtin_pairs_from_dialogues(tmp_path):
     assert all(p.chosen != p.rejected for p in pairs)
     wrong = [p for p in pairs if p.meta["recipe"] == "wrong_answer"]
     assert wrong and all(p.chosen.split()[-1] != p.rejected.split()[-1] for p in wrong)
+    # the held-out pairs come from the file named by `heldout` (the speedrun's family-capped one)
+    write_jsonl(tmp_path / "heldout_small.jsonl", rows[:1] + rows[30:31])
+    counts = build_preferences(tmp_path, heldout="heldout_small.jsonl")
+    assert counts["heldout"]["pairs"] == 2 and counts["train"]["pairs"] == 60
 
 
 # --------------------------------------------------------------------------- training, tiny problems

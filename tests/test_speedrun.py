@@ -93,7 +93,7 @@ class FakeRun:
         mp.setattr(S, "build_corpus", self.fixed(10, lambda out, **k: self.write(out / "corpus_meta.json", {})))
         mp.setattr(S, "build_dialogues", self.fixed(2, lambda out, **k: (
             self.write(out / "dialogues_meta.json", {"families": {}}), self.write(out / "heldout.jsonl", ""))))
-        mp.setattr(S, "build_preferences", self.fixed(1, lambda out: self.write(out / "pairs_heldout.jsonl", "")))
+        mp.setattr(S, "build_preferences", self.fixed(1, lambda out, **k: self.write(out / "pairs_heldout.jsonl", "")))
         mp.setattr(S, "train_command", self.fixed(
             5, lambda inp, vs, out, val=None: self.write(Path(out) / "tokenizer_stats.json", {"vocab_size": vs})))
         mp.setattr(S, "compare_with_ngram", self.fixed(S.BASELINE_S, lambda *a, **k: {

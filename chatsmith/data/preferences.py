@@ -190,12 +190,13 @@ def synthesise_pairs(records: list[dict], seed: int) -> list[dict]:
     return out
 
 
-def build_preferences(chat_dir: str | os.PathLike, seed: int = 1337) -> dict:
-    """pairs_train.jsonl / pairs_heldout.jsonl in chat_dir from its train/heldout dialogues."""
+def build_preferences(chat_dir: str | os.PathLike, seed: int = 1337, heldout: str = "heldout.jsonl") -> dict:
+    """pairs_train.jsonl / pairs_heldout.jsonl in chat_dir from its train/heldout dialogues (`heldout`:
+    the held-out file's name in chat_dir, e.g. the speedrun's family-capped heldout_judge.jsonl)."""
     d = Path(chat_dir)
     counts = {}
     for split in ("train", "heldout"):
-        src = d / f"{split}.jsonl"
+        src = d / (heldout if split == "heldout" else f"{split}.jsonl")
         if not src.exists():
             raise UserError(f"{src} is missing: build the dialogues first (`chatsmith data build`)")
         records = [obj for _, obj in iter_jsonl(src, "dialogue file")]
