@@ -85,7 +85,7 @@ def test_mixture_weights_are_honoured_on_a_tiny_run(corpus_dir, tokenizer_dir, t
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [r["mix_share/tasks"] for r in rows if "mix_share/tasks" in r]
     assert len(logged) == 30 and sum(logged) / 30 == pytest.approx(share["tasks"])  # log and summary agree
-    assert any("tasks_val_loss" in r for r in rows) and (out / "data_tasks" / "meta.json").exists()
+    assert any("tasks_val_loss" in r and r["tasks_val_bpb"] > 0 for r in rows) and (out / "data_tasks" / "meta.json").exists()
     assert json.loads((out / "config.json").read_text())["chatsmith"]["mix"] == {"corpus": 0.7, "tasks": 0.3}
     # the rows drawn from the task shard are task text
     from chatsmith.config import TrainConfig

@@ -98,12 +98,12 @@ class FakeRun:
             5, lambda inp, vs, out, val=None: self.write(Path(out) / "tokenizer_stats.json", {"vocab_size": vs})))
         mp.setattr(S, "compare_with_ngram", self.fixed(S.BASELINE_S, lambda *a, **k: {
             "neural_val_bpb": 2.0, "ngram3_val_bpb": 2.5}))
-        mp.setattr(pretrain, "run", self.stage("pretrain", before=15))  # tokenising the corpus into shards
+        mp.setattr(pretrain, "run", self.stage("pretrain", before=S.SHARD_S))  # tokenising the corpus into shards
         mp.setattr(sft, "run", self.stage("sft", before=S.SFT_EVAL_S / 2, after=S.SFT_EVAL_S / 2))
         mp.setattr(reward, "run", self.stage("reward", after=S.REWARD_EVAL_S))
         mp.setattr(rlhf, "run", self.stage("rl", after=S.RL_EVAL_S))
         mp.setattr(dpo, "sample_pairs", self.fixed(20, lambda *a, **k: {"pairs": 1, "prompts": 1}))
-        mp.setattr(dpo, "run", self.stage("dpo"))
+        mp.setattr(dpo, "run", self.stage("dpo", after=S.DPO_EVAL_S))
         mp.setattr(S, "judge", self.fixed(S.JUDGE_S, lambda *a, **k: {"dpo_win_rate_vs_sft": 0.5, "prompts": 1}))
         fake_tok = types.SimpleNamespace(encode=lambda *a, **k: [1], render_chat=lambda *a, **k: ([1], None))
         comp = types.SimpleNamespace(text="ok")
@@ -152,8 +152,8 @@ def test_speedrun_gives_pretraining_and_sft_their_shares(monkeypatch, tmp_path):
     run = FakeRun(monkeypatch, tmp_path)
     res = run()
     t = run.train_s
-    # pretraining's share covers the 15 s of corpus tokenising the speedrun allows for
-    assert run.budgets["pretrain"] == pytest.approx(S.SHARES["pretrain"] * t - 15, abs=0.2)
+    # pretraining's share covers the corpus tokenising the speedrun allows for
+    assert run.budgets["pretrain"] == pytest.approx(S.SHARES["pretrain"] * t - S.SHARD_S, abs=0.2)
     assert run.budgets["sft"] == pytest.approx(S.SHARES["sft"] * t, abs=0.2)
     assert set(run.budgets) == set(S.SHARES)
     assert res["minutes_budget"] == 15.0 and (run.out / "speedrun.json").exists()

@@ -134,8 +134,9 @@ class PretrainStage:
         nats, n_tok, n_bytes = self._val_nats(model, self.val)
         res = {"val_loss": nats / max(n_tok, 1), "val_bpb": nats / (math.log(2) * max(n_bytes, 1))}
         if self.task_val is not None:
-            nats, n_tok, _ = self._val_nats(model, self.task_val)
+            nats, n_tok, n_bytes = self._val_nats(model, self.task_val)
             res["tasks_val_loss"] = nats / max(n_tok, 1)
+            res["tasks_val_bpb"] = nats / (math.log(2) * max(n_bytes, 1))  # comparable across vocabularies
         return res
 
     def _val_nats(self, model, shards) -> tuple[float, float, float]:
