@@ -248,6 +248,10 @@ def _prepare(a, run_dir: Path, t0: float):
         # held-out pairs from the family-capped file: the task families' 400 held-out prompts are
         # for RL's table, and 2.5x the pairs would only make the reward model's evaluation longer
         build_preferences(chat, heldout=judge_file(chat).name)
+    dpo_heldout = chat / "pairs_heldout_dpo.jsonl"
+    if not dpo_heldout.exists():
+        lines = (chat / "pairs_heldout.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+        atomic.write_text(dpo_heldout, "".join(lines[:DPO_EVAL_PAIRS]))
     meta = json.loads((corpus / "corpus_meta.json").read_text())
     stages["data"] = {"seconds": round(time.time() - t, 1), "corpus": meta,
                       "dialogues": json.loads((chat / "dialogues_meta.json").read_text())["families"]}
@@ -356,12 +360,9 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
     cfg = train_config(dpo.DEFAULTS, out=str(dpo_dir), max_minutes=max(minutes_for("dpo", spent) - pair_s / 60, 0.33),
                        resume=resume(dpo_dir), **SPEEDRUN["dpo"], **common)
     t = time.time()
-    dpo_heldout = chat / "pairs_heldout_dpo.jsonl"
-    if not dpo_heldout.exists():
-        lines = (chat / "pairs_heldout.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
-        atomic.write_text(dpo_heldout, "".join(lines[:DPO_EVAL_PAIRS]))
-    stages["dpo"] = dpo.run(cfg, [str(pairs)], str(sft_dir), heldout=[str(dpo_heldout)], beta=0.1, skip_bad=True,
-                            rpo_alpha=1.0)
+    # DPO_EVAL_PAIRS of the held-out pairs (written by _prepare)
+    stages["dpo"] = dpo.run(cfg, [str(pairs)], str(sft_dir), heldout=[str(chat / "pairs_heldout_dpo.jsonl")],
+                            beta=0.1, skip_bad=True, rpo_alpha=1.0)
     stages["dpo"]["seconds"] = round(time.time() - t, 1)
 
     banner(f"8/{n_stages} judge: DPO vs SFT by the reward model")
