@@ -31,7 +31,7 @@ from chatsmith import atomic  # noqa: E402
 from chatsmith.speedrun import MIX, SPEEDRUN, compare_with_ngram  # noqa: E402
 from chatsmith.tokenizer import train_command  # noqa: E402
 
-DEFAULT_VARIANTS = ["tiny:8192", "micro:8192", "small:8192", "tiny:4096", "tiny:2048", "tiny:8192:128"]
+DEFAULT_VARIANTS = ["tiny:8192", "micro:8192", "mini:8192", "small:8192", "tiny:4096", "tiny:2048", "tiny:8192:128"]
 
 
 def parse_variant(spec: str) -> tuple[str, int, int | None]:
