@@ -102,6 +102,17 @@ def shares_for(minutes: float) -> dict:
     return SHARES_LONG if minutes >= LONG_MINUTES else SHARES
 
 
+# The base model's shape for the budget, measured over the whole chain on a 2-core AMD EPYC. In 15
+# minutes `mini` (1.9M) takes 2-9x tiny's steps in every stage (pretraining 185 vs 85, the reward
+# model 51 vs 13, DPO 99 vs 11): val bpb 2.42 vs 2.54, reward model 85% vs 79%, DPO 66% vs 56%.
+# In 60 minutes `tiny` (6.9M) reached 2.13 bpb, 84.5% and 62% (bench/pretrain_shapes.py: README).
+PRESET, PRESET_LONG = "mini", "tiny"
+
+
+def preset_for(minutes: float) -> str:
+    return PRESET_LONG if minutes >= LONG_MINUTES else PRESET
+
+
 def judge_file(chat: Path) -> Path:
     """data/chat/heldout_judge.jsonl: the held-out records with each family capped at
     JUDGE_PER_FAMILY (file order; the split is shuffled), so the judge and SFT's held-out loss see
@@ -223,6 +234,7 @@ def run(a) -> dict:
         if getattr(a, flag, None):
             raise UserError(f"--{flag} is for `speedrun --from MODEL` (the chain on a pretrained model)")
     a.minutes = 15.0 if a.minutes is None else a.minutes
+    a.preset = preset_for(a.minutes) if a.preset is None else a.preset
     t0 = time.time()
     check_flags(a)
     run_dir = Path(a.out)
@@ -445,7 +457,8 @@ def add_arguments(p):
     p.add_argument("--minutes", type=float, default=None, help="total time budget in minutes (default 15; "
                    f"with --from {FROM_MINUTES:g})")
     p.add_argument("--out", default="runs/speedrun", help="run directory (every stage in a folder of its own)")
-    p.add_argument("--preset", default="tiny", choices=registry.presets(), help="size of the base model")
+    p.add_argument("--preset", default=None, choices=registry.presets(),
+                   help=f"size of the base model (default {PRESET} below --minutes {LONG_MINUTES}, {PRESET_LONG} from it)")
     p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the trained tokenizer")
     p.add_argument("--sources-dir", default=default_sources_dir(),
                    help="raw sources fetched by scripts/setup.sh ($CHATSMITH_SOURCES overrides)")

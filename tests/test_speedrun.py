@@ -7,6 +7,7 @@ import pytest
 
 from chatsmith import speedrun as S
 from chatsmith.checkpoint import read_config
+from chatsmith.cli import build_parser
 from chatsmith.data.sources import available_sources
 from conftest import REPO, cli
 
@@ -80,13 +81,13 @@ def check_stage_budgets(run: Path, res: dict, minutes: float):
 # the speedrun rounds the stage seconds it records, and plans with them, to 0.1 s).
 
 class FakeRun:
-    def __init__(self, monkeypatch, tmp_path, minutes=15.0, drift=None):
+    def __init__(self, monkeypatch, tmp_path, minutes=15.0, drift=None, preset="micro"):
         import types
 
         from chatsmith.train import dpo, pretrain, reward, rlhf, sft
 
-        self.now, self.budgets, self.drift = 1e6, {}, drift or {}
-        self.out, self.minutes = tmp_path / "run", minutes
+        self.now, self.budgets, self.drift, self.presets = 1e6, {}, drift or {}, {}
+        self.out, self.minutes, self.preset = tmp_path / "run", minutes, preset
         mp = monkeypatch
         mp.setattr(S, "time", types.SimpleNamespace(time=lambda: self.now))
         mp.setattr(S, "available_sources", lambda d: ["fake"])
@@ -128,6 +129,7 @@ class FakeRun:
         def run(cfg, *a, **k):
             assert cfg.max_steps is None and cfg.max_minutes > 0  # a time budget, the schedule fitted to it
             self.budgets[name] = cfg.max_minutes * 60
+            self.presets[name] = cfg.preset
             train = cfg.max_minutes * 60 + self.drift.get(name, 0.0)
             self.now += before + train + after
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ class FakeRun:
         import types
 
         a = types.SimpleNamespace(minutes=self.minutes, out=str(self.out), resume=False, sources_dir="x",
-                                  vocab_size=512, preset="micro", device="cpu", dtype="fp32", seed=0,
+                                  vocab_size=512, preset=self.preset, device="cpu", dtype="fp32", seed=0,
                                   mix=S.MIX, rl_algo="rft", curriculum=True)
         return S.run(a)
 
@@ -193,6 +195,15 @@ def test_speedrun_stages_add_up_to_the_budget(monkeypatch, tmp_path):
     # every stage used exactly what it was given, every fixed cost its reserve: the run ends with
     # RESERVE_S left for the samples and the report (which take no time here)
     assert res["seconds"] == pytest.approx(run.minutes * 60 - S.RESERVE_S, abs=0.2)
+
+
+def test_speedrun_base_model_shape_follows_the_budget(monkeypatch, tmp_path):
+    # no --preset: the shape measured best for the budget; --preset wins over it
+    for minutes, given, expected in ((15.0, None, "mini"), (60.0, None, "tiny"), (15.0, "tiny", "tiny")):
+        run = FakeRun(monkeypatch, tmp_path / f"{minutes}-{given}", minutes=minutes, preset=given)
+        run()
+        assert run.presets["pretrain"] == expected, (minutes, given)
+    assert build_parser().parse_args(["speedrun"]).preset is None
 
 
 def test_speedrun_every_second_belongs_to_a_stage_row(monkeypatch, tmp_path):
