@@ -29,7 +29,7 @@ import numpy as np
 
 from chatsmith import atomic
 from chatsmith.budget import banner, invocation, stage_minutes
-from chatsmith.checkpoint import load_model
+from chatsmith.checkpoint import list_checkpoints, load_model
 from chatsmith.config import DEVICES, TRAIN_CHOICES
 from chatsmith.data.corpus import build_corpus
 from chatsmith.data.dialogues import build_dialogues
@@ -109,7 +109,13 @@ def shares_for(minutes: float) -> dict:
 PRESET, PRESET_LONG = "mini", "tiny"
 
 
-def preset_for(minutes: float) -> str:
+def preset_for(minutes: float, run_dir: Path | None = None) -> str:
+    """The budget's shape, or, resuming a run whose pretraining has started, the shape it started
+    with (a run begun before the default moved keeps its own)."""
+    base = None if run_dir is None else run_dir / "base"
+    for d in [base, *reversed(list_checkpoints(base))] if base is not None else []:
+        if (d / "trainer_state.json").exists():
+            return json.loads((d / "trainer_state.json").read_text())["train_config"]["preset"]
     return PRESET_LONG if minutes >= LONG_MINUTES else PRESET
 
 
@@ -234,7 +240,8 @@ def run(a) -> dict:
         if getattr(a, flag, None):
             raise UserError(f"--{flag} is for `speedrun --from MODEL` (the chain on a pretrained model)")
     a.minutes = 15.0 if a.minutes is None else a.minutes
-    a.preset = preset_for(a.minutes) if a.preset is None else a.preset
+    if a.preset is None:
+        a.preset = preset_for(a.minutes, Path(a.out) if a.resume else None)
     t0 = time.time()
     check_flags(a)
     run_dir = Path(a.out)

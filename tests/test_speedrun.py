@@ -204,6 +204,11 @@ def test_speedrun_base_model_shape_follows_the_budget(monkeypatch, tmp_path):
         run()
         assert run.presets["pretrain"] == expected, (minutes, given)
     assert build_parser().parse_args(["speedrun"]).preset is None
+    # --resume of a run that began pretraining with another shape keeps that shape
+    ckpt = tmp_path / "old" / "base" / "checkpoints" / "step-00000040"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"train_config": {"preset": "tiny"}}))
+    assert S.preset_for(15.0, tmp_path / "old") == "tiny" and S.preset_for(15.0, tmp_path / "new") == "mini"
 
 
 def test_speedrun_every_second_belongs_to_a_stage_row(monkeypatch, tmp_path):
