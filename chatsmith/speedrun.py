@@ -112,10 +112,11 @@ PRESET, PRESET_LONG = "mini", "tiny"
 def preset_for(minutes: float, run_dir: Path | None = None) -> str:
     """The budget's shape, or, resuming a run whose pretraining has started, the shape it started
     with (a run begun before the default moved keeps its own)."""
-    base = None if run_dir is None else run_dir / "base"
-    for d in [base, *reversed(list_checkpoints(base))] if base is not None else []:
-        if (d / "trainer_state.json").exists():
-            return json.loads((d / "trainer_state.json").read_text())["train_config"]["preset"]
+    for ckpt in reversed(list_checkpoints(run_dir / "base")) if run_dir is not None else ():
+        try:
+            return json.loads((ckpt / "trainer_state.json").read_text())["train_config"]["preset"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            continue  # unreadable: the trainer's resume skips it too and takes an older one
     return PRESET_LONG if minutes >= LONG_MINUTES else PRESET
 
 
