@@ -755,9 +755,8 @@ class GPT(FamilyModel):
         rows = cache.rows[:B]
         head = fused[-1]
         # Per token and layer this is ~15 tensor ops; at batch 1 on the tiny preset their dispatch
-        # costs as much as the matmuls, so every op saved counts: fp32 needs no casts (RMSNorm
-        # then takes its weight in the same kernel, as the module's fp32 math), q and k are rotated
-        # in one call (they are adjacent in the qkv output), the cache dtype is checked once
+        # costs as much as the matmuls, so every op saved counts: fp32 needs no casts, q and k are
+        # rotated in one call (they are adjacent in the qkv output), the cache dtype is checked once
         same = x.dtype == torch.float32 and cache.k[0].dtype == x.dtype
 
         # rotate_half's swap of the two halves as one gather (apply_rope's flip needs two views more)
