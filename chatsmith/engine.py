@@ -690,19 +690,25 @@ class Engine:
         self.last = req.completions
         return req.completions
 
-    def generate_many(self, prompts: list[list[int]], p: SamplingParams, max_batch: int = 32) -> list[Completion]:
+    def generate_many(self, prompts: list[list[int]], p: SamplingParams | list[SamplingParams],
+                      max_batch: int = 32) -> list[Completion]:
         """One completion per prompt, in prompt order. Prompts of any lengths are decoded together,
         up to max_batch rows at a time; a finished row is refilled with the next prompt at once.
-        With a fixed seed, prompt i gets its own sample stream (same prompt twice: two samples)."""
-        p.validate()
-        p1 = dataclasses.replace(p, num_return_sequences=1)
-        if p.num_beams > 1:
-            return [self._beam(ids, p1)[0] for ids in prompts]
+        With a fixed seed, prompt i gets its own sample stream (same prompt twice: two samples).
+        `p` may also be a list, one SamplingParams per prompt (e.g. each its own token budget)."""
+        ps = list(p) if isinstance(p, (list, tuple)) else [p] * len(prompts)
+        if len(ps) != len(prompts):
+            raise ValueError(f"generate_many: {len(ps)} sampling settings for {len(prompts)} prompts")
+        for q in ps:
+            q.validate()
+        ps = [dataclasses.replace(q, num_return_sequences=1) for q in ps]
+        if any(q.num_beams > 1 for q in ps):
+            return [self._beam(ids, q)[0] for ids, q in zip(prompts, ps)]
         saved = self.max_batch
         if not self.rows:
             self.max_batch = max(1, max_batch)
         try:
-            reqs = [self.add_request(ids, p1, stream_id=i) for i, ids in enumerate(prompts)]
+            reqs = [self.add_request(ids, q, stream_id=i) for i, (ids, q) in enumerate(zip(prompts, ps))]
             self.run_until_done(reqs)
         finally:
             self.max_batch = saved

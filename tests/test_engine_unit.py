@@ -382,6 +382,16 @@ def test_generate_many_matches_one_at_a_time_for_greedy():
     assert [c.token_ids for c in a] == [c.token_ids for c in b] and a[0].token_ids != a[1].token_ids
 
 
+def test_generate_many_takes_one_setting_per_prompt():
+    prompts = [TOK.encode(p) for p, _ in GREEDY_REQUESTS[:3]]
+    budgets = [3, 10, 6]
+    many = make_engine().generate_many(prompts, [SamplingParams(max_new_tokens=n, temperature=0) for n in budgets],
+                                       max_batch=2)
+    assert [c.token_ids for c in many] == [continuation(letters_rule, ids, n) for ids, n in zip(prompts, budgets)]
+    with pytest.raises(ValueError, match="2 sampling settings for 3 prompts"):
+        make_engine().generate_many(prompts, [SamplingParams(max_new_tokens=3)] * 2)
+
+
 def test_cancelling_a_request_frees_its_rows_and_the_others_continue():
     engine = make_engine(max_batch=3)
     long = SamplingParams(max_new_tokens=30, temperature=0)

@@ -100,9 +100,12 @@ def test_chat_metrics_end_share_and_exact_match_per_family(base_model, tokenizer
     replies = {"2 + 3": ("The answer is 5.", "stop"), "4 + 4": ("9", "stop"), "9 - 1": ("8", "length"),
                "Peru": ("lima", "stop"), "Hello": ("Hi", "length")}
 
+    budgets = {}
+
     def fake(self, prompts, p, max_batch=32):
         out = []
-        for ids in prompts:
+        for ids, q in zip(prompts, p):
+            budgets[tok.decode(ids)] = (len(ids), q.max_new_tokens)
             text = tok.decode(ids)
             reply, why = next(v for k, v in replies.items() if k in text)
             out.append(Completion(tok.encode(reply), reply, why))
@@ -112,5 +115,16 @@ def test_chat_metrics_end_share_and_exact_match_per_family(base_model, tokenizer
     m = chat_metrics(load_model(base_model), tok, records, per_family=10, pad_id=tok.pad_id)
     assert m["generated"] == 5
     assert m["ended_share"] == pytest.approx(3 / 5)
+    assert m["ended_by_family"] == {"arithmetic": pytest.approx(2 / 3), "chatterbot": 0.0, "quiz": 1.0}
+    # "ended" is judged within twice the reference reply, never less than max_new_tokens (48) unless
+    # the context (64 tokens for micro) ends first
+    model = load_model(base_model)
+    ctx = model.cfg.max_seq_len
+    assert max(n for _, n in budgets.values()) == 48 and all(k + n <= ctx for k, n in budgets.values())
+    budgets.clear()
+    replies["Recite"] = ("a poem", "stop")
+    chat_metrics(model, tok, [rec("Recite a poem", "word " * 40, "poem")], pad_id=tok.pad_id)
+    ((k, got),) = budgets.values()
+    assert got == ctx - k > 48  # the long reference raised the budget to the context
     assert m["exact_match"] == {"arithmetic": pytest.approx(2 / 3), "quiz": 1.0}  # no answers: no accuracy
     assert m["assistant_loss"] > 0

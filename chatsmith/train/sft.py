@@ -112,6 +112,10 @@ def print_eval_table(res: dict):
         vals = [f"{res[s]['exact_match'][fam]:.0%}" if res.get(s) and fam in res[s]["exact_match"] else "-"
                 for s in ("base", "sft")]
         print(f"{'exact match: ' + fam:40s} {vals[0]:>8s} {vals[1]:>8s}", file=sys.stderr)
+    for fam in sorted({k for side in res.values() if side for k in side.get("ended_by_family", {})}):
+        vals = [f"{res[s]['ended_by_family'][fam]:.0%}" if res.get(s) and fam in res[s].get("ended_by_family", {})
+                else "-" for s in ("base", "sft")]
+        print(f"{'ended: ' + fam:40s} {vals[0]:>8s} {vals[1]:>8s}", file=sys.stderr)
 
 
 # --- the verb -------------------------------------------------------------------------------------
