@@ -57,20 +57,19 @@ def chat_metrics(model, tok, records, per_family: int = 20, max_new_tokens: int 
                 refs.append((fam, r))
                 params.append(SamplingParams(max_new_tokens=budget, temperature=0))
     outs = engine.generate_many(prompts, params)
-    ended, correct, total, samples = 0, defaultdict(int), defaultdict(int), []
-    ended_by, seen_by = defaultdict(int), defaultdict(int)
+    correct, total, samples = defaultdict(int), defaultdict(int), []
+    ended, seen = defaultdict(int), defaultdict(int)  # per family
     for (fam, r), c in zip(refs, outs):
-        ended += c.finish_reason == "stop"
-        ended_by[fam] += c.finish_reason == "stop"
-        seen_by[fam] += 1
+        ended[fam] += c.finish_reason == "stop"
+        seen[fam] += 1
         if r.meta.get("answers"):
             total[fam] += 1
             correct[fam] += check_answer(fam, c.text, r.meta["answers"])
         if len(samples) < n_samples * len(by_family) and sum(s["family"] == fam for s in samples) < n_samples:
             samples.append({"family": fam, "prompt": r.messages[-2]["content"], "reply": c.text,
                             "reference": r.messages[-1]["content"]})
-    res["ended_share"] = ended / max(len(outs), 1)
-    res["ended_by_family"] = {f: ended_by[f] / seen_by[f] for f in sorted(seen_by)}
+    res["ended_share"] = sum(ended.values()) / max(len(outs), 1)
+    res["ended_by_family"] = {f: ended[f] / seen[f] for f in sorted(seen)}
     res["exact_match"] = {f: correct[f] / total[f] for f in sorted(total)}
     res["generated"] = len(outs)
     # "ended" means within max(this, twice the reference reply's tokens): the report states it

@@ -235,11 +235,14 @@ def swap_halves(x):
     return x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
 
 
-def apply_rope(x, cos, sin_signed):
+def apply_rope(x, cos, sin_signed, swap=None):
     """x * cos + rotate_half(x) * sin, with the sign of rotate_half folded into the table:
     sin_signed = (-sin, +sin) over the two halves. Bit-identical to the textbook form, one op fewer
-    and no cat."""
-    return x * cos + swap_halves(x) * sin_signed
+    and no cat. `swap` (the index arange(D).roll(D // 2), built once by a caller that rotates many
+    times) makes the half swap one gather and the sum one addcmul: 3 kernels, for the decode step."""
+    if swap is None:
+        return x * cos + swap_halves(x) * sin_signed
+    return torch.addcmul(x * cos, x.index_select(-1, swap), sin_signed)
 
 
 def rope_cache(cfg: DecoderConfig, device=None):
@@ -759,8 +762,7 @@ class GPT(FamilyModel):
         # rotated in one call (they are adjacent in the qkv output), the cache dtype is checked once
         same = x.dtype == torch.float32 and cache.k[0].dtype == x.dtype
 
-        # rotate_half's swap of the two halves as one gather (apply_rope's flip needs two views more)
-        swap = torch.arange(D, device=x.device).roll(D // 2)
+        swap = torch.arange(D, device=x.device).roll(D // 2)  # apply_rope's half swap as one gather
         eps_t = x.new_full((1,), eps)  # addcmul adds it as a tensor: one kernel
 
         def norm(w, t):
@@ -774,8 +776,7 @@ class GPT(FamilyModel):
 
         for layer, (n1, wqkv, wo_t, n2, wgu, wd_t) in enumerate(fused[:cfg.n_layer]):
             qkv = _linear(norm(n1, x), wqkv)
-            qk = qkv[:, :(H + G) * D].view(B, H + G, D)
-            qk = torch.addcmul(qk * cos, qk.index_select(-1, swap), sin)  # apply_rope in 3 kernels
+            qk = apply_rope(qkv[:, :(H + G) * D].view(B, H + G, D), cos, sin, swap)
             q, k = qk[:, :H], qk[:, H:]
             v = qkv[:, (H + G) * D:].view(B, G, D)
             kc, vc = cache.k[layer], cache.v[layer]

@@ -103,19 +103,15 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
 def print_eval_table(res: dict):
     rows = [("assistant-token loss (held-out)", "assistant_loss", "{:.3f}"),
             ("replies ending with the end token", "ended_share", "{:.0%}")]
-    fams = sorted({k for side in res.values() if side for k in side.get("exact_match", {})})
     print(f"{'held-out metric':40s} {'base':>8s} {'sft':>8s}", file=sys.stderr)
     for label, key, f in rows:
         vals = [f.format(res[s][key]) if res.get(s) else "-" for s in ("base", "sft")]
         print(f"{label:40s} {vals[0]:>8s} {vals[1]:>8s}", file=sys.stderr)
-    for fam in fams:
-        vals = [f"{res[s]['exact_match'][fam]:.0%}" if res.get(s) and fam in res[s]["exact_match"] else "-"
-                for s in ("base", "sft")]
-        print(f"{'exact match: ' + fam:40s} {vals[0]:>8s} {vals[1]:>8s}", file=sys.stderr)
-    for fam in sorted({k for side in res.values() if side for k in side.get("ended_by_family", {})}):
-        vals = [f"{res[s]['ended_by_family'][fam]:.0%}" if res.get(s) and fam in res[s].get("ended_by_family", {})
-                else "-" for s in ("base", "sft")]
-        print(f"{'ended: ' + fam:40s} {vals[0]:>8s} {vals[1]:>8s}", file=sys.stderr)
+    for label, key in (("exact match: ", "exact_match"), ("ended: ", "ended_by_family")):  # per family
+        for fam in sorted({k for side in res.values() if side for k in side.get(key, {})}):
+            vals = [f"{res[s][key][fam]:.0%}" if res.get(s) and fam in res[s].get(key, {}) else "-"
+                    for s in ("base", "sft")]
+            print(f"{label + fam:40s} {vals[0]:>8s} {vals[1]:>8s}", file=sys.stderr)
 
 
 # --- the verb -------------------------------------------------------------------------------------
