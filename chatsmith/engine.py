@@ -109,7 +109,7 @@ def check_quantize(model, mode: str):
     if not cpu_int8_supported():
         raise UserError("--quantize int8: this PyTorch build has no CPU int8 engine (fbgemm, x86 or qnnpack)")
     if getattr(model, "fuse_decode_weights", lambda: None)() is None:
-        raise UserError("--quantize int8 needs a plain Llama-shaped decoder (no biases, no unmerged LoRA); "
+        raise UserError("--quantize int8 needs a plain Llama-shaped decoder (no biases); "
                         "this model is not one")
 
 

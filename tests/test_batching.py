@@ -147,7 +147,7 @@ def test_incremental_detokenizer_matches_full_decode(engine):
 
 
 def test_fast_path_only_for_plain_modules():
-    """A wrapped projection (as LoRA does) or the GPT-2 shape must go through the modules."""
+    """A projection wrapped in anything but LoRA, or the GPT-2 shape, goes through the modules."""
     m = GPT(preset("micro", vocab_size=97))
     assert m.fuse_decode_weights() is not None
     assert GPT(preset("micro", arch="gpt2", vocab_size=97)).fuse_decode_weights() is None
@@ -158,6 +158,35 @@ def test_fast_path_only_for_plain_modules():
     q = m.model.layers[1].self_attn.q_proj
     m.model.layers[1].self_attn.q_proj = Wrapped(q.in_features, q.out_features, bias=False)
     assert m.fuse_decode_weights() is None
+
+
+def test_lora_model_decodes_on_the_fast_path_with_its_update_merged():
+    """RL and LoRA SFT decode with adapters attached: the fused snapshot merges W0 + (alpha/r) B A
+    and folds the RMSNorm weights into the next matrix, and gives the logits of a full forward."""
+    from chatsmith.model.lora import apply_lora
+
+    torch.manual_seed(2)
+    m = GPT(preset("micro", vocab_size=97, n_kv_head=2))
+    apply_lora(m, 4, 8.0)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name or "norm" in name:  # a trained adapter, trained norms
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    m.eval()
+    fused = m.fuse_decode_weights()
+    assert fused is not None
+    prompt, cont = torch.randint(0, 97, (7,)).tolist(), torch.randint(0, 97, (4,)).tolist()
+    for rows in (1, 2):  # the single-row branch and the masked batch branch
+        cache = m.new_slot_cache(rows, 64)
+        with torch.no_grad():
+            for r in range(rows):
+                m(torch.tensor([prompt]), cache=cache.row_view(r))
+                cache.lens[r] = len(prompt)
+            for t in range(4):
+                logits = m.decode_step(torch.tensor([cont[t]] * rows), cache, fused=fused)
+                ref = m(torch.tensor([prompt + cont[:t + 1]]))[0, -1]
+                for r in range(rows):
+                    torch.testing.assert_close(logits[r], ref, atol=1e-5, rtol=1e-5)
 
 
 def test_engine_uses_weights_changed_between_calls(engine):

@@ -470,10 +470,7 @@ def run(cfg: TrainConfig, rl: RLConfig, prompts: list[str], init: str, rewards: 
         raise UserError(f"--control-sft must be one of {', '.join(rl_control.MODES)}, got {control!r}")
     tok = Tokenizer.load(init)
     policy = load_model(init)
-    if rl.quantize != "none":
-        if cfg.lora_rank:
-            raise UserError("--quantize int8 decodes a snapshot of plain weights; with --lora-rank the policy's "
-                            "adapters are not merged into it: drop one of the two")
+    if rl.quantize != "none":  # (with --lora-rank the snapshot merges the adapters in)
         check_quantize(policy.to(runtime.resolve_device(cfg.device)), rl.quantize)
     ref = load_model(init).requires_grad_(False)
     fams = {f.strip() for f in rl.families.split(",") if f.strip()} or None
