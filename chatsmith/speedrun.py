@@ -473,7 +473,8 @@ def add_arguments(p):
                    help="raw sources fetched by scripts/setup.sh ($CHATSMITH_SOURCES overrides)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to train (auto: cuda, else mps, else cpu)")
     p.add_argument("--dtype", default="auto", choices=TRAIN_CHOICES["dtype"],
-                   help="auto: bf16 autocast on a GPU that supports it, else fp32")
+                   help="auto: bf16 autocast on a GPU that supports it, else fp32 (with --from: also bf16 on a "
+                        "CPU with native bf16, AMX or AVX-512 BF16)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted speedrun")
     p.add_argument("--seed", type=int, default=0, help="seed of every training stage (the data builds keep their own)")
     p.add_argument("--mix", default=MIX, metavar="corpus=W,tasks=W",

@@ -430,8 +430,23 @@ def judge_pair(a: list[float], b: list[float]) -> dict:
 
 # --- the chain ---------------------------------------------------------------------------------------
 
+def resolve_dtype(a) -> str:
+    """--dtype auto for a pretrained model: bf16 autocast on a GPU that has it (as every verb) and also
+    on a CPU with native bf16, where SmolLM2's LoRA steps run 2x and its scoring forwards 2.8x faster
+    (8 x 256 tokens on a 2-core Xeon with AMX: 7.4 -> 3.6 s a step). Never on a CPU without it."""
+    if a.dtype != "auto":
+        return a.dtype
+    dev = resolve_device(a.device)
+    if dev.type == "cpu" and cpu_has_native_bf16():
+        print("--dtype auto: this CPU has native bf16 (AMX or AVX-512 BF16), so the stages train and score "
+              "under bf16 autocast; --dtype fp32 turns that off", file=sys.stderr)
+        return "bf16"
+    return "auto"
+
+
 def run(a) -> dict:
     t0 = time.time()
+    a.dtype = resolve_dtype(a)
     steps = check_flags(a)
     run_dir = Path(a.out)
     n = 9
@@ -567,7 +582,7 @@ def run(a) -> dict:
         stages[f"eval {s}"] = {"seconds": evals[s]["seconds"]}
     table = chain_table(evals, stages, judge)
     result = {"from": a.from_model, "name": a.name, "minutes_budget": a.minutes, "steps": steps,
-              "eval_items_per_family": a.eval_items, "eval_quantize": quantize or "none",
+              "eval_items_per_family": a.eval_items, "eval_quantize": quantize or "none", "dtype": a.dtype,
               "seconds": round(time.time() - t0, 1), "stages": stages, "chain": table, "judge": judge,
               "reward_eval": rev, "conversation": {s: evals[s]["conversation"] for s in ("base", "sft", "rl", "dpo")},
               "judge_win_dpo_vs_sft": judge["dpo_vs_sft"]["win_rate"]}

@@ -266,7 +266,7 @@ def test_time_budget_is_shared_after_the_fixed_costs(monkeypatch, tmp_path):
             (Path(cfg.out) / "train_summary.json").write_text(json.dumps({"steps": 1, "tokens": 1}))
         return run
 
-    def evaluate_stage(d, suite, base, known, quantize):
+    def evaluate_stage(d, suite, base, known, quantize, amp=None):
         clock[0] += eval_s
         return {"exact_match": {"arithmetic": 0.5}, "exact_match_ci95": {"arithmetic": [0.1, 0.9]},
                 "exact_match_counts": {"arithmetic": [1, 2]}, "facts_correct": [True], "identity": 0.0,
@@ -293,3 +293,19 @@ def test_time_budget_is_shared_after_the_fixed_costs(monkeypatch, tmp_path):
     assert res["judge"]["dpo_vs_sft"]["win_rate"] == 0.5  # equal scores: every prompt a tie
     # the whole run, by the fake clock, within the budget (the judge and report take no time here)
     assert res["seconds"] <= 30 * 60 - F.RESERVE_S + 1
+
+
+def test_dtype_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
+    """--dtype auto trains a pretrained model under bf16 autocast where the CPU does bf16 in hardware
+    (2x faster there), never where PyTorch would emulate it; an explicit --dtype is kept; the eval
+    budget estimate counts the faster scoring only when bf16 is native."""
+    from types import SimpleNamespace
+
+    a = lambda dtype: SimpleNamespace(dtype=dtype, device="cpu")  # noqa: E731
+    monkeypatch.setattr(F, "cpu_has_native_bf16", lambda: True)
+    assert F.resolve_dtype(a("auto")) == "bf16"
+    assert F.resolve_dtype(a("fp32")) == "fp32"
+    monkeypatch.setattr(F, "cpu_has_native_bf16", lambda: False)
+    assert F.resolve_dtype(a("auto")) == "auto"
+    slow = F.fixed_seconds(50, True, True)
+    assert F.fixed_seconds(50, True, True, int8_decode=True, bf16_scoring=True) < slow
