@@ -246,7 +246,7 @@ def test_time_budget_is_shared_after_the_fixed_costs(monkeypatch, tmp_path):
 
     from chatsmith.train import dpo, reward, rlhf, sft
 
-    budgets = {}
+    budgets, caps = {}, {}
     eval_s = 100.0
     clock = [1e6]  # a fake clock: a stage takes its budget (the reward model its held-out pairs too)
     monkeypatch.setattr(F, "time", types.SimpleNamespace(time=lambda: clock[0]))
@@ -259,8 +259,9 @@ def test_time_budget_is_shared_after_the_fixed_costs(monkeypatch, tmp_path):
 
     def stage(name):
         def run(cfg, *a, **k):
-            assert cfg.max_steps is None and cfg.lora_rank == F.LORA["lora_rank"]
+            assert (cfg.max_steps is None or name == "dpo") and cfg.lora_rank == F.LORA["lora_rank"]
             budgets[name] = cfg.max_minutes * 60
+            caps[name] = cfg.max_steps
             clock[0] += budgets[name] + (F.REWARD_EVAL_S if name == "reward" else 0)
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             (Path(cfg.out) / "train_summary.json").write_text(json.dumps({"steps": 1, "tokens": 1}))
@@ -286,6 +287,7 @@ def test_time_budget_is_shared_after_the_fixed_costs(monkeypatch, tmp_path):
     assert cli("speedrun", "--from", "smollm2", "--out", tmp_path / "run", "--minutes", 30) == 0
     train_s = 30 * 60 - 4 * eval_s - F.REWARD_EVAL_S - F.RESERVE_S
     assert set(budgets) == set(F.SHARES)
+    assert caps["dpo"] == 1  # DPO_EPOCHS passes over the one on-policy pair, batch 4: one step at most
     for name, share in F.SHARES.items():
         assert budgets[name] == pytest.approx(share * train_s, rel=0.01), name
     res = json.loads((tmp_path / "run" / "speedrun.json").read_text())
