@@ -121,10 +121,28 @@ def masked_mean(v: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (v * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
+def masked_logprobs(model, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, head="lm"):
+    """token_logprobs(model(x), y) * mask, (N, T) fp32 with 0 off the mask, the LM head run at the
+    masked positions only (a decoder's `logits_at`): the prompt's positions cost no logits. Also
+    returns the (n, V) logits of those positions (an entropy to log), and with head=("lm", "score")
+    the score head's values as (N, T), 0 off the mask (PPO's critic)."""
+    sel = mask.bool()
+    if getattr(getattr(model, "module", model), "family", None) == "decoder":  # (DDP wraps it in .module)
+        out = model(x, logits_at=sel, head=head)
+    else:  # another model's forward: the full logits, then the masked positions
+        out = model(x) if head == "lm" else model(x, head=head)
+        out = tuple(o[sel] for o in out) if isinstance(out, tuple) else out[sel]
+    logits, values = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+    lp = torch.zeros(x.shape, dtype=torch.float32, device=x.device).masked_scatter(sel, token_logprobs(logits, y[sel]))
+    if values is None:
+        return lp, logits
+    return lp, logits, torch.zeros(x.shape, dtype=values.dtype, device=x.device).masked_scatter(sel, values)
+
+
 def sequence_logprobs(model, batch: dict) -> torch.Tensor:
     """Σ over masked target tokens of log π(token | prefix), per row (N,)."""
-    lp = token_logprobs(model(batch["x"]), batch["y"])
-    return (lp * batch["mask"]).sum(-1)
+    m = batch["mask"]
+    return (masked_logprobs(model, batch["x"], batch["y"], m)[0] * m).sum(-1)
 
 
 @torch.no_grad()
@@ -159,4 +177,4 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_i
 
 
 __all__ = ["shuffled_index", "epoch_batch", "pad", "collate", "completion_batch", "token_logprobs", "entropy",
-           "masked_mean", "sequence_logprobs", "continuation_logprobs"]
+           "masked_mean", "masked_logprobs", "sequence_logprobs", "continuation_logprobs"]

@@ -254,7 +254,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=None, help="seed the sampling (default: a fresh seed)")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
-                   help="decode weights: none (fp32 as trained) or int8 (CPU; a quarter of the bytes per token)")
+                   help="decode weights: none (fp32 as trained), int8 (CPU; a quarter of the bytes per token) "
+                   "or bf16 (half the bytes; a CPU with native bf16 or a GPU)")
     p.add_argument("--tools", nargs="+", default=None, metavar="TOOL",
                    help="built-in tools the model may call, run inside generation (calculator)")
     p.add_argument("--jsonl", action="store_true", help="read a user turn per input line and print one JSON "

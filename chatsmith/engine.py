@@ -32,6 +32,7 @@ import torch
 
 from chatsmith.errors import UserError
 from chatsmith.model.decoder import cpu_int8_supported
+from chatsmith.runtime import cpu_has_native_bf16
 from chatsmith.watermark import Watermark, context_tail
 
 
@@ -97,19 +98,24 @@ NOT_DECODED = {
                "`chatsmith serve MODEL` (the OpenAI API translates) or `chatsmith eval MODEL --tasks "
                "translation`; chat and generate need a decoder",
 }
-QUANTIZE = ("none", "int8")  # decode weights: fp32 as trained, or int8 (see GPT.fuse_decode_weights)
+# decode weights: fp32 as trained, int8, or bf16 (see GPT.fuse_decode_weights)
+QUANTIZE = ("none", "int8", "bf16")
 
 
 def check_quantize(model, mode: str):
     """Refuse a --quantize the model or machine cannot honour, before any work."""
     if mode not in QUANTIZE:
         raise UserError(f"--quantize must be one of {', '.join(QUANTIZE)}; got {mode!r}")
-    if next(model.parameters()).device.type != "cpu":
+    device = next(model.parameters()).device.type
+    if mode == "int8" and device != "cpu":
         raise UserError("--quantize int8 runs PyTorch's CPU int8 kernels: use it with --device cpu")
-    if not cpu_int8_supported():
+    if mode == "int8" and not cpu_int8_supported():
         raise UserError("--quantize int8: this PyTorch build has no CPU int8 engine (fbgemm, x86 or qnnpack)")
+    if mode == "bf16" and device == "cpu" and not cpu_has_native_bf16():
+        raise UserError("--quantize bf16: this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag), so "
+                        "PyTorch would emulate it, ~100x slower than fp32; use --quantize none or int8")
     if getattr(model, "fuse_decode_weights", lambda: None)() is None:
-        raise UserError("--quantize int8 needs a plain Llama-shaped decoder (no biases); "
+        raise UserError(f"--quantize {mode} needs a plain Llama-shaped decoder (no biases); "
                         "this model is not one")
 
 
@@ -691,18 +697,22 @@ class Engine:
         return req.completions
 
     def generate_many(self, prompts: list[list[int]], p: SamplingParams | list[SamplingParams],
-                      max_batch: int = 32) -> list[Completion]:
-        """One completion per prompt, in prompt order. Prompts of any lengths are decoded together,
-        up to max_batch rows at a time; a finished row is refilled with the next prompt at once.
-        With a fixed seed, prompt i gets its own sample stream (same prompt twice: two samples).
-        `p` may also be a list, one SamplingParams per prompt (e.g. each its own token budget)."""
+                      max_batch: int = 32, n: int = 1) -> list[Completion]:
+        """n completions per prompt, in prompt order (a prompt's n consecutive). Prompts of any
+        lengths are decoded together, up to max_batch rows at a time; a finished row is refilled
+        with the next prompt at once. With a fixed seed, prompt i gets its own sample stream (same
+        prompt twice: two samples). n > 1 prefills each prompt once and copies its cache to n rows
+        (an RL group: 4 samples of a 40-token prompt cost one prefill, not four). `p` may also be a
+        list, one SamplingParams per prompt (e.g. each its own token budget)."""
         ps = list(p) if isinstance(p, (list, tuple)) else [p] * len(prompts)
         if len(ps) != len(prompts):
             raise ValueError(f"generate_many: {len(ps)} sampling settings for {len(prompts)} prompts")
         for q in ps:
             q.validate()
-        ps = [dataclasses.replace(q, num_return_sequences=1) for q in ps]
+        ps = [dataclasses.replace(q, num_return_sequences=n) for q in ps]
         if any(q.num_beams > 1 for q in ps):
+            if n > 1:
+                raise UserError("generate_many: n > 1 samples per prompt is not beam search; use num_beams 1")
             return [self._beam(ids, q)[0] for ids, q in zip(prompts, ps)]
         saved = self.max_batch
         if not self.rows:
@@ -712,7 +722,7 @@ class Engine:
             self.run_until_done(reqs)
         finally:
             self.max_batch = saved
-        return [r.completions[0] for r in reqs]
+        return [c for r in reqs for c in r.completions]
 
     @torch.no_grad()
     def _beam(self, prompt_ids: list[int], p: SamplingParams) -> list[Completion]:

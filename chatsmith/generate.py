@@ -1,7 +1,7 @@
 """`chatsmith generate`: one prompt, sampled by the engine, streamed to stdout.
 
 Every SamplingParams field is a flag (--temperature 0 is greedy; --num-beams, --num-return-sequences,
---stop, --seed ...). `--quantize int8` decodes with int8 weights (see GPT.fuse_decode_weights).
+--stop, --seed ...). `--quantize int8|bf16` decodes with int8 or bf16 weights (see GPT.fuse_decode_weights).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def add_arguments(p):
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--no-stream", action="store_true", help="print only when finished")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
-                   help="decode weights: none (fp32 as trained) or int8 (CPU; a quarter of the bytes per token)")
+                   help="decode weights: none (fp32 as trained), int8 (CPU; a quarter of the bytes per token) "
+                   "or bf16 (half the bytes; a CPU with native bf16 or a GPU)")
     add_watermark_flags(p)
 
 

@@ -495,8 +495,9 @@ def add_arguments(p):
                    "sft=40,reward=30,rl=10,dpo=20 (optimizer steps per stage)")
     g.add_argument("--eval-items", type=int, default=20, help="with --from: held-out items per task family (and "
                    "facts per fact family) in every stage's evaluation")
-    g.add_argument("--eval-quantize", default="none", choices=["none", "int8"],
-                   help="with --from: decode weights of the evaluations' greedy generations")
+    g.add_argument("--eval-quantize", default="auto", choices=["auto", "none", "int8", "bf16"],
+                   help="with --from: decode weights of the evaluations' generations, RL's rollouts and DPO's "
+                   "pair sampling (auto: bf16 on a CPU with native bf16 when --dtype is bf16, else none = fp32)")
 
 
 VERB = Verb("speedrun", "the whole chain on the built-in corpus (or --from a pretrained model) under a time budget", add_arguments, run)

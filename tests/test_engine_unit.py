@@ -382,6 +382,27 @@ def test_generate_many_matches_one_at_a_time_for_greedy():
     assert [c.token_ids for c in a] == [c.token_ids for c in b] and a[0].token_ids != a[1].token_ids
 
 
+def test_generate_many_n_samples_share_one_prefill_per_prompt():
+    """An RL group: n samples of each prompt, consecutive in the result, the prompt prefilled once
+    (its cache copied to the n rows), the samples different from each other, reproducible, and with
+    temperature 0 each equal to the prompt's greedy reply."""
+    prompts = [TOK.encode(p) for p, _ in GREEDY_REQUESTS[:3]]
+    engine = make_engine(max_batch=16)
+    calls = []
+    prefill = engine.model.hidden_states
+    engine.model.hidden_states = lambda x, cache: calls.append(x.shape) or prefill(x, cache)
+    s = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)
+    a = engine.generate_many(prompts, s, max_batch=12, n=4)
+    assert len(calls) == 3 and len(a) == 12
+    for i in range(3):
+        group = [tuple(c.token_ids) for c in a[4 * i:4 * i + 4]]
+        assert len(set(group)) == 4
+    b = make_engine(max_batch=16).generate_many(prompts, s, max_batch=12, n=4)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    g = make_engine().generate_many(prompts, SamplingParams(max_new_tokens=10, temperature=0), max_batch=4, n=2)
+    assert [c.token_ids for c in g] == [continuation(letters_rule, ids, 10) for ids in prompts for _ in range(2)]
+
+
 def test_generate_many_takes_one_setting_per_prompt():
     prompts = [TOK.encode(p) for p, _ in GREEDY_REQUESTS[:3]]
     budgets = [3, 10, 6]

@@ -60,6 +60,27 @@ def test_context_overflow_is_an_error():
         model(torch.zeros(1, 65, dtype=torch.long))
 
 
+def test_masked_logprobs_equal_the_full_forward_on_the_mask():
+    """The LM head read at the reply's positions only (RL, DPO, the retention check) gives the full
+    forward's token log-probabilities there and 0 elsewhere, the same gradient, and PPO's values."""
+    from chatsmith.batching import masked_logprobs, token_logprobs
+    torch.manual_seed(0)
+    model = GPT(preset("micro", vocab_size=320)).add_head("score")
+    x, y = torch.randint(0, 320, (3, 12)), torch.randint(0, 320, (3, 12))
+    mask = torch.zeros(3, 12)
+    mask[0, 4:], mask[1, 9:11], mask[2, :] = 1, 1, 1
+    full = token_logprobs(model(x), y) * mask
+    lp, logits = masked_logprobs(model, x, y, mask)
+    assert logits.shape == (int(mask.sum()), 320)
+    assert torch.allclose(lp, full, atol=1e-5) and (lp[mask == 0] == 0).all()
+    g_full = torch.autograd.grad(full.sum(), model.lm_head.weight)[0]
+    g = torch.autograd.grad(masked_logprobs(model, x, y, mask)[0].sum(), model.lm_head.weight)[0]
+    assert torch.allclose(g, g_full, atol=1e-5)
+    _, values = model(x, head=("lm", "score"))
+    lp2, _, v = masked_logprobs(model, x, y, mask, head=("lm", "score"))
+    assert torch.allclose(lp2, full, atol=1e-5) and torch.allclose(v, values * mask, atol=1e-6)
+
+
 def test_loss_mask_ignores_positions():
     torch.manual_seed(0)
     model = GPT(preset("micro", vocab_size=320))

@@ -12,6 +12,7 @@ from chatsmith import speedrun_from as F
 from chatsmith.checkpoint import load_model
 from chatsmith.data.sources import available_sources
 from chatsmith.eval.retention import Fact, build_facts, definition_gloss, facts_correct, retention
+from chatsmith.errors import UserError
 from chatsmith.model.lora import ADAPTER_WEIGHTS
 from conftest import REPO, cli
 
@@ -310,4 +311,26 @@ def test_dtype_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
     monkeypatch.setattr(F, "cpu_has_native_bf16", lambda: False)
     assert F.resolve_dtype(a("auto")) == "auto"
     slow = F.fixed_seconds(50, True, True)
-    assert F.fixed_seconds(50, True, True, int8_decode=True, bf16_scoring=True) < slow
+    assert F.fixed_seconds(50, True, True, decode="int8", bf16_scoring=True) < slow
+    assert F.fixed_seconds(50, True, True, decode="bf16") < slow
+
+
+def test_decode_weights_follow_the_dtype_and_bf16_is_refused_without_hardware(monkeypatch, tmp_path):
+    """--eval-quantize auto: bf16 decode weights (evaluations, RL rollouts, DPO's pairs) exactly when
+    the run is bf16 on a CPU with native bf16; an explicit choice is kept; bf16 asked for on a CPU
+    that would emulate it stops before anything is written, naming the flag."""
+    from types import SimpleNamespace
+
+    a = lambda dtype, q="auto": SimpleNamespace(dtype=dtype, device="cpu", eval_quantize=q)  # noqa: E731
+    monkeypatch.setattr(F, "cpu_has_native_bf16", lambda: True)
+    assert F.resolve_decode(a("bf16")) == "bf16"
+    assert F.resolve_decode(a("fp32")) == "none"
+    assert F.resolve_decode(a("bf16", "int8")) == "int8"
+    monkeypatch.setattr(F, "cpu_has_native_bf16", lambda: False)
+    assert F.resolve_decode(a("bf16")) == "none"
+    args = SimpleNamespace(out=str(tmp_path / "run"), resume=False, name="Smith", eval_items=20, steps=None,
+                           eval_quantize="bf16", dtype="fp32", device="cpu", minutes=30, data=None,
+                           sources_dir=str(tmp_path))
+    with pytest.raises(UserError, match="--eval-quantize bf16: this CPU has no native bf16"):
+        F.check_flags(args)
+    assert not (tmp_path / "run").exists()

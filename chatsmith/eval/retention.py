@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from chatsmith.batching import collate, token_logprobs
+from chatsmith.batching import collate, masked_logprobs
 from chatsmith.data.tasks import normalise
 
 
@@ -101,9 +101,9 @@ def option_scores(model, tok, facts: list[Fact], batch_size: int = 32) -> list[l
         idx = order[s:s + batch_size]
         b = collate([seqs[k] for k in idx], tok.pad_id if tok.pad_id is not None else 0,
                     masks=[masks[k] for k in idx])
-        lp = token_logprobs(model(b["x"].to(dev)), b["y"].to(dev)).cpu()
         m = b["mask"]
-        mean = (lp * m).sum(1) / m.sum(1).clamp(min=1)
+        lp = masked_logprobs(model, b["x"].to(dev), b["y"].to(dev), m.to(dev))[0].cpu()
+        mean = lp.sum(1) / m.sum(1).clamp(min=1)
         for k, v in zip(idx, mean.tolist()):
             i, j = where[k]
             out[i][j] = v

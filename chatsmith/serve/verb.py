@@ -36,7 +36,8 @@ def add_arguments(p):
                    help="built-in tools the server runs inside generation for every chat request (calculator)")
     p.add_argument("--device", default="cpu", choices=DEVICES, help="where to run the model")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
-                   help="decode weights: none (fp32 as trained) or int8 (CPU; a quarter of the bytes per token)")
+                   help="decode weights: none (fp32 as trained), int8 (CPU; a quarter of the bytes per token) "
+                   "or bf16 (half the bytes; a CPU with native bf16 or a GPU)")
     p.add_argument("--moderation", default=None, metavar="lexicon|MODEL_DIR",
                    help="check requests and replies and answer POST /v1/moderations: 'lexicon' (word lists) or a "
                         "moderation classifier directory beside the lexicon (default: off)")

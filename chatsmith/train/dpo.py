@@ -136,12 +136,12 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
 
 def sample_pairs(model_dir: str, reward_model: str, prompts: list[str], out: str | os.PathLike,
                  limit: int = 1000, samples: int = 2, max_new_tokens: int = 48, temperature: float = 1.0,
-                 seed: int = 0, min_margin: float = 0.0) -> dict:
+                 seed: int = 0, min_margin: float = 0.0, quantize: str | None = None) -> dict:
     """On-policy pairs (DATA.md's "model samples ranked" recipe): `samples` replies of the model to
     each of the first `limit` prompts, scored by the reward model; the best and the worst reply form a
     pair (recipe "rm_ranked") when their scores differ by more than `min_margin`. DPO on such pairs
     optimises what the reward model prefers among what the policy actually says, where the built-in
-    off-policy pairs only say what not to say."""
+    off-policy pairs only say what not to say. quantize: the engine's decode weights (None: fp32)."""
     if samples < 2:
         raise UserError("--samples must be at least 2: a pair needs two replies")
     records, _ = read_conversations(prompts, prompts=True)
@@ -156,9 +156,10 @@ def sample_pairs(model_dir: str, reward_model: str, prompts: list[str], out: str
     ids = [tok.render_chat(m, add_generation_prompt=True)[0] for m in items]
     keep = [i for i, x in enumerate(ids) if len(x) < ctx - 8]
     items, ids = [items[i] for i in keep], [ids[i] for i in keep]
-    outs = Engine(model, tok).generate_many([x for x in ids for _ in range(samples)],
-                                            SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                           seed=seed), max_batch=64)
+    # one prefill per prompt for its `samples` replies
+    outs = Engine(model, tok, quantize=quantize).generate_many(
+        ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed), max_batch=64,
+        n=samples)
     rm = load_reward_model(reward_model)
     texts = [c.text for c in outs]
     scores = rm.score([m + [{"role": "assistant", "content": t}]

@@ -10,7 +10,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from chatsmith.batching import completion_batch, token_logprobs
+from chatsmith.batching import completion_batch, masked_logprobs
 from chatsmith.data.tasks import check_answer, extract_number, final_answer
 from chatsmith.train.rollouts import PromptItem
 
@@ -69,10 +69,10 @@ def _kl_to_ref(stage, model, items: list[PromptItem], seed: int) -> float:
     sub = items[: min(len(items), 32)]
     b = completion_batch(stage.sample(model, sub, seed, temperature=1.0).seqs, stage.tok.pad_id)
     dev = next(model.parameters()).device
-    x, y = b["x"].to(dev), b["y"].to(dev)
-    lp = token_logprobs(model(x), y).cpu()
-    ref = token_logprobs(stage.ref(x), y).cpu()
-    return float(((lp - ref) * b["mask"]).sum(1).mean())
+    x, y, m = b["x"].to(dev), b["y"].to(dev), b["mask"].to(dev)
+    lp = masked_logprobs(model, x, y, m)[0]
+    ref = masked_logprobs(stage.ref, x, y, m)[0]
+    return float((lp - ref).sum(1).mean())
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

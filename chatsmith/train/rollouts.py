@@ -111,12 +111,14 @@ def sample(model, tok: Tokenizer, items: list[PromptItem], seed: int, temperatur
     """n completions for each item (grouped), unscored. tools: built-in tools run inside generation;
     the tokens they feed in are left out of the policy's loss, and the texts to score are what the
     model wrote around its calls. quantize: the engine's decode weights (None: fp32)."""
-    items = [it for it in items for _ in range(n)]
     was = model.training
     p = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, seed=seed,
                        tool_hook=ToolRunner(tok, tools).fork if tools else None)
-    # one batch for the whole rollout when it fits: decode steps cost about the same for 8 or 64 rows
-    comps = Engine(model, tok, quantize=quantize).generate_many([it.ids for it in items], p, max_batch=min(64, len(items)))
+    # one batch for the whole rollout when it fits (a decode step of 64 rows costs far less than 8
+    # steps of 8), and one prefill per prompt for its group of n
+    comps = Engine(model, tok, quantize=quantize).generate_many([it.ids for it in items], p,
+                                                               max_batch=min(64, len(items) * n), n=n)
+    items = [it for it in items for _ in range(n)]
     model.train(was)
     seqs = []
     for it, c in zip(items, comps):
