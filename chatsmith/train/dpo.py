@@ -29,6 +29,7 @@ from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb, add_train_flags, dataclass_from_args
 from chatsmith.tokenizer import Tokenizer
+from chatsmith.train.optim import autocast
 from chatsmith.train.reward import load_reward_model
 from chatsmith.train.trainer import Trainer, steps_for_epochs
 
@@ -47,11 +48,14 @@ class DPOStage:
                  rpo_alpha: float = 0.0):
         self.examples, self.heldout, self.ref, self.cfg = examples, heldout, ref, cfg
         self.beta, self.pad_id, self.world, self.rpo_alpha = beta, pad_id, world, rpo_alpha
+        self.amp = None  # the trainer's autocast dtype (set by run): the reference scores under it too
 
     def _batch(self, ex) -> dict:
         b = completion_batch([(e[0], e[1]) for e in ex] + [(e[2], e[3]) for e in ex], self.pad_id)
         dev = next(self.ref.parameters()).device
-        with torch.no_grad():
+        # batch() runs outside the training step's autocast: without it the reference's forward
+        # would be fp32, as costly as the step's own forward on a CPU with native bf16
+        with torch.no_grad(), autocast(self.amp, dev):
             b["ref"] = sequence_logprobs(self.ref, {k: v.to(dev) for k, v in b.items()}).cpu()
         return b
 
@@ -126,6 +130,7 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
     trainer = Trainer(model, stage, cfg, tokenizer_dir=init,
                       extra_config={"stage": "dpo", "beta": beta, "rpo_alpha": rpo_alpha})
     ref.to(trainer.device)
+    stage.amp = trainer.amp
     summary = trainer.fit()
     summary["data"] = {"pairs": len(examples), "skipped_bad": skipped, "dropped_too_long": dropped,
                        "heldout": len(held), "beta": beta}
