@@ -9,6 +9,7 @@ Rows (all on the same weights, the same prompt token ids, exactly --new-tokens t
 
     chatsmith Engine          the one engine, fp32 (`chatsmith generate`)
     chatsmith Engine, int8    `--quantize int8` decode weights
+    chatsmith Engine, bf16    `--quantize bf16` decode weights (a CPU with native bf16 only)
     transformers generate     LlamaForCausalLM (the exported HF directory), fp32, KV cache
     llama.cpp <type>          our own `chatsmith export --format gguf --gguf-type <type>` file, and for
                               smollm2 also the GGUF file its package ships (Q4_1), run by llama.cpp's
@@ -99,6 +100,7 @@ def main():
 
     from chatsmith.checkpoint import load_model
     from chatsmith.engine import Engine, SamplingParams
+    from chatsmith.errors import UserError
     from chatsmith.interop.convert import export
     from chatsmith.tokenizer import Tokenizer
 
@@ -119,6 +121,13 @@ def main():
     engine8 = Engine(ours, tok, max_batch=1, quantize="int8")
     engine8.eos_ids = set()
     greedy = lambda k: SamplingParams(max_new_tokens=k, temperature=0.0)  # noqa: E731
+    extra = {}
+    try:  # bf16 decode weights only where the CPU has native bf16
+        engine16 = Engine(ours, tok, max_batch=1, quantize="bf16")
+        engine16.eos_ids = set()
+        extra["chatsmith Engine, bf16"] = lambda k: engine16.generate(ids, greedy(k))
+    except UserError as e:
+        print(f"skipping the bf16 row: {e}")
 
     def hf_gen(k):
         with torch.no_grad():
@@ -131,7 +140,9 @@ def main():
               "transformers generate": hf_gen(n)[0, len(ids):].tolist()}
     impls = {"chatsmith Engine": lambda k: engine.generate(ids, greedy(k)),
              "chatsmith Engine, int8": lambda k: engine8.generate(ids, greedy(k)),
-             "transformers generate": hf_gen}
+             "transformers generate": hf_gen, **extra}
+    for name, fn in extra.items():
+        tokens[name] = fn(n)[0].token_ids
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {threads} threads in every row; "
           f"torch {torch.__version__}")
     print(f"model {a.model}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params; prompt {len(ids)} tokens, "
