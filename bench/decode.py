@@ -99,7 +99,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from chatsmith.checkpoint import load_model
-    from chatsmith.engine import Engine, SamplingParams
+    from chatsmith.engine import Engine, SamplingParams, check_quantize
     from chatsmith.errors import UserError
     from chatsmith.interop.convert import export
     from chatsmith.tokenizer import Tokenizer
@@ -121,11 +121,11 @@ def main():
     engine8 = Engine(ours, tok, max_batch=1, quantize="int8")
     engine8.eos_ids = set()
     greedy = lambda k: SamplingParams(max_new_tokens=k, temperature=0.0)  # noqa: E731
-    extra = {}
+    engine16 = None
     try:  # bf16 decode weights only where the CPU has native bf16
+        check_quantize(ours, "bf16")
         engine16 = Engine(ours, tok, max_batch=1, quantize="bf16")
         engine16.eos_ids = set()
-        extra["chatsmith Engine, bf16"] = lambda k: engine16.generate(ids, greedy(k))
     except UserError as e:
         print(f"skipping the bf16 row: {e}")
 
@@ -140,9 +140,10 @@ def main():
               "transformers generate": hf_gen(n)[0, len(ids):].tolist()}
     impls = {"chatsmith Engine": lambda k: engine.generate(ids, greedy(k)),
              "chatsmith Engine, int8": lambda k: engine8.generate(ids, greedy(k)),
-             "transformers generate": hf_gen, **extra}
-    for name, fn in extra.items():
-        tokens[name] = fn(n)[0].token_ids
+             "transformers generate": hf_gen}
+    if engine16 is not None:
+        impls["chatsmith Engine, bf16"] = lambda k: engine16.generate(ids, greedy(k))
+        tokens["chatsmith Engine, bf16"] = impls["chatsmith Engine, bf16"](n)[0].token_ids
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {threads} threads in every row; "
           f"torch {torch.__version__}")
     print(f"model {a.model}: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M params; prompt {len(ids)} tokens, "

@@ -61,7 +61,7 @@ def main():
     from transformers import AutoModelForCausalLM
 
     from chatsmith.checkpoint import load_model
-    from chatsmith.engine import check_quantize
+    from chatsmith.engine import check_quantize, end_ids
     from chatsmith.errors import UserError
     from chatsmith.interop.convert import export
     from chatsmith.tokenizer import Tokenizer
@@ -78,7 +78,7 @@ def main():
         items.append(rollouts.PromptItem(msgs, tok.render_chat(msgs, add_generation_prompt=True)[0], None, {}, "bench"))
     end = tok.token_to_id("<|assistant_end|>")
     end = tok.eos_id if end is None else end
-    ends = {end, tok.eos_id, *getattr(tok, "stop_ids", ())}
+    ends = end_ids(tok)
     pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
 
     def ours(q):

@@ -284,6 +284,14 @@ class Request:
         return self.completions is not None
 
 
+
+def end_ids(tokenizer) -> set[int]:
+    """The tokens that end a reply: the tokenizer's eos, an imported model's own stop tokens, and
+    chatsmith's `<|assistant_end|>` where the vocabulary has it."""
+    ids = {tokenizer.eos_id} | set(getattr(tokenizer, "stop_ids", ()))
+    i = tokenizer.token_to_id("<|assistant_end|>")
+    return ids if i is None else ids | {i}
+
 class Engine:
     """Continuous batching over a slot KV cache (see `GPT.decode_step`).
 
@@ -301,11 +309,7 @@ class Engine:
         self.model = model.eval()
         self.tok = tokenizer
         self.device = next(model.parameters()).device
-        self.eos_ids = {tokenizer.eos_id} | set(getattr(tokenizer, "stop_ids", ()))  # imported models' end tokens
-        for t in ("<|assistant_end|>",):
-            i = tokenizer.token_to_id(t)
-            if i is not None:
-                self.eos_ids.add(i)
+        self.eos_ids = end_ids(tokenizer)
         # the ids the tokenizer can decode: the model's rows past them are padding, never sampled
         self.n_vocab = min(getattr(tokenizer, "vocab_size", model.cfg.vocab_size), model.cfg.vocab_size)
         self.max_batch = max_batch

@@ -45,10 +45,10 @@ class DPOStage:
     show = ("reward_accuracy", "reward_margin")
 
     def __init__(self, examples, heldout, ref, cfg: TrainConfig, beta: float, pad_id: int, world: int = 1,
-                 rpo_alpha: float = 0.0):
+                 rpo_alpha: float = 0.0, amp: torch.dtype | None = None):
         self.examples, self.heldout, self.ref, self.cfg = examples, heldout, ref, cfg
         self.beta, self.pad_id, self.world, self.rpo_alpha = beta, pad_id, world, rpo_alpha
-        self.amp = None  # the trainer's autocast dtype (set by run): the reference scores under it too
+        self.amp = amp  # the trainer's autocast dtype: the reference scores under it too
 
     def _batch(self, ex) -> dict:
         b = completion_batch([(e[0], e[1]) for e in ex] + [(e[2], e[3]) for e in ex], self.pad_id)
@@ -126,11 +126,11 @@ def run(cfg: TrainConfig, data: list[str], init: str, heldout: list[str] | None 
           f"held-out: {len(held)}; beta {beta}", file=sys.stderr)
     world = runtime.world_size()
     steps_for_epochs(cfg, len(examples), epochs or 1.0)
-    stage = DPOStage(examples, held, ref, cfg, beta, tok.pad_id, world, rpo_alpha)
-    trainer = Trainer(model, stage, cfg, tokenizer_dir=init,
+    # the Trainer moves the model and picks the autocast dtype; the reference follows both
+    trainer = Trainer(model, None, cfg, tokenizer_dir=init,
                       extra_config={"stage": "dpo", "beta": beta, "rpo_alpha": rpo_alpha})
     ref.to(trainer.device)
-    stage.amp = trainer.amp
+    trainer.stage = DPOStage(examples, held, ref, cfg, beta, tok.pad_id, world, rpo_alpha, amp=trainer.amp)
     summary = trainer.fit()
     summary["data"] = {"pairs": len(examples), "skipped_bad": skipped, "dropped_too_long": dropped,
                        "heldout": len(held), "beta": beta}
