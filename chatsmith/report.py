@@ -31,6 +31,7 @@ from chatsmith import atomic
 from chatsmith.data.images import read_set
 from chatsmith.errors import UserError
 from chatsmith.flags import Verb
+from chatsmith.train.rl_eval import diff_cell
 
 # stages in pipeline order; others follow alphabetically
 ORDER = ["data", "tokenizer", "ngram", "base", "pretrain", "sft", "reward", "rl", "rlhf", "ppo", "grpo", "reinforce",
@@ -826,6 +827,7 @@ def chain_md(speedrun: dict | None) -> list[str]:
            f"prefers this stage's greedy reply over the previous stage's (ties count half). KL: nats per "
            f"sampled reply to the imported model.", "",
            md_table(head, body, numeric=False), ""]
+    out += paired_md(rows, "stage", "exact match minus the stage before's on the same items")
     j = (speedrun.get("judge") or {}).get("dpo_vs_sft")
     if isinstance(j, dict) and _is_num(j.get("win_rate")):
         out += [f"DPO vs SFT by the reward model: preferred on {_pct_ci(j['win_rate'], j.get('win_rate_ci95'))} of "
@@ -837,6 +839,25 @@ def chain_md(speedrun: dict | None) -> list[str]:
         out += [f"Reward model: held-out pairwise accuracy {acc:.1%} (untrained head "
                 f"{fmt((rev.get('untrained_head') or {}).get('heldout_accuracy'))}).", ""]
     return out
+
+
+def _diff_cell(d) -> str:
+    if not (isinstance(d, dict) and all(_is_num(d.get(k)) for k in ("diff", "gained", "lost"))
+            and isinstance(d.get("ci95"), (list, tuple)) and len(d["ci95"]) == 2 and all(map(_is_num, d["ci95"]))):
+        return "-"
+    return diff_cell(d)
+
+
+def paired_md(rows: list[dict], key: str, what: str) -> list[str]:
+    """A table of paired differences in points: one row per entry of `rows` that has
+    `exact_match_vs_previous` ({family: paired_difference}), labelled by rows[i][key]."""
+    rows = [r for r in rows if isinstance(r.get("exact_match_vs_previous"), dict) and r["exact_match_vs_previous"]]
+    if not rows:
+        return []
+    fams = list(rows[0]["exact_match_vs_previous"])
+    body = [[r.get(key), *(_diff_cell(r["exact_match_vs_previous"].get(f)) for f in fams)] for r in rows]
+    return [f"Change in points ({what}; Newcombe's paired 95% interval; items gained/lost):", "",
+            md_table([key, *fams], body, numeric=False), ""]
 
 
 def rl_control_md(rl_eval: dict | None) -> list[str]:
@@ -855,10 +876,13 @@ def rl_control_md(rl_eval: dict | None) -> list[str]:
         body.append([{"init": "start (SFT)", "rl": "RL", "control": "control (more SFT)"}[k],
                      *(_pct_ci(em.get(f), ci.get(f), cnt.get(f)) for f in fams),
                      _pct_ci(r.get("top_answer_share")), fmt(r.get("kl_to_ref")), _pct_ci(r.get("ended_share"))])
+    diffs = [{"comparison": label, "exact_match_vs_previous": rl_eval.get(k)}
+             for k, label in (("rl_vs_init", "RL − start"), ("rl_vs_control", "RL − control"))]
     return ["Held-out prompts of the verifiable families, greedy; 95% Wilson intervals. The control continues "
             "SFT from the same checkpoint for RL's optimizer work (tokens per step and steps); a jump in the "
             "most common answer's share says a policy learned an answer prior rather than the task.", "",
-            md_table(head, body, numeric=False), ""]
+            md_table(head, body, numeric=False), "",
+            *paired_md(diffs, "comparison", "the same held-out items")]
 
 
 def evals_md(stages: list[Stage]) -> list[str]:

@@ -46,6 +46,7 @@ from chatsmith.report import invalid_utf8, write_report
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import SPECIAL_TOKENS, Tokenizer, train_command
 from chatsmith.train import dpo, pretrain, reward, rlhf, sft
+from chatsmith.train.rl_eval import diff_cell
 
 SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach", "The committee said that",
                   "床前明月光"]
@@ -446,6 +447,9 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
               + ", ".join(f"{f} {rl_ev['init']['exact_match'][f]:.1%} -> {v:.1%}"
                           + (f" ({ctl[f]:.1%})" if f in ctl else "") for f, v in rl_ev["rl"]["exact_match"].items())
             + f"; KL to the SFT model {rl_ev['rl']['kl_to_ref']:.2f} nats/reply")
+        for key, label in (("rl_vs_init", "RL - start"), ("rl_vs_control", "RL - control")):
+            if rl_ev.get(key):
+                print(f"  {label} (paired, 95%): " + "; ".join(f"{f} {diff_cell(d)}" for f, d in rl_ev[key].items()))
         if "top_answer" in rl_ev["rl"]:  # a gain made by repeating one answer is not arithmetic
             print(f"  most common final answer: {rl_ev['init'].get('top_answer')} on "
                   f"{rl_ev['init'].get('top_answer_share', 0):.0%} of SFT replies, {rl_ev['rl']['top_answer']} "

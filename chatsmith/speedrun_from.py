@@ -53,7 +53,7 @@ from chatsmith.runtime import autocast_dtype, cpu_has_native_bf16, resolve_devic
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.train import dpo, reward, rlhf, sft
 from chatsmith.train.optim import autocast
-from chatsmith.train.rl_eval import wilson
+from chatsmith.train.rl_eval import diff_cell, paired_by_family, wilson
 
 STAGES = ("sft", "reward", "rl", "dpo")
 # Shares of the training time. SFT teaches the format, the identity and the answer style every later
@@ -369,6 +369,7 @@ def evaluate_stage(model_dir: Path, suite: dict, base_dir: Path, known: list[boo
     res["exact_match"] = {f: sum(v) / len(v) for f, v in per.items()}
     res["exact_match_counts"] = {f: [int(sum(v)), len(v)] for f, v in per.items()}
     res["exact_match_ci95"] = {f: list(wilson(sum(v), len(v))) for f, v in per.items()}
+    res["exact_match_items"] = {f: [int(x) for x in v] for f, v in per.items()}  # for paired differences
     res["task_samples"] = [{"family": t["family"], "prompt": t["messages"][-1]["content"], "reply": o.text}
                            for t, o in list(zip(tasks, outs))[::max(1, len(tasks) // 6)]][:6]
     gen_tokens = sum(len(o.token_ids) for o in outs)
@@ -629,11 +630,14 @@ def run(a) -> dict:
 def chain_table(evals: dict, stages: dict, judge: dict) -> list[dict]:
     rows = []
     prev = {"sft": "sft_vs_base", "rl": "rl_vs_sft", "dpo": "dpo_vs_rl"}
+    before = {"sft": "base", "rl": "sft", "dpo": "rl"}
     for s in ("base", "sft", "rl", "dpo"):
         e = evals[s]
+        # exact match minus the previous stage's on the same items, with a paired 95% interval
+        vs = paired_by_family(evals[before[s]], e) if s in before else {}
         ret = e.get("retention") or {}
         rows.append({"stage": s, "exact_match": e["exact_match"], "exact_match_ci95": e["exact_match_ci95"],
-                     "exact_match_counts": e["exact_match_counts"],
+                     "exact_match_counts": e["exact_match_counts"], "exact_match_vs_previous": vs,
                      "facts_known": ([sum(e["facts_correct"]), len(e["facts_correct"])] if "facts_correct" in e
                                      else None),
                      "retention": ret.get("retention"), "retention_counts": [ret.get("kept"), ret.get("known_before")],
@@ -654,3 +658,7 @@ def print_table(rows: list[dict]):
                  "-" if r["judge_vs_previous"] is None else f"{r['judge_vs_previous']:.0%}",
                  f"{r['kl_to_imported']:.2f}", str(r["train_seconds"] or "-")]
         print(" | ".join(cells))
+    for r in rows:
+        if r.get("exact_match_vs_previous"):
+            print(f"{r['stage']} vs the stage before (paired): " + "; ".join(
+                f"{f} {diff_cell(d)}" for f, d in r["exact_match_vs_previous"].items()))

@@ -13,6 +13,8 @@ from chatsmith.train.advantages import average, group_advantages
 from chatsmith.train.curriculum import Curriculum, level_of
 from chatsmith.train.rewards import ExactReward, FunctionReward
 from chatsmith.train.rlhf import PRESETS, RLConfig, apply_preset, success_threshold
+from chatsmith.checkpoint import load_model
+from chatsmith.tokenizer import Tokenizer
 from conftest import cli
 
 
@@ -192,6 +194,43 @@ def test_grpo_simple_is_on_policy_without_kl_and_raises_the_reward(base_model, p
         "advantage": "mean", "loss_average": "token", "ppo_epochs": 1, "kl_coef": 0.0}
 
 
+def test_single_pass_grpo_skips_the_rollouts_policy_forward_and_loses_nothing(base_model, prompts):
+    """With one pass over each rollout π_old is the policy being trained, so the rollout's own forward
+    of the policy is skipped: the loss, its gradient and the logged KL are the same as with it."""
+    from chatsmith.config import TrainConfig
+    from chatsmith.train.rewards import make_rewards
+    from chatsmith.train.rlhf import RLConfig, RLStage, load_prompts
+    tok, policy = Tokenizer.load(base_model), load_model(base_model)
+    ref = load_model(base_model).requires_grad_(False)
+    items, _ = load_prompts(tok, [str(prompts)], policy.cfg.max_seq_len, None)
+    rl = RLConfig(algo="grpo", rollout_prompts=4, group_size=2, max_new_tokens=8, ppo_epochs=1, minibatches=1,
+                  kl_coef=0.1, max_resample=0)
+    cfg = TrainConfig(out="unused", seed=3)
+    scorers = make_rewards(["reward_fns:says_the"], str(base_model), tok, items, torch.device("cpu"))
+    with torch.no_grad():  # a policy that is not the reference, so the KL is not 0
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    results = []
+    for single in (True, False):
+        stage = RLStage(policy, ref, tok, items, scorers, rl, cfg)
+        assert stage.single_pass
+        stage.single_pass = single
+        batch = stage.batch(0, 0, 0)
+        assert ("old_logp" in batch) == (not single)
+        policy.zero_grad(set_to_none=True)
+        loss, stats = stage.loss(policy, batch)
+        loss.backward()
+        results.append((loss.item(), stats, [p.grad.clone() for p in policy.parameters() if p.grad is not None]))
+    (l1, s1, g1), (l2, s2, g2) = results
+    assert l1 == pytest.approx(l2, rel=1e-5) and s1["kl"] == pytest.approx(s2["kl"], rel=1e-4, abs=1e-6)
+    assert s1["kl"] != 0 and s1["approx_kl"] == 0 and s2["approx_kl"] < 1e-10
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g1, g2))
+    # several passes, or an adaptive β set from the rollout's KL, keep the rollout's forward
+    assert not RLStage(policy, ref, tok, items, scorers, RLConfig(algo="grpo", ppo_epochs=2), cfg).single_pass
+    assert not RLStage(policy, ref, tok, items, scorers, RLConfig(algo="grpo", ppo_epochs=1, minibatches=1,
+                                                                  kl_target=2.0), cfg).single_pass
+
+
 # --------------------------------------------------------------------------- the same-compute control
 
 def test_wilson_interval_by_hand():
@@ -201,6 +240,35 @@ def test_wilson_interval_by_hand():
     lo, hi = wilson(5, 10)
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
     assert wilson(400, 400)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
+
+
+def test_paired_difference_interval():
+    from chatsmith.train.rl_eval import paired_by_family, paired_difference, wilson
+    old = [1] * 50 + [0] * 50
+    new = [1] * 50 + [1] * 10 + [0] * 40  # 10 items gained, none lost
+    d = paired_difference(old, new)
+    assert (d["diff"], d["gained"], d["lost"], d["n"]) == (pytest.approx(0.10), 10, 0, 100)
+    # by hand (Newcombe 1998, method 10): phi = (50*40 - 50) / sqrt(60*40*50*50) = 0.796, so the lower end
+    # is 0.1 - sqrt((0.6 - l1)^2 - 2 phi (0.6 - l1)(u2 - 0.5) + (u2 - 0.5)^2) with Wilson ends l1, u2
+    (l1, _), (_, u2) = wilson(60, 100), wilson(50, 100)
+    phi = (50 * 40 - 50) / (60 * 40 * 50 * 50) ** 0.5
+    lo = 0.1 - ((0.6 - l1) ** 2 - 2 * phi * (0.6 - l1) * (u2 - 0.5) + (u2 - 0.5) ** 2) ** 0.5
+    assert d["ci95"][0] == pytest.approx(lo) and d["ci95"][0] > 0  # a consistent gain excludes 0
+    # pairing is what narrows it: the same two proportions without the correlation (square-and-add of
+    # the Wilson intervals, as for independent samples) reach below 0
+    assert 0.1 - ((0.6 - l1) ** 2 + (u2 - 0.5) ** 2) ** 0.5 < 0
+    # the same net +10 from 15 gained and 5 lost is less certain
+    churn = paired_difference(old, [1] * 45 + [0] * 5 + [1] * 15 + [0] * 35)
+    assert churn["diff"] == pytest.approx(0.10) and churn["ci95"][0] < d["ci95"][0]
+    # swapping the sides mirrors the interval; no change at all still has an interval around 0
+    back = paired_difference(new, old)
+    assert back["diff"] == pytest.approx(-0.10) and back["ci95"] == pytest.approx([-d["ci95"][1], -d["ci95"][0]])
+    same = paired_difference([1, 0] * 10, [1, 0] * 10)
+    assert same["diff"] == 0 and same["ci95"][0] < 0 < same["ci95"][1]
+    with pytest.raises(ValueError):
+        paired_difference([1, 0], [1])
+    fams = paired_by_family({"exact_match_items": {"a": old, "b": [1]}}, {"exact_match_items": {"a": new}})
+    assert list(fams) == ["a"] and fams["a"] == d
 
 
 def test_control_budget_matches_rls_steps_and_tokens(tmp_path):
@@ -241,6 +309,14 @@ def test_control_sft_is_reported_next_to_rl(base_model, tmp_path, capsys, one_to
     assert json.loads((out / "control" / "config.json").read_text())["chatsmith"]["control_for"] == "rlhf"
     header = next(line for line in err.splitlines() if line.startswith("held-out"))
     assert header.split()[1:] == ["init", "rl", "control"] and "exact match: arithmetic (n=10)" in err
+    # what RL changed, paired on the same 10 items, against the start and against the control
+    for key, side in (("rl_vs_init", "init"), ("rl_vs_control", "control")):
+        d = ev[key]["arithmetic"]
+        assert d["n"] == 10 and d["diff"] == pytest.approx(ev["rl"]["exact_match"]["arithmetic"]
+                                                           - ev[side]["exact_match"]["arithmetic"])
+        assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
+        assert d["gained"] - d["lost"] == round(10 * d["diff"])
+    assert "RL - start: arithmetic" in err and "RL - control: arithmetic" in err
 
 
 def test_grpo_with_the_curriculum_logs_levels_by_answer_digits(base_model, tmp_path, one_torch_thread):

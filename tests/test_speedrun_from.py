@@ -222,12 +222,18 @@ def test_chain_on_a_tiny_pretrained_model_with_lora(tmp_path, capsys):
         assert r["judge_vs_previous"] is not None and 0 <= r["judge_vs_previous"] <= 1
         assert r["retention_counts"][1] == base["facts_known"][0]
     assert res["chain"][0]["kl_to_imported"] == 0.0
+    # each stage against the one before, paired on the same items (the report's change table)
+    assert res["chain"][0]["exact_match_vs_previous"] == {}
+    for prev, r in zip(res["chain"], res["chain"][1:]):
+        for fam, d in r["exact_match_vs_previous"].items():
+            assert d["n"] == 10 and d["diff"] == pytest.approx(r["exact_match"][fam] - prev["exact_match"][fam])
     suite = json.loads((run / "data" / "eval_suite.json").read_text())
     assert not set(suite["identity"]) & set(F.IDENTITY_TRAIN)  # held-out phrasings are not trained on
     ident = [json.loads(x) for x in open(run / "data" / "identity.jsonl")]
     assert all("Zed" in r["messages"][1]["content"] for r in ident)
     report = (run / "report.md").read_text()
     assert "retention" in report.lower()
+    assert "Newcombe's paired 95% interval" in report
     # a finished run resumed does no work again
     assert cli(*args, "--resume") == 0
 

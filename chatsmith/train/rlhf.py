@@ -66,7 +66,7 @@ from chatsmith.train.advantages import (adaptive_kl_coef, average, gae, group_ad
                                         ppo_losses, token_rewards, value_loss, whiten)
 from chatsmith.train.curriculum import Curriculum
 from chatsmith.train.rewards import Discriminator, make_rewards
-from chatsmith.train.rl_eval import evaluate_policy, flatten, print_rl_table
+from chatsmith.train.rl_eval import evaluate_policy, flatten, paired_by_family, print_rl_table
 from chatsmith.train.rollouts import PromptItem, Rollout, heldout_items, load_prompts
 from chatsmith.train.trainer import Trainer
 
@@ -188,6 +188,12 @@ class RLStage:
         self.kl_coef = rl.kl_coef
         self.baseline = None
         self.per_rollout = 1 if rl.algo == "reinforce" else rl.ppo_epochs * rl.minibatches
+        # one optimizer pass over each rollout (GRPO or rft with --ppo-epochs 1 --minibatches 1): the
+        # policy that sampled is the one being updated, so the ratio π/π_old is 1 at every token and
+        # the rollout's own forward of the policy is redundant; the loss's forward, detached, stands in
+        # (one of a step's three scoring forwards, ~2.5 s of a 22-29 s GRPO step on SmolLM2, Zen 4).
+        # Not with an adaptive KL coefficient, which is set from the rollout's KL before the step.
+        self.single_pass = rl.algo in ("grpo", "rft") and self.per_rollout == 1 and rl.kl_target <= 0
         self._k, self._ro = -1, None
 
     def _adapted(self) -> dict:
@@ -294,8 +300,9 @@ class RLStage:
             fn.learn(k * self.per_rollout // self.cfg.grad_accum)
         out, values = self._logprobs(ro.seqs)
         mask, scores = out["mask"], ro.scores
-        kl_tok = (out["old_logp"] - out["ref_logp"]) * mask
-        kl_seq = kl_tok.sum(1)
+        # single pass: the policy's log-probs come with the loss's forward, and so does the logged KL
+        kl_tok = None if self.single_pass else (out["old_logp"] - out["ref_logp"]) * mask
+        kl_seq = None if kl_tok is None else kl_tok.sum(1)
         if rl.algo == "ppo":
             adv, ret = gae(token_rewards(kl_tok, mask, scores, self.kl_coef), values * mask, mask, rl.gamma, rl.lam)
             out.update(adv=whiten(adv, mask), returns=ret, old_values=values * mask)
@@ -311,7 +318,8 @@ class RLStage:
             self.kl_coef = adaptive_kl_coef(self.kl_coef, float(kl_seq.mean()), rl.kl_target, len(ro.seqs),
                                             rl.kl_horizon)
         parts = dict(ro.parts)
-        stats = {"reward": parts.pop("reward"), "kl": float(kl_seq.mean()), "kl_coef": self.kl_coef,
+        stats = {"reward": parts.pop("reward"), **({} if kl_seq is None else {"kl": float(kl_seq.mean())}),
+                 "kl_coef": self.kl_coef,
                  "response_len": float(mask.sum(1).mean()), "ended_share": float(np.mean(ro.finished)), **parts}
         if rl.algo == "grpo" and rl.max_resample > 0:
             stats["kept_share"] = ro.kept / ro.sampled
@@ -333,18 +341,20 @@ class RLStage:
         x, y, mask = b["x"].to(dev), b["y"].to(dev), b["mask"].to(dev)
         was, values = self.policy.training, None
         self.policy.eval()
-        # under the training step's autocast: these two forwards cost as much as the step's own
-        # forward (SmolLM2 on a CPU with native bf16: fp32 TODO s -> bf16 TODO s for 32 replies)
+        # under the training step's autocast: each of these forwards costs as much as the step's own
+        # (SmolLM2, 32 replies, 2-core Zen 4: 2.5 s under bf16 autocast)
         with optim.autocast(self.amp, dev):
             if self.rl.algo == "ppo":
                 old_logp, _, values = masked_logprobs(self.policy, x, y, mask, head=("lm", "score"))
                 values = values.float().cpu()
-            else:
+            elif not self.single_pass:
                 old_logp = masked_logprobs(self.policy, x, y, mask)[0]
             ref_logp = masked_logprobs(self.ref, x, y, mask)[0]
         self.policy.train(was)
-        return {"x": b["x"], "y": b["y"], "mask": mask.cpu(), "old_logp": old_logp.cpu(),
-                "ref_logp": ref_logp.cpu()}, values
+        out = {"x": b["x"], "y": b["y"], "mask": mask.cpu(), "ref_logp": ref_logp.cpu()}
+        if not self.single_pass:
+            out["old_logp"] = old_logp.cpu()
+        return out, values
 
     # optimisation phase -----------------------------------------------------------------
     def batch(self, step: int, micro: int, rank: int):
@@ -375,16 +385,19 @@ class RLStage:
         else:
             logp, logits = masked_logprobs(model, batch["x"], batch["y"], mask)
         stats = dict(batch["stats"])
+        old = batch["old_logp"] if "old_logp" in batch else logp.detach()  # single pass: π_old = π
         with torch.no_grad():  # logits: the reply tokens' only
             stats["entropy"] = float(entropy(logits).mean()) if logits.numel() else 0.0
-            stats["approx_kl"] = float(masked_mean(0.5 * (logp - batch["old_logp"]) ** 2, mask))
+            stats["approx_kl"] = float(masked_mean(0.5 * (logp - old) ** 2, mask))
+            if "kl" not in stats:  # Σ_t log π - log π_ref per reply, as the rollout logs it otherwise
+                stats["kl"] = float(((logp - batch["ref_logp"]) * mask).sum(1).mean())
         if rl.algo == "ppo":
             pg, clip_frac = ppo_losses(logp, batch["old_logp"], batch["adv"], mask, rl.clip_range, rl.loss_average)
             vf = value_loss(v.float(), batch["old_values"], batch["returns"], mask, rl.value_clip)
             stats.update(policy_loss=pg.item(), value_loss=vf.item(), clip_frac=clip_frac.item())
             return pg + rl.vf_coef * vf, stats
         if rl.algo == "grpo":
-            pg, clip_frac = ppo_losses(logp, batch["old_logp"], batch["adv"], mask, rl.clip_range, rl.loss_average)
+            pg, clip_frac = ppo_losses(logp, old, batch["adv"], mask, rl.clip_range, rl.loss_average)
             kl = average(k3_kl(logp, batch["ref_logp"]), mask, rl.loss_average)
             stats.update(policy_loss=pg.item(), clip_frac=clip_frac.item(), kl_k3=kl.item())
             return pg + self.kl_coef * kl, stats
@@ -515,6 +528,10 @@ def run(cfg: TrainConfig, rl: RLConfig, prompts: list[str], init: str, rewards: 
                                                              Path(cfg.out) / "control")
         if trainer.master and held:
             res["control"] = evaluate_policy(stage, model.eval(), held, seed=cfg.seed)
+    if res.get("init") and res.get("rl"):  # paired on the same held-out items: what RL changed
+        res["rl_vs_init"] = paired_by_family(res["init"], res["rl"])
+        if res.get("control"):
+            res["rl_vs_control"] = paired_by_family(res["control"], res["rl"])
     if trainer.master:
         _report(Path(cfg.out), init, summary, res, scorers)
     return summary
