@@ -250,3 +250,20 @@ def test_cache_memory_follows_the_tokens_in_flight():
     for ids, r in zip(prompts, reqs):
         assert len(r.completions[0].token_ids) == 100
         assert r.completions[0].token_ids == eng.generate(ids, p)[0].token_ids
+
+
+def test_length_grouped_batches_cover_each_example_once_pad_less_and_leave_small_sets_alone():
+    import random
+    from chatsmith.batching import epoch_batch, length_grouped_batch
+    rng = random.Random(0)
+    lens = [rng.choice([20, 30, 40, 60, 90, 370]) for _ in range(8 * 16)]  # dialogues with a long tail
+    batches = [length_grouped_batch(5, i, 8, len(lens), lens.__getitem__) for i in range(16)]
+    assert sorted(j for b in batches for j in b) == list(range(len(lens)))  # one epoch: each once
+    assert batches == [length_grouped_batch(5, i, 8, len(lens), lens.__getitem__) for i in range(16)]
+    def padded(bs):  # what a right-padded batch computes on
+        return sum(len(b) * max(lens[j] for j in b) for b in bs)
+    plain = [epoch_batch(5, i, 8, len(lens)) for i in range(16)]
+    assert padded(batches) < 0.7 * padded(plain)
+    # 7 examples in batches of 4: a pool of several epochs would put an example's copies together
+    small = [length_grouped_batch(5, i, 4, 7, [3, 1, 4, 1, 5, 9, 2].__getitem__) for i in range(6)]
+    assert [sorted(b) for b in small] == [sorted(epoch_batch(5, i, 4, 7)) for i in range(6)]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from chatsmith import atomic, runtime
-from chatsmith.batching import completion_batch, epoch_batch, sequence_logprobs
+from chatsmith.batching import completion_batch, length_grouped_batch, sequence_logprobs
 from chatsmith.checkpoint import load_model
 from chatsmith.config import TrainConfig
 from chatsmith.data.chat_formats import read_conversations
@@ -61,8 +61,10 @@ class DPOStage:
 
     def batch(self, step: int, micro: int, rank: int):
         i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, self.world)
-        return self._batch([self.examples[j] for j in epoch_batch(self.cfg.seed, i, self.cfg.batch_size,
-                                                                   len(self.examples))])
+        # grouped by the longer side's length, as the reward model's pairs
+        return self._batch([self.examples[j] for j in length_grouped_batch(
+            self.cfg.seed, i, self.cfg.batch_size, len(self.examples),
+            lambda j: max(len(self.examples[j][0]), len(self.examples[j][2])))])
 
     def loss(self, model, batch):
         pi_c, pi_r = sequence_logprobs(model, batch).chunk(2)

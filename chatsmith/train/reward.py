@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from chatsmith import atomic, runtime
-from chatsmith.batching import epoch_batch, pad
+from chatsmith.batching import length_grouped_batch, pad
 from chatsmith.checkpoint import load_model
 from chatsmith.config import TrainConfig
 from chatsmith.data.preferences import encode_pairs, read_pairs
@@ -47,7 +47,10 @@ class RewardStage:
     def batch(self, step: int, micro: int, rank: int):
         # epoch-wise seeded shuffle: a pure function of (seed, step) for exact resume
         i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, self.world)
-        ex = [self.examples[j] for j in epoch_batch(self.cfg.seed, i, self.cfg.batch_size, len(self.examples))]
+        # grouped by the longer side's length: a pair's two sequences are padded together
+        ex = [self.examples[j] for j in length_grouped_batch(
+            self.cfg.seed, i, self.cfg.batch_size, len(self.examples),
+            lambda j: max(len(self.examples[j][0]), len(self.examples[j][2])))]
         x, last = pad([e[0] for e in ex] + [e[2] for e in ex], self.pad_id)
         return {"x": x, "last": last}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from chatsmith import atomic, runtime
-from chatsmith.batching import collate, epoch_batch
+from chatsmith.batching import collate, length_grouped_batch
 from chatsmith.checkpoint import load_model
 from chatsmith.config import TrainConfig
 from chatsmith.data.chat_formats import FORMATS, read_conversations
@@ -34,7 +34,9 @@ class SFTStage:
 
     def batch(self, step: int, micro: int, rank: int):
         i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, self.world)
-        ex = [self.examples[j] for j in epoch_batch(self.cfg.seed, i, self.cfg.batch_size, len(self.examples))]
+        # grouped by length: a random batch of the built-in dialogues is about half padding
+        ex = [self.examples[j] for j in length_grouped_batch(self.cfg.seed, i, self.cfg.batch_size,
+                                                             len(self.examples), lambda j: len(self.examples[j][0]))]
         return {**collate([ids for ids, _ in ex], self.pad_id, masks=[m for _, m in ex]),
                 "n_tokens": sum(len(ids) - 1 for ids, _ in ex)}
 

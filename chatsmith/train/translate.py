@@ -19,12 +19,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from chatsmith import atomic, runtime
-from chatsmith.batching import epoch_batch
+from chatsmith.batching import length_grouped_batch
 from chatsmith.config import DEVICES, TrainConfig
 from chatsmith.data.translation import Pair, read_pairs
 from chatsmith.engine import SamplingParams
@@ -71,9 +70,6 @@ def collate_pairs(rows: list[tuple[list[int], list[int]]], pad: int, start: int)
     return {"src": src, "src_mask": mask, "tgt_in": tgt_in, "labels": labels}
 
 
-BUCKET = 16  # micro-batches drawn together and cut by length (see TranslationStage.batch)
-
-
 class TranslationStage:
     name = "translate"
 
@@ -82,17 +78,11 @@ class TranslationStage:
         self.pad, self.start, self.eps = pad, start, label_smoothing
 
     def batch_rows(self, index: int) -> list[int]:
-        """Pair indices of micro-batch `index`. BUCKET consecutive micro-batches of the shuffled
-        stream are drawn together, sorted by length and cut into BUCKET batches of similar lengths,
-        served in a seeded order: each pair is still seen once per epoch, but a batch of short
-        sentences is no longer padded to the longest paragraph (about half the compute, on the help
-        pages). A pure function of the index, as the trainer's exact resume needs."""
-        bs, n = self.cfg.batch_size, len(self.rows)
-        group, k = divmod(index, BUCKET)
-        pool = epoch_batch(self.cfg.seed, group, bs * BUCKET, n)
-        pool.sort(key=lambda j: (len(self.rows[j][0]) + len(self.rows[j][1]), j))
-        order = np.random.default_rng([self.cfg.seed, group, 11]).permutation(BUCKET)
-        return pool[order[k] * bs:(order[k] + 1) * bs]
+        """Pair indices of micro-batch `index`, grouped by length (batching.length_grouped_batch): a
+        batch of short sentences is no longer padded to the longest paragraph (about half the
+        compute, on the help pages)."""
+        return length_grouped_batch(self.cfg.seed, index, self.cfg.batch_size, len(self.rows),
+                                    lambda j: len(self.rows[j][0]) + len(self.rows[j][1]))
 
     def batch(self, step: int, micro: int, rank: int):
         i = runtime.micro_batch_index(step, micro, rank, self.cfg.grad_accum, runtime.world_size())
