@@ -224,6 +224,42 @@ def test_exact_match_with_alternatives_and_metrics_json(model_dir, forced):
     assert run_eval(model_dir, [str(f)], limit=2, out=model_dir / "e2", quiet=True)["tasks"][str(f)]["n"] == 2
 
 
+def test_pass_at_k_by_hand_and_majority_vote():
+    from chatsmith.eval.scoring import pass_at_k, sampled_scores
+    assert pass_at_k(4, 0, 2) == 0 and pass_at_k(4, 3, 2) == 1.0  # 1 wrong cannot fill 2 draws
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25) and pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
+    q = [{"role": "user", "content": "q"}]
+    items = [Item(f"a:{i}", q, "exact_match", family="arithmetic", answers=[a]) for i, a in enumerate(["12", "7", "5"])]
+    ok, r = sampled_scores(items, [["The answer is 12.", "12", "The answer is 13.", "The answer is 13."],
+                                   ["7", "7", "7", "7"], ["4", "6", "4", "9"]], 0.8)
+    assert ok[0] == [True, True, False, False] and r["samples"] == 4 and r["temperature"] == 0.8
+    assert r["pass_at"] == {"1": pytest.approx((0.5 + 1 + 0) / 3), "2": pytest.approx((5 / 6 + 1 + 0) / 3),
+                            "4": pytest.approx(2 / 3)}
+    # item 1: "12" twice and "13" twice, a tie the first seen wins; item 3: the majority "4" is wrong
+    assert r["maj_at_4"] == pytest.approx(2 / 3) and r["edge_share"] == pytest.approx(1 / 3)
+
+
+def test_samples_report_pass_at_k_next_to_the_greedy_answer(model_dir, tmp_path, monkeypatch):
+    f = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "What is 2 + 2?", "answer": "4"},
+                                            {"prompt": "What is 3 + 3?", "answer": "6"}])
+    seen = []
+
+    def fake(self, prompts, p, max_batch=32, n=1):  # greedy: always "4"; sampled: 4, 5, 6, 6 in turn
+        seen.append((p.temperature, n))
+        texts = [" 4"] * len(prompts) if p.temperature == 0 else [t for _ in prompts for t in (" 4", " 5", " 6", " 6")]
+        return [Completion(Tokenizer.load(model_dir).encode(t), t, "stop") for t in texts]
+    monkeypatch.setattr(Engine, "generate_many", fake)
+    r = run_eval(model_dir, [str(f)], out=tmp_path, quiet=True, samples=4, temperature=0.7)
+    t = r["tasks"][str(f)]
+    assert seen == [(0, 1), (0.7, 4)] and t["accuracy"] == 0.5  # greedy "4" is right once
+    assert t["sampled"]["pass_at"]["1"] == pytest.approx((0.25 + 0.5) / 2) and t["sampled"]["pass_at"]["4"] == 1.0
+    assert t["sampled"]["maj_at_4"] == 0.5 and t["sampled"]["edge_share"] == 1.0  # the vote "6" is right for 3 + 3
+    assert "pass@4 1.000" in format_table(r) and r["decoding"].startswith("greedy, and 4 samples")
+    for bad in ({"samples": 0}, {"temperature": 0.0}):
+        with pytest.raises(UserError, match="--samples|--temperature"):
+            run_eval(model_dir, [str(f)], out=tmp_path, quiet=True, **bad)
+
+
 def test_reference_task_reports_sacrebleu_on_the_generations(model_dir, forced, tmp_path):
     rows = [{"prompt": "Translate: le chat", "reference": "the cat"},
             {"prompt": "Translate: le chien noir", "reference": ["the black dog", "a black dog"]},

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from chatsmith.errors import UserError
 from chatsmith.eval.lm import score_documents
 from chatsmith.eval.prompting import Prompter, Template, examples_for
 from chatsmith.eval.scoring import (exact_match, extract_cot_answer, mean_std, pick_choices, reward_summary,
-                                    score_references, win_rate)
+                                    sampled_scores, score_references, win_rate)
 from chatsmith.eval.taskfile import Item
 from chatsmith.eval.taskset import Task
 from chatsmith.tokenizer import Tokenizer
@@ -45,6 +46,8 @@ class RunContext:
     engine_b: Engine | None = None    # the model compared against (--compare)
     compare: str | None = None
     tools: dict | None = None         # built-in tools the model may call (eval --tools), chat prompts only
+    samples: int = 1                  # exact-match tasks: also this many sampled answers per item (>1)
+    temperature: float = 1.0          # ... at this temperature
     _engine: Engine | None = field(default=None, init=False, repr=False)
 
     @property
@@ -97,6 +100,8 @@ def _run_generation(task: Task, run: RunContext) -> dict:
     if task.kind == "exact_match":
         ok, scores = exact_match(task.items, extracted)
         res.update(scores)
+        if run.samples > 1:  # N samples per item besides the greedy answer: pass@k, maj@N, edge share
+            res["sampled"] = _sampled(run, prompts, params, task, cot)
     else:
         ok = None
         res.update(score_references(extracted, [it.references for it in task.items]))
@@ -117,6 +122,21 @@ def _run_generation(task: Task, run: RunContext) -> dict:
         samples.append(s)
     res["samples"] = samples
     return res
+
+
+def _sampled(run: RunContext, prompts: list[list[int] | None], greedy: SamplingParams, task: Task, cot: bool) -> dict:
+    """--samples N: N replies per prompt at --temperature (a prompt's N share one prefill), scored by
+    scoring.sampled_scores; an over-long prompt's samples are empty (wrong), as its greedy reply is."""
+    todo = [i for i, p in enumerate(prompts) if p is not None]
+    params = dataclasses.replace(greedy, temperature=run.temperature, top_p=1.0)
+    outs = run.engine.generate_many([prompts[i] for i in todo], params, n=run.samples) if todo else []
+    texts = [[""] * run.samples for _ in prompts]
+    for j, i in enumerate(todo):
+        texts[i] = [c.text for c in outs[j * run.samples:(j + 1) * run.samples]]
+    if run.tools:
+        texts = [[split_reply(t, run.tok.tool_markers)[0] for t in ts] for ts in texts]
+    answers = [[extract_cot_answer(t) if cot else t.strip() for t in ts] for ts in texts]
+    return sampled_scores(task.items, answers, run.temperature)[1]
 
 
 def _run_choice(task: Task, run: RunContext) -> dict:

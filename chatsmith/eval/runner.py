@@ -28,7 +28,11 @@ from chatsmith.tokenizer import Tokenizer
 from chatsmith.tools.inline import builtin_tools
 
 
-def _check_options(mode: str, k, limit, max_new_tokens: int):
+def _check_options(mode: str, k, limit, max_new_tokens: int, samples: int = 1, temperature: float = 1.0):
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UserError(f"--samples must be a positive integer, got {samples!r}")
+    if not temperature > 0:
+        raise UserError(f"--temperature must be above 0 (the greedy answer is always measured), got {temperature!r}")
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -78,7 +82,8 @@ def _metrics(model_dir, run: RunContext, results: dict, reward_model, compare, t
         "chat": run.chat,
         "limit": run.limit,
         "max_new_tokens": run.max_new_tokens,
-        "decoding": "greedy",
+        "decoding": "greedy" if run.samples == 1 else f"greedy, and {run.samples} samples at temperature "
+                                                      f"{run.temperature:g} per exact-match item",
         "tasks": results,
         **({"reward_model": str(reward_model)} if isinstance(reward_model, (str, os.PathLike)) else {}),
         **({"compare": str(compare)} if compare is not None else {}),
@@ -95,6 +100,12 @@ def format_table(metrics: dict) -> str:
             m = f"loss {r['loss']:.4f}  ppl {r['perplexity']:.2f}  bpb {r['bits_per_byte']:.4f}"
         elif kind == "exact_match":
             m = f"accuracy {r['accuracy']:.3f} ({r['correct']}/{r['n']})"
+            if "sampled" in r:
+                sm = r["sampled"]
+                n = sm["samples"]
+                m += (f"  sampled x{n} at T={sm['temperature']:g}: pass@1 {sm['pass_at']['1']:.3f}  "
+                      f"pass@{n} {sm['pass_at'].get(str(n), float('nan')):.3f}  maj@{n} {sm[f'maj_at_{n}']:.3f}  "
+                      f"edge {sm['edge_share']:.2f}")
         elif kind == "reference":
             m = f"BLEU {r['bleu']:.2f}  chrF {r['chrf']:.2f}"
         elif kind == "reward":
@@ -120,7 +131,8 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
              seed: int = 0, templates_dir: str | os.PathLike | None = None, pool: str | None = None,
              heldout: str | None = None, chat: bool | None = None, device: str = "cpu",
              n_samples: int = 3, quiet: bool = False, model=None, tok=None, reward_model=None,
-             compare: str | os.PathLike | None = None, tools: list[str] | None = None, num_beams: int = 1) -> dict:
+             compare: str | os.PathLike | None = None, tools: list[str] | None = None, num_beams: int = 1,
+             samples: int = 1, temperature: float = 1.0) -> dict:
     """Evaluate a model on ``tasks`` and write ``metrics.json`` into ``out`` (default
     ``MODEL_DIR/eval``); returns the metrics and prints a table unless ``quiet``.
 
@@ -131,10 +143,12 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
     needed by reward tasks; ``compare``: a second model directory whose replies the reward tasks
     score too, giving the win rate of ``model_dir`` against it. ``tools``: built-in tools (calculator)
     offered in chat prompts and run inside generation; answers are scored on the text around the calls.
+    ``samples`` > 1: exact-match tasks also draw that many answers per item at ``temperature`` and
+    report pass@k, maj@N and the share of items right in some samples but not all.
     """
     t0 = time.time()
     tasks = [str(t) for t in ([tasks] if isinstance(tasks, (str, os.PathLike)) else tasks)]
-    _check_options(mode, k, limit, max_new_tokens)
+    _check_options(mode, k, limit, max_new_tokens, samples, temperature)
     if any(is_translation_task(t) for t in tasks):  # its own runner: encoder-decoder models, BLEU per direction
         if not all(is_translation_task(t) for t in tasks):
             raise UserError("translation tasks run on their own: evaluate other tasks in a separate `chatsmith eval`")
@@ -154,7 +168,8 @@ def run_eval(model_dir: str | os.PathLike, tasks: list[str], out: str | os.PathL
     if builtin and not (use_chat and tok.tool_markers is not None):
         raise UserError("--tools needs a chat model whose template knows tools (chatsmith's, or ChatML)")
     run = RunContext(model, tok, use_chat, mode, k, seed, limit, max_new_tokens, n_samples, template, mc_template,
-                     scorer, engine_b, None if compare is None else str(compare), builtin or None)
+                     scorer, engine_b, None if compare is None else str(compare), builtin or None, samples,
+                     temperature)
     results = {task.name: run_task(task, run, quiet) for task in task_list}
     metrics = _metrics(model_dir, run, results, reward_model, compare, t0)
     path = (Path(out) if out is not None else Path(model_dir) / "eval") / "metrics.json"
@@ -194,6 +209,10 @@ def add_arguments(p):
     grp.add_argument("--chat", dest="chat", action="store_true", help="force the chat template")
     p.add_argument("--tools", nargs="+", default=None, metavar="TOOL",
                    help="offer built-in tools (calculator) in chat prompts and run the model's calls")
+    p.add_argument("--samples", type=int, default=1, metavar="N",
+                   help="exact-match tasks: also N sampled answers per item: pass@k, maj@N, and the share of items "
+                        "right in some samples but not all (how much RL could sharpen)")
+    p.add_argument("--temperature", type=float, default=1.0, help="the temperature of --samples")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to run (auto: cuda, else mps, else cpu)")
     p.add_argument("--images-root", default="data/images", help="clip tasks: where `data build --what images` wrote")
     p.add_argument("--num-beams", type=int, default=1, help="translation tasks with an encoder-decoder model: beam width")
@@ -206,7 +225,8 @@ def main(a):
         return
     run_eval(a.model, a.tasks, out=a.out, mode=a.mode, k=a.k, limit=a.limit, max_new_tokens=a.max_new_tokens,
              seed=a.seed, templates_dir=a.templates, pool=a.pool, heldout=a.heldout, chat=a.chat, device=a.device,
-             reward_model=a.reward_model, compare=a.compare, tools=a.tools, num_beams=a.num_beams)
+             reward_model=a.reward_model, compare=a.compare, tools=a.tools, num_beams=a.num_beams,
+             samples=a.samples, temperature=a.temperature)
 
 
 VERB = Verb("eval", "evaluate a model on tasks: LM metrics, exact match, BLEU/chrF, multiple choice",

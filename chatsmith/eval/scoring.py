@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from math import comb
+
 import sacrebleu
 
 from chatsmith.data.tasks import check_answer, final_answer
@@ -29,6 +32,32 @@ def exact_match(items: list[Item], extracted: list[str]) -> tuple[list[bool], di
     """Per-item correctness of the extracted answers, and the accuracy over the items."""
     ok = [check_answer(it.family, e, it.answers) for it, e in zip(items, extracted)]
     return ok, {"accuracy": sum(ok) / len(ok), "correct": sum(ok)}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k of Chen et al. 2021 (Codex, eq. 1) from n samples of which c are right:
+    1 - C(n-c, k) / C(n, k), the chance that k samples drawn without replacement hold a right one."""
+    return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def sampled_scores(items: list[Item], samples: list[list[str]], temperature: float) -> tuple[list[list[bool]], dict]:
+    """Exact match of N sampled answers per item: pass@k (k = 1, 2, 4, …, N), maj@N (the most
+    common final answer of the N, ties to the first seen, checked as one answer; self-consistency,
+    Wang et al. 2023), and the share of items at the edge of competence, right in some samples but
+    not all (where GRPO's group of N has a learning signal; RL sharpens a model toward maj@N and at
+    most pass@N, Yue et al. 2025)."""
+    n = len(samples[0]) if samples else 0
+    ok = [[check_answer(it.family, a, it.answers) for a in answers] for it, answers in zip(items, samples)]
+    ks = [k for k in (2 ** i for i in range(n.bit_length())) if k <= n]
+    votes = []
+    for it, answers, right in zip(items, samples, ok):
+        key = [final_answer(a).strip().lower() for a in answers]
+        top = Counter(key).most_common(1)[0][0]
+        votes.append(right[key.index(top)])
+    m = max(len(items), 1)
+    return ok, {"samples": n, "temperature": temperature,
+                "pass_at": {str(k): sum(pass_at_k(n, sum(r), k) for r in ok) / m for k in ks},
+                f"maj_at_{n}": sum(votes) / m, "edge_share": sum(0 < sum(r) < n for r in ok) / m}
 
 
 def score_references(hyps: list[str], refs: list[list[str]]) -> dict:
