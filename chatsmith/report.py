@@ -30,8 +30,9 @@ from pathlib import Path
 from chatsmith import atomic
 from chatsmith.data.images import read_set
 from chatsmith.errors import UserError
+from chatsmith.eval.intervals import diff_cell
 from chatsmith.flags import Verb
-from chatsmith.train.rl_eval import diff_cell
+
 
 # stages in pipeline order; others follow alphabetically
 ORDER = ["data", "tokenizer", "ngram", "base", "pretrain", "sft", "reward", "rl", "rlhf", "ppo", "grpo", "reinforce",

@@ -37,6 +37,7 @@ from chatsmith.data.preferences import build_preferences
 from chatsmith.data.sources import available_sources, default_sources_dir
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
+from chatsmith.eval.intervals import diff_cell
 from chatsmith.eval.lm import score_documents
 from chatsmith.eval.ngram import NGramLM
 from chatsmith.eval.runner import run_eval
@@ -46,7 +47,6 @@ from chatsmith.report import invalid_utf8, write_report
 from chatsmith.runtime import resolve_device
 from chatsmith.tokenizer import SPECIAL_TOKENS, Tokenizer, train_command
 from chatsmith.train import dpo, pretrain, reward, rlhf, sft
-from chatsmith.train.rl_eval import diff_cell
 
 SAMPLE_PROMPTS = ["The history of the United States", "ROMEO. O, she doth teach", "The committee said that",
                   "床前明月光"]

@@ -45,6 +45,7 @@ from chatsmith.data.sources import available_sources
 from chatsmith.data.tasks import check_answer
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
+from chatsmith.eval.intervals import diff_cell, paired_by_family, wilson
 from chatsmith.eval.retention import (build_facts, fact_from_dict, fact_to_dict, facts_correct, retention)
 from chatsmith.flags import train_config
 from chatsmith.model.decoder import DecoderConfig
@@ -53,7 +54,6 @@ from chatsmith.runtime import autocast_dtype, cpu_has_native_bf16, resolve_devic
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.train import dpo, reward, rlhf, sft
 from chatsmith.train.optim import autocast
-from chatsmith.train.rl_eval import diff_cell, paired_by_family, wilson
 
 STAGES = ("sft", "reward", "rl", "dpo")
 # Shares of the training time. SFT teaches the format, the identity and the answer style every later

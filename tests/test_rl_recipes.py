@@ -234,7 +234,7 @@ def test_single_pass_grpo_skips_the_rollouts_policy_forward_and_loses_nothing(ba
 # --------------------------------------------------------------------------- the same-compute control
 
 def test_wilson_interval_by_hand():
-    from chatsmith.train.rl_eval import wilson
+    from chatsmith.eval.intervals import wilson
     lo, hi = wilson(0, 10)  # no successes: the interval is not empty, its upper end z²/(n + z²)
     assert lo == 0 and hi == pytest.approx(1.96 ** 2 / (10 + 1.96 ** 2))
     lo, hi = wilson(5, 10)
@@ -243,7 +243,7 @@ def test_wilson_interval_by_hand():
 
 
 def test_paired_difference_interval():
-    from chatsmith.train.rl_eval import paired_by_family, paired_difference, wilson
+    from chatsmith.eval.intervals import paired_by_family, paired_difference, wilson
     old = [1] * 50 + [0] * 50
     new = [1] * 50 + [1] * 10 + [0] * 40  # 10 items gained, none lost
     d = paired_difference(old, new)

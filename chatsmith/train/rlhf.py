@@ -66,7 +66,8 @@ from chatsmith.train.advantages import (adaptive_kl_coef, average, gae, group_ad
                                         ppo_losses, token_rewards, value_loss, whiten)
 from chatsmith.train.curriculum import Curriculum
 from chatsmith.train.rewards import Discriminator, make_rewards
-from chatsmith.train.rl_eval import evaluate_policy, flatten, paired_by_family, print_rl_table
+from chatsmith.eval.intervals import paired_by_family
+from chatsmith.train.rl_eval import evaluate_policy, flatten, print_rl_table
 from chatsmith.train.rollouts import PromptItem, Rollout, heldout_items, load_prompts
 from chatsmith.train.trainer import Trainer
 
