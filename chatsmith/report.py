@@ -30,9 +30,8 @@ from pathlib import Path
 from chatsmith import atomic
 from chatsmith.data.images import read_set
 from chatsmith.errors import UserError
-from chatsmith.eval.intervals import diff_cell
+from chatsmith.eval.intervals import RL_COMPARISONS, diff_cell
 from chatsmith.flags import Verb
-
 
 # stages in pipeline order; others follow alphabetically
 ORDER = ["data", "tokenizer", "ngram", "base", "pretrain", "sft", "reward", "rl", "rlhf", "ppo", "grpo", "reinforce",
@@ -878,7 +877,7 @@ def rl_control_md(rl_eval: dict | None) -> list[str]:
                      *(_pct_ci(em.get(f), ci.get(f), cnt.get(f)) for f in fams),
                      _pct_ci(r.get("top_answer_share")), fmt(r.get("kl_to_ref")), _pct_ci(r.get("ended_share"))])
     diffs = [{"comparison": label, "exact_match_vs_previous": rl_eval.get(k)}
-             for k, label in (("rl_vs_init", "RL − start"), ("rl_vs_control", "RL − control"))]
+             for k, label in RL_COMPARISONS]
     return ["Held-out prompts of the verifiable families, greedy; 95% Wilson intervals. The control continues "
             "SFT from the same checkpoint for RL's optimizer work (tokens per step and steps); a jump in the "
             "most common answer's share says a policy learned an answer prior rather than the task.", "",

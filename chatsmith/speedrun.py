@@ -37,7 +37,7 @@ from chatsmith.data.preferences import build_preferences
 from chatsmith.data.sources import available_sources, default_sources_dir
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
-from chatsmith.eval.intervals import diff_cell
+from chatsmith.eval.intervals import RL_COMPARISONS, diff_cell
 from chatsmith.eval.lm import score_documents
 from chatsmith.eval.ngram import NGramLM
 from chatsmith.eval.runner import run_eval
@@ -447,7 +447,7 @@ def _train_and_report(a, run_dir: Path, t0: float, stages: dict, corpus: Path, c
               + ", ".join(f"{f} {rl_ev['init']['exact_match'][f]:.1%} -> {v:.1%}"
                           + (f" ({ctl[f]:.1%})" if f in ctl else "") for f, v in rl_ev["rl"]["exact_match"].items())
             + f"; KL to the SFT model {rl_ev['rl']['kl_to_ref']:.2f} nats/reply")
-        for key, label in (("rl_vs_init", "RL - start"), ("rl_vs_control", "RL - control")):
+        for key, label in RL_COMPARISONS:
             if rl_ev.get(key):
                 print(f"  {label} (paired, 95%): " + "; ".join(f"{f} {diff_cell(d)}" for f, d in rl_ev[key].items()))
         if "top_answer" in rl_ev["rl"]:  # a gain made by repeating one answer is not arithmetic

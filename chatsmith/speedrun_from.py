@@ -45,7 +45,7 @@ from chatsmith.data.sources import available_sources
 from chatsmith.data.tasks import check_answer
 from chatsmith.engine import Engine, SamplingParams
 from chatsmith.errors import UserError
-from chatsmith.eval.intervals import diff_cell, paired_by_family, wilson
+from chatsmith.eval.intervals import diff_cell, exact_match_summary, paired_by_family, wilson
 from chatsmith.eval.retention import (build_facts, fact_from_dict, fact_to_dict, facts_correct, retention)
 from chatsmith.flags import train_config
 from chatsmith.model.decoder import DecoderConfig
@@ -368,10 +368,7 @@ def evaluate_stage(model_dir: Path, suite: dict, base_dir: Path, known: list[boo
     per: dict[str, list[bool]] = {}
     for t, o in zip(tasks, outs):
         per.setdefault(t["family"], []).append(check_answer(t["family"], o.text, t["answers"]))
-    res["exact_match"] = {f: sum(v) / len(v) for f, v in per.items()}
-    res["exact_match_counts"] = {f: [int(sum(v)), len(v)] for f, v in per.items()}
-    res["exact_match_ci95"] = {f: list(wilson(sum(v), len(v))) for f, v in per.items()}
-    res["exact_match_items"] = {f: [int(x) for x in v] for f, v in per.items()}  # for paired differences
+    res.update(exact_match_summary(per))
     res["task_samples"] = [{"family": t["family"], "prompt": t["messages"][-1]["content"], "reply": o.text}
                            for t, o in list(zip(tasks, outs))[::max(1, len(tasks) // 6)]][:6]
     gen_tokens = sum(len(o.token_ids) for o in outs)

@@ -18,6 +18,20 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def exact_match_summary(per: dict[str, list[bool]]) -> dict:
+    """Per family: the share right, [right, n], its Wilson 95% interval and the per-item 0/1 list
+    (in item order, what a paired comparison of two evaluations needs)."""
+    return {"exact_match": {f: sum(v) / len(v) for f, v in per.items()},
+            "exact_match_counts": {f: [int(sum(v)), len(v)] for f, v in per.items()},  # [right, n]
+            "exact_match_ci95": {f: list(wilson(sum(v), len(v))) for f, v in per.items()},
+            "exact_match_items": {f: [int(x) for x in v] for f, v in per.items()}}
+
+
+# the paired comparisons `rlhf` writes into rl_eval.json (key, label), RL against where it started and
+# against the same-compute SFT control
+RL_COMPARISONS = (("rl_vs_init", "RL - start"), ("rl_vs_control", "RL - control"))
+
+
 def paired_difference(old: list[bool], new: list[bool], z: float = 1.96) -> dict:
     """new − old in exact match on the same items, with Newcombe's (1998, method 10) 95% interval for
     a difference of paired proportions: the two Wilson intervals combined through the correlation φ

@@ -11,7 +11,7 @@ import torch
 
 from chatsmith.batching import completion_batch, masked_logprobs
 from chatsmith.data.tasks import check_answer, extract_number, final_answer
-from chatsmith.eval.intervals import diff_cell, wilson
+from chatsmith.eval.intervals import RL_COMPARISONS, diff_cell, exact_match_summary
 from chatsmith.train.rollouts import PromptItem
 
 
@@ -32,12 +32,8 @@ def evaluate_policy(stage, model, items: list[PromptItem], seed: int = 0) -> dic
             fams.setdefault(it.meta.get("family", "all"), []).append(
                 check_answer(it.meta.get("family", ""), t, it.meta["answers"]))
     if fams:
-        res["exact_match"] = {f: float(np.mean(v)) for f, v in sorted(fams.items())}
-        res["exact_match_counts"] = {f: [int(sum(v)), len(v)] for f, v in sorted(fams.items())}  # [right, n]
-        res["exact_match_ci95"] = {f: list(wilson(sum(v), len(v))) for f, v in sorted(fams.items())}
+        res.update(exact_match_summary(dict(sorted(fams.items()))))
         res["exact_match_all"] = float(np.mean([x for v in fams.values() for x in v]))
-        # per item, in held-out order: what a paired comparison of two policies needs
-        res["exact_match_items"] = {f: [int(x) for x in v] for f, v in sorted(fams.items())}
         res.update(answer_collapse([t for it, t in zip(its, texts) if it.meta.get("answers")]))
     scorers = [fn for fn in stage.rewards if not fn.learns]
     if scorers:
@@ -128,7 +124,7 @@ def print_rl_table(res: dict):
         if any(key in c for c in cols.values()):
             print(f"{key:28s}" + "".join(f" {c.get(key, float('nan')):20.3f}" for c in cols.values()),
                   file=sys.stderr)
-    for key, label in (("rl_vs_init", "RL - start"), ("rl_vs_control", "RL - control")):
+    for key, label in RL_COMPARISONS:
         for fam, d in (res.get(key) or {}).items():
             print(f"{f'{label}: {fam}':28s} {diff_cell(d):>20s}", file=sys.stderr)
 

@@ -58,6 +58,7 @@ from chatsmith.checkpoint import load_model, save_checkpoint
 from chatsmith.config import TrainConfig
 from chatsmith.engine import QUANTIZE, check_quantize
 from chatsmith.errors import UserError
+from chatsmith.eval.intervals import paired_by_family
 from chatsmith.flags import Verb, add_dataclass_flags, add_train_flags, dataclass_from_args
 from chatsmith.tokenizer import Tokenizer
 from chatsmith.tools.inline import builtin_tools
@@ -66,7 +67,6 @@ from chatsmith.train.advantages import (adaptive_kl_coef, average, gae, group_ad
                                         ppo_losses, token_rewards, value_loss, whiten)
 from chatsmith.train.curriculum import Curriculum
 from chatsmith.train.rewards import Discriminator, make_rewards
-from chatsmith.eval.intervals import paired_by_family
 from chatsmith.train.rl_eval import evaluate_policy, flatten, print_rl_table
 from chatsmith.train.rollouts import PromptItem, Rollout, heldout_items, load_prompts
 from chatsmith.train.trainer import Trainer
