@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The performance table in one run: each job, chatsmith against its peer on the same weights and CPU.
 
-    python bench/performance.py --out runs/perf            # ~15 minutes on 2 cores; the README's table
+    python bench/performance.py --out runs/perf            # 7-15 minutes on 2 cores; the README's table
     python bench/performance.py --only decode-tiny,serve-tiny
 
 Each row is one of the benchmark scripts beside this one, run in its own process with --json:
