@@ -480,18 +480,18 @@ class Engine:
         r0 = len(self.rows)
         T = len(req.prompt_ids)
         self._ensure_cache(r0 + n, T + 1)
-        x = torch.tensor([req.prompt_ids], device=self.device)
-        h = self.model.hidden_states(x, cache=self.cache.row_view(r0))[0]  # (T, d)
-        self.cache.lens[r0] = T
-        if req.params.prompt_logprobs is not None:  # echo + logprobs: score every prompt token
-            logp = self._real(self.model.lm_head(h).float()).log_softmax(-1)
+        x = torch.tensor(req.prompt_ids, device=self.device)
+        echo = req.params.prompt_logprobs is not None  # echo + logprobs: score every prompt token
+        logits = self.model.prefill(x, self.cache, r0, self._fused, every_position=echo)
+        if echo:
+            logp = self._real(logits.float()).log_softmax(-1)
             entries = [None]
             for t in range(1, T):
                 entries.append(self._lp_entry(logp[t - 1], req.prompt_ids[t], req.params.prompt_logprobs))
             req.prompt_logprobs = entries
             logits = logp[-1:]  # log-softmax preserves the argmax and the sampling distribution
         else:
-            logits = self._real(self.model.lm_head(h[-1:]))
+            logits = self._real(logits)
         for i, s in enumerate(req.seqs):
             if i:
                 self.cache.move_row(r0, r0 + i, T)

@@ -69,6 +69,36 @@ def test_single_row_fast_decode_matches_full_forward(n_kv_head):
     assert int(cache.lens[0]) == 11
 
 
+@pytest.mark.parametrize("arch,kw,fast", [("llama", dict(n_kv_head=2), True), ("llama", {}, True),
+                                          ("llama", dict(n_kv_head=2), False), ("gpt2", {}, False)])
+def test_prefill_matches_full_forward_and_fills_the_cache(arch, kw, fast):
+    """prefill on the fused weights (or through the modules) gives a full forward's logits, at the
+    last position or at every one, and leaves in its slot the keys a decode step then attends to."""
+    torch.manual_seed(2)
+    m = GPT(preset("micro", arch=arch, vocab_size=97, **kw)).eval()
+    fused = m.fuse_decode_weights() if fast else None
+    prompt, cont = torch.randint(0, 97, (9,)), torch.randint(0, 97, (3,)).tolist()
+    cache = m.new_slot_cache(3, 64)
+    with torch.no_grad():
+        for t in (*cache.k, *cache.v):
+            t.fill_(1e4)  # an earlier occupant's keys, longer than this prompt
+        ref = m(prompt[None])[0]
+        every = m.prefill(prompt, cache, 1, fused, every_position=True)
+        torch.testing.assert_close(every, ref, atol=1e-5, rtol=1e-5)
+        last = m.prefill(prompt, cache, 1, fused)
+        torch.testing.assert_close(last, ref[-1:], atol=1e-5, rtol=1e-5)
+        assert int(cache.lens[1]) == 9
+        # the slot holds what a module-path prefill writes: decoding from it gives the full forward
+        cache.lens[0] = 0
+        for t, tok in enumerate(cont):
+            # row 1 decodes alongside an empty row 0, as in the server when a slot is free
+            logits = m.decode_step(torch.tensor([0, tok]), cache, fused=fused)
+            full = m(torch.cat([prompt, torch.tensor(cont[:t + 1])])[None])[0, -1]
+            torch.testing.assert_close(logits[1], full, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="KV cache full"):
+            m.prefill(torch.zeros(65, dtype=torch.long), cache, 0, fused)
+
+
 def test_batched_greedy_equals_one_at_a_time(engine):
     ps = prompts(engine)
     p = SamplingParams(max_new_tokens=24, temperature=0)

@@ -58,13 +58,6 @@ class MockCfg:
         self.max_seq_len, self.vocab_size = max_seq_len, VOCAB
 
 
-class RowView:
-    """What `SlotCache.row_view` gives: one row, filled up to `pos`."""
-
-    def __init__(self, cache, row: int):
-        self.cache, self.row, self.pos = cache, row, 0
-
-
 class MockSlotCache:
     def __init__(self, n_slots: int, max_len: int):
         self.n_slots, self.max_len = n_slots, max_len
@@ -79,11 +72,6 @@ class MockSlotCache:
         lens[:self.n_slots] = self.lens
         self.tokens, self.lens, self.n_slots, self.max_len = tokens, lens, n, L
         self.grows = getattr(self, "grows", 0) + 1
-
-    def row_view(self, r: int, start: int = 0):
-        v = RowView(self, r)
-        v.pos = start
-        return v
 
     def move_row(self, src: int, dst: int, length: int):
         self.tokens[dst, :length] = self.tokens[src, :length]
@@ -101,7 +89,6 @@ class MockModel(nn.Module):
         self.cfg = MockCfg(max_seq_len)
         self.rule, self.peak = rule, peak
         self.anchor = nn.Parameter(torch.zeros(1))  # the engine reads the device from parameters()
-        self.lm_head = nn.Identity()  # hidden states below already are logits
         self.decode_calls = 0
         self.batch_sizes: list[int] = []
 
@@ -118,14 +105,13 @@ class MockModel(nn.Module):
     def new_slot_cache(self, n_slots: int, max_len: int | None = None):
         return MockSlotCache(n_slots, max_len or self.cfg.max_seq_len)
 
-    def hidden_states(self, x, cache: RowView):
-        (T,) = x.shape[1:]
-        c, r, p = cache.cache, cache.row, cache.pos
-        assert p + T <= c.max_len
-        c.tokens[r, p:p + T] = x[0]
-        cache.pos += T
-        hist = c.tokens[r, :p + T].tolist()
-        return torch.stack([self.logits_for(hist[:i + 1]) for i in range(p, p + T)])[None]
+    def prefill(self, ids, cache: MockSlotCache, row: int, fused=None, every_position=False):
+        (T,) = ids.shape
+        assert T <= cache.max_len
+        cache.tokens[row, :T] = ids
+        cache.lens[row] = T
+        hist = cache.tokens[row, :T].tolist()
+        return torch.stack([self.logits_for(hist[:i + 1]) for i in (range(T) if every_position else [T - 1])])
 
     def decode_step(self, idx, cache: MockSlotCache, span=None, fused=None):
         B = idx.shape[0]
@@ -389,8 +375,8 @@ def test_generate_many_n_samples_share_one_prefill_per_prompt():
     prompts = [TOK.encode(p) for p, _ in GREEDY_REQUESTS[:3]]
     engine = make_engine(max_batch=16)
     calls = []
-    prefill = engine.model.hidden_states
-    engine.model.hidden_states = lambda x, cache: calls.append(x.shape) or prefill(x, cache)
+    prefill = engine.model.prefill
+    engine.model.prefill = lambda ids, *a, **k: calls.append(ids.shape) or prefill(ids, *a, **k)
     s = SamplingParams(max_new_tokens=10, temperature=1.0, seed=3)
     a = engine.generate_many(prompts, s, max_batch=12, n=4)
     assert len(calls) == 3 and len(a) == 12

@@ -442,8 +442,9 @@ def cpu_int8_supported() -> bool:
 class SlotCache:
     """KV cache for continuous batching: row r is one request's slot, at its own length lens[r].
 
-    (n_slots, G, max_len, D) per layer. A request is prefilled into its row through `row_view`
-    (an ordinary KVCache over that row, so the normal forward writes it), then decoded together
+    (n_slots, G, max_len, D) per layer. A request is prefilled into its row by `GPT.prefill` (on
+    the fused weights, or through `row_view`: an ordinary KVCache over that row, so the normal
+    forward writes it), then decoded together
     with every other active row by `GPT.decode_step`, one token per row and step. The engine keeps
     active rows packed at [0, B): a finished row is overwritten by the last one (`move_row`), so a
     step never computes on empty slots. It starts small and `grow`s with the rows and tokens in
@@ -787,13 +788,47 @@ class GPT(FamilyModel):
             out.append(lin(folded(_decode_weight(self.lm_head), self.model.norm)))
         return out
 
+    def _fused_trunk(self, x, fused, cos, sin, attend, last: bool = False):
+        """Rows x (N, d) through every layer on fused weights (see fuse_decode_weights) and the LM
+        head: logits (N, V), or (1, V) for the last row only when `last`. The rows are a batch of sequences (decode: one new token each) or the
+        positions of one prompt (prefill); attend(layer, q (N, H, D), k (N, G, D), v (N, G, D))
+        stores k/v in the cache and returns the attention output (N, H*D), which is all that
+        differs between the two."""
+        cfg = self.cfg
+        N, d = x.shape
+        H, G, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
+        # Per token and layer this is ~15 tensor ops; at batch 1 on the tiny preset their dispatch
+        # costs as much as the matmuls, so every op saved counts: fp32 needs no casts, q and k are
+        # rotated in one call (they are adjacent in the qkv output)
+        same = x.dtype == torch.float32
+        swap = torch.arange(D, device=x.device).roll(D // 2)  # apply_rope's half swap as one gather
+        deps = x.new_full((1,), d * eps)  # addcmul adds it as a tensor: one kernel
+
+        def norm(t):
+            # RMSNorm without its weight or sqrt(d), both folded into the next matrix (see
+            # fuse_decode_weights): x * rsqrt(|x|^2 + d eps) from one vector_norm, 4 kernels where
+            # F.rms_norm's CPU composite runs ~10 (pow, mean = sum + div, casts)
+            if same:
+                r = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
+                return t * torch.rsqrt(torch.addcmul(deps, r, r))
+            # other dtypes: in fp32 as the module computes it
+            return (F.rms_norm(t.float(), (d,), eps=eps) / math.sqrt(d)).to(t.dtype)
+
+        for layer, (wqkv, wo_t, wgu, wd_t) in enumerate(fused[:cfg.n_layer]):
+            qkv = _linear(norm(x), wqkv)
+            qk = apply_rope(qkv[:, :(H + G) * D].view(N, H + G, D), cos, sin, swap)
+            y = attend(layer, qk[:, :H], qk[:, H:], qkv[:, (H + G) * D:].view(N, G, D))
+            x = _add_linear(x, y, wo_t)  # x + o_proj(y)
+            gate, up = _linear(norm(x), wgu).chunk(2, dim=-1)
+            x = _add_linear(x, F.silu(gate).mul_(up), wd_t)  # x + down(silu(gate) * up)
+        return _linear(norm(x[-1:] if last else x), fused[-1])
+
     def _decode_fast(self, idx, cache: SlotCache, pos, span: int, fused):
         """decode_step on fused weights, functional: the same math as the module path."""
         cfg = self.cfg
         B = idx.shape[0]
-        H, G, D, eps = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.norm_eps
+        H, G, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         x = F.embedding(idx, self.model.embed_tokens.weight)  # (B, d): one token per row, no T axis
-        d = x.shape[-1]
         # One row (chat, generate, a single stream): it is at position span - 1, every cached key
         # up to it is its own, so attention needs no mask and the cache takes a plain slice write;
         # that drops ~6 ops per step and 2 index_put per layer (tiny preset: ~0.3 ms of ~6 ms)
@@ -810,30 +845,9 @@ class GPT(FamilyModel):
             mask = torch.zeros(B, 1, 1, span, dtype=x.dtype, device=x.device).masked_fill_(
                 (cache.positions[:span] > pos[:, None])[:, None, None], float("-inf"))
         rows = cache.rows[:B]
-        head = fused[-1]
-        # Per token and layer this is ~15 tensor ops; at batch 1 on the tiny preset their dispatch
-        # costs as much as the matmuls, so every op saved counts: fp32 needs no casts, q and k are
-        # rotated in one call (they are adjacent in the qkv output), the cache dtype is checked once
-        same = x.dtype == torch.float32 and cache.k[0].dtype == x.dtype
+        same = x.dtype == cache.k[0].dtype  # the cache dtype is checked once, not per layer
 
-        swap = torch.arange(D, device=x.device).roll(D // 2)  # apply_rope's half swap as one gather
-        deps = x.new_full((1,), d * eps)  # addcmul adds it as a tensor: one kernel
-
-        def norm(t):
-            # RMSNorm without its weight or sqrt(d), both folded into the next matrix (see
-            # fuse_decode_weights): x * rsqrt(|x|^2 + d eps) from one vector_norm, 4 kernels where
-            # F.rms_norm's CPU composite runs ~10 (pow, mean = sum + div, casts)
-            if same:
-                r = torch.linalg.vector_norm(t, dim=-1, keepdim=True)
-                return t * torch.rsqrt(torch.addcmul(deps, r, r))
-            # other dtypes: in fp32 as the module computes it
-            return (F.rms_norm(t.float(), (d,), eps=eps) / math.sqrt(d)).to(t.dtype)
-
-        for layer, (wqkv, wo_t, wgu, wd_t) in enumerate(fused[:cfg.n_layer]):
-            qkv = _linear(norm(x), wqkv)
-            qk = apply_rope(qkv[:, :(H + G) * D].view(B, H + G, D), cos, sin, swap)
-            q, k = qk[:, :H], qk[:, H:]
-            v = qkv[:, (H + G) * D:].view(B, G, D)
+        def attend(layer, q, k, v):
             kc, vc = cache.k[layer], cache.v[layer]
             if single:
                 kc[0, :, p] = k[0]  # copy_ casts to the cache's dtype
@@ -845,11 +859,46 @@ class GPT(FamilyModel):
             if not same:
                 ks, vs = ks.to(q.dtype), vs.to(q.dtype)
             y = F.scaled_dot_product_attention(q[:, :, None], ks, vs, attn_mask=mask, enable_gqa=G != H)
-            x = _add_linear(x, y.view(B, H * D), wo_t)  # x + o_proj(y)
-            gate, up = _linear(norm(x), wgu).chunk(2, dim=-1)
-            x = _add_linear(x, F.silu(gate).mul_(up), wd_t)  # x + down(silu(gate) * up)
+            return y.view(B, H * D)
+
+        logits = self._fused_trunk(x, fused, cos, sin, attend)
         cache.lens[:B] += 1
-        return _linear(norm(x), head)
+        return logits
+
+    def prefill(self, ids, cache: SlotCache, row: int, fused=None, every_position: bool = False):
+        """Logits for a prompt ids (T,) written into slot `row` from position 0: (1, V) at its last
+        position, or (T, V) at every one (prompt logprobs). Sets the row's length to T.
+
+        With fp32 fused weights (`fuse_decode_weights()`) the prompt takes the decode step's fused
+        path, its T positions as the rows: 4 matmuls a layer instead of 7 and no module calls, which
+        on the tiny preset is most of a short prompt's cost (one thread, Zen 4: 10 tokens 6.0 -> 3.9
+        ms, 40 tokens 9.4 -> 7.3 ms, 200 tokens 29.7 -> 28.7 ms, where the matmuls dominate). Otherwise (quantized decode weights, which stay decode-only, or a model the
+        fused path does not take) it runs through the modules."""
+        T = ids.shape[0]
+        if T > cache.max_len:
+            raise ValueError(f"KV cache full: {T} > {cache.max_len}")
+        plain = fused is not None and not self.training and all(
+            isinstance(w, torch.Tensor) for w in (*fused[0], fused[-1]))
+        if not plain or cache.k[0].dtype != fused[-1].dtype:
+            h = self.hidden_states(ids[None], cache=cache.row_view(row))[0]  # (T, d)
+            cache.lens[row] = T
+            return self.lm_head(h if every_position else h[-1:])
+        cfg = self.cfg
+        H, G, D = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        x = F.embedding(ids, self.model.embed_tokens.weight)  # (T, d)
+        cos, sin = self.rope_cos[:T][:, None].to(x.dtype), self.rope_sin_signed[:T][:, None].to(x.dtype)
+
+        def attend(layer, q, k, v):  # q (T, H, D), k/v (T, G, D): one sequence, causal
+            k, v = k.transpose(0, 1), v.transpose(0, 1)  # (G, T, D)
+            cache.k[layer][row, :, :T] = k
+            cache.v[layer][row, :, :T] = v
+            y = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], is_causal=T > 1,
+                                               enable_gqa=G != H)  # (1, H, T, D)
+            return y[0].transpose(0, 1).reshape(T, H * D)
+
+        logits = self._fused_trunk(x, fused, cos, sin, attend, last=not every_position)
+        cache.lens[row] = T
+        return logits
 
     def decode_step(self, idx, cache: SlotCache, span: int | None = None, fused=None):
         """Logits (B, V) for one new token per slot row 0..B-1 (idx: (B,)), each at its own position
